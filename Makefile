@@ -1,0 +1,30 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+.PHONY: venv demo test bench clean-data
+
+# The venv is (re)installed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	dvc repro
+
+test: venv
+	pytest
+
+bench: venv
+	python benchmarks/run_all.py
+
+clean-data:
+	rm -rf data models reports

@@ -1,0 +1,285 @@
+"""Typed configuration loaded from params.yaml.
+
+Every section is a pydantic model with ``extra="forbid"`` so an unknown or mistyped key fails with
+a message naming it. Dotted overrides (``train.lr=3e-4``) use the same names as ``dvc exp run -S``.
+Loading a config has no side effects: no folders are created and no tracking URI is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from cxr.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(UserError):
+    """A user-facing configuration problem (unknown key, wrong type, unreadable file)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ProjectConfig(Section):
+    name: str = "cxr"
+    seed: int = 42
+
+
+class PathsConfig(Section):
+    raw: Path = Path("data/raw")
+    prepared: Path = Path("data/prepared")
+    model: Path = Path("models/cxr")
+    reports: Path = Path("reports")
+
+
+class SyntheticConfig(Section):
+    n_patients: int = Field(240, ge=4)
+    images_per_patient_max: int = Field(3, ge=1)
+    size: int = Field(256, ge=32)
+    prevalence: float = Field(0.4, gt=0, lt=1)
+    # 0 = consolidations obvious, 1 = barely visible; chosen so the default model gets a realistic AUROC
+    difficulty: float = Field(0.6, ge=0, le=1)
+    jpeg2000_fraction: float = Field(0.1, ge=0, le=1)
+    monochrome1_fraction: float = Field(0.3, ge=0, le=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "medmnist", "kermany", "rsna", "covid_radiography", "nih", "manifest"] = (
+        "synthetic"
+    )
+    # Where the raw source lives (folder, .npz or CSV); unused for the synthetic source.
+    path: str | None = None
+    # Copy source files into paths.raw so DVC versions them; false keeps them in place (huge sets).
+    copy_images: bool = True
+    synthetic: SyntheticConfig = SyntheticConfig()
+    medmnist_flavor: Literal["pneumoniamnist", "chestmnist"] = "pneumoniamnist"
+    medmnist_size: int = 28
+    nih_mode: Literal["multilabel", "first_finding"] = "multilabel"
+    covid_balance: bool = False
+    # manifest source: the label column and task
+    manifest_task: Literal["binary", "multiclass", "multilabel"] = "binary"
+    positive_label: str | None = None
+
+
+class ImagingConfig(Section):
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(60_000_000, ge=1)
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+
+
+class PreprocessConfig(Section):
+    sizes: list[int] = [64]
+    resize: Literal["squash", "pad", "crop"] = "squash"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 8 for s in v):
+            raise ValueError("prepare.sizes needs at least one size >= 8")
+        return sorted(set(v))
+
+
+class SplitConfig(Section):
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    # keep a source's official split when it has one
+    use_official: bool = True
+
+
+class PrepareConfig(PreprocessConfig):
+    split: SplitConfig = SplitConfig()
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    workers: int = Field(2, ge=1)
+
+
+class AugmentConfig(Section):
+    strength: float = Field(1.0, ge=0)
+    rotation_deg: float = 7.0
+    shift: float = 0.06
+    scale: float = 0.08
+    brightness: float = 0.15
+    contrast: float = 0.15
+    hflip: bool = False
+
+
+class ModelConfig(Section):
+    arch: str = "simple_cnn"
+    weights: str = "none"  # imagenet | none | <path to a state_dict or safetensors file>
+    image_size: int = 64
+    dropout: float = Field(0.2, ge=0, lt=1)
+    width: int = Field(32, ge=4)
+    tabular: bool = False
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(5, ge=1)
+    min_delta: float = 0.0
+
+
+class TrainConfig(Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    scheduler: Literal["onecycle", "cosine", "plateau", "none"] = "onecycle"
+    imbalance: Literal["weight", "sample", "none"] = "weight"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    augment: AugmentConfig = AugmentConfig()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = Field(0, ge=0)
+    deterministic: bool = True
+    max_train_batches: int | None = None  # cap for smoke runs
+
+
+class EvaluateConfig(Section):
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0, lt=1)
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+    calibration_bins: int = Field(10, ge=2)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "cxr"
+    registered_model: str = "cxr"
+    enabled: bool = True
+
+
+class TuneConfig(Section):
+    study: str = "cxr-tune"
+    storage: str = "sqlite:///optuna.db"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    sampler_seed: int = 0
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = 3
+    warmup_epochs: int = 1
+    space: dict[str, dict[str, Any]] = {}
+
+
+class RegistryConfig(Section):
+    promote_margin: float = Field(0.0, ge=0)
+    alias: str = "champion"
+
+
+class Config(Section):
+    project: ProjectConfig = ProjectConfig()
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    imaging: ImagingConfig = ImagingConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    tune: TuneConfig = TuneConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _size_is_prepared(self) -> "Config":
+        if self.model.image_size not in self.prepare.sizes:
+            raise ValueError(
+                f"model.image_size={self.model.image_size} is not among prepare.sizes={self.prepare.sizes}"
+            )
+        return self
+
+    def override(self, overrides: dict[str, Any] | list[str] | None) -> "Config":
+        """A new config with dotted overrides applied (and validated as a whole)."""
+        data = self.model_dump(mode="json")
+        for key, value in _as_pairs(overrides):
+            _set_dotted(data, key, value)
+        return _validate(data, "overrides")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value) with the value parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _as_pairs(overrides: dict[str, Any] | list[str] | None) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    return [parse_override(o) for o in overrides]
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            if part in node or i == 0:
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+            nxt = node[part] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _validate(data: dict[str, Any], origin: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown config key {loc!r}")
+            else:
+                lines.append(f"{loc or 'config'}: {err['msg']}")
+        raise ConfigError(f"invalid configuration ({origin}): " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load params.yaml (defaults where absent) and apply dotted overrides."""
+    path = Path(path)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    elif path != DEFAULT_PARAMS:
+        raise ConfigError(f"config file {path} does not exist")
+    for key, value in _as_pairs(overrides):
+        _set_dotted(data, key, value)
+    return _validate(data, str(path))

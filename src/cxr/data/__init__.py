@@ -1,0 +1,1 @@
+"""Data: sources -> raw manifest (ingest) -> prepared arrays (prepare) -> batches (loader)."""
