@@ -78,5 +78,37 @@ def prepare(params: ParamsFile = Path("params.yaml"), overrides: Overrides = Non
     )
 
 
+@app.command()
+@_user_errors
+def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:
+    """Train a model on the prepared data; writes paths.model and an MLflow run."""
+    from cxr.train import fit
+
+    cfg = _config(params, overrides)
+    result = fit(cfg)
+    console.print(
+        f"trained {cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} "
+        f"of {result.epochs_trained}; model in {result.model_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else "")
+    )
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+    model: Annotated[str | None, typer.Option(help="Model directory or MLflow URI (default: paths.model).")] = None,
+) -> None:
+    """Evaluate the model on val and test: metrics with CIs, subgroups, PNG plots in paths.reports."""
+    from cxr.evaluate import evaluate as run
+
+    cfg = _config(params, overrides)
+    report = run(cfg, model)
+    for split, result in report["splits"].items():
+        parts = [f"{k} {result[k]['value']:.4f}" for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
+                 if isinstance(result.get(k), dict) and result[k].get("value") is not None]
+        console.print(f"{split}: " + ", ".join(parts))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

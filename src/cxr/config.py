@@ -241,14 +241,13 @@ def _as_pairs(overrides: dict[str, Any] | list[str] | None) -> list[tuple[str, A
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; unknown names are left for validation to report."""
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
+        nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            if part in node or i == 0:
-                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
-            nxt = node[part] = {}
+            raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
 

@@ -130,6 +130,8 @@ def _read_raster(data: bytes, limits: ReadLimits, label: str) -> Image:
             raise ImageReadError(
                 f"{label}: image dimensions exceed the limit of {limits.max_pixels} pixels (decompression bomb)"
             ) from None
+        except OSError as exc:
+            raise ImageReadError(f"{label}: truncated or corrupt {kind.upper()} ({exc})") from None
         cols, rows = im.size
         _check_size(rows, cols, limits, label)
         if getattr(im, "n_frames", 1) > 1:

@@ -654,6 +654,7 @@ def _nanmean_rows(a: np.ndarray) -> np.ndarray:
     tot = np.where(valid, a, 0.0).sum(axis=1)
     return _div(tot, cnt)
 
+
 def _weighted_multiclass_stats(
     y: np.ndarray, pred: np.ndarray, K: int, W: np.ndarray, preps: Mapping[int, _RankPrep]
 ) -> dict[str, np.ndarray]:
@@ -677,7 +678,6 @@ def _weighted_multiclass_stats(
         "macro_f1": _nanmean_rows(f1),
         "macro_auroc": np.mean(aucs, axis=0) if aucs else np.full(W.shape[0], np.nan),
     }
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,21 +91,25 @@ def assign_splits(
     free = ~official & np.isin(groups, list(group_split))
     out[free] = [group_split[int(g)] for g in groups[free]]
 
+    has_official = set(out.dropna())
     rest = np.flatnonzero(out.isna().to_numpy())
     if len(rest):
-        has = set(out.dropna())
-        test_frac = 0.0 if "test" in has else test
+        test_frac = 0.0 if "test" in has_official else test
         mask_test = _cut(rest, groups, strata, test_frac, seed)
         out.iloc[rest[mask_test]] = "test"
         rest = rest[~mask_test]
-        val_frac = 0.0 if "val" in has else val / max(1e-9, 1 - test_frac)
+        val_frac = 0.0 if "val" in has_official else val / max(1e-9, 1 - test_frac)
         mask_val = _cut(rest, groups, strata, val_frac, seed + 1)
         out.iloc[rest[mask_val]] = "val"
         out.iloc[rest[~mask_val]] = "train"
-    if "val" not in set(out) and val > 0:
-        train = np.flatnonzero((out == "train").to_numpy())
-        mask_val = _cut(train, groups, strata, val, seed + 1)
-        out.iloc[train[mask_val]] = "val"
+    # A source with an official train split but no val/test (e.g. Kermany's train folder alone):
+    # cut the missing ones from train, patient-level, so evaluation still has held-out data.
+    for name, frac, offset in (("test", test, 0), ("val", val, 1)):
+        if name not in set(out) and frac > 0:
+            train = np.flatnonzero((out == "train").to_numpy())
+            share = frac / max(1e-9, 1 - (test if name == "val" and "test" not in has_official else 0))
+            mask = _cut(train, groups, strata, share, seed + offset)
+            out.iloc[train[mask]] = name
     return out
 
 

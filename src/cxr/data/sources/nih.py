@@ -114,7 +114,7 @@ def parse_table(csv_path: str | Path, mode: str = "multilabel") -> pd.DataFrame:
         raise SourceError(f"{csv_path} lacks the NIH column(s) {', '.join(missing)}")
     raw = raw[list(COLUMNS)].rename(columns=COLUMNS).apply(lambda col: col.str.strip())
 
-    findings = [[f.strip() for f in text.split("|") if f.strip()] for text in raw["findings"]]
+    findings = [[f.strip() for f in text.split("|") if f.strip()] for text in raw["findings"].tolist()]
     _check_findings(findings, csv_path)
     return pd.DataFrame(
         {
@@ -122,7 +122,7 @@ def parse_table(csv_path: str | Path, mode: str = "multilabel") -> pd.DataFrame:
             "label": _labels(findings, mode),
             "patient_key": _patient_keys(raw["patient_id"]),
             "view": raw["view"].str.upper().where(raw["view"] != "", None),
-            "age": [_age_years(a) for a in raw["age"]],
+            "age": [_age_years(a) for a in raw["age"].tolist()],
             "sex": raw["sex"].str.upper().str[:1].where(lambda s: s.isin(["M", "F"]), None),
             "follow_up": pd.to_numeric(raw["follow_up"], errors="coerce"),
             "source": SOURCE,
@@ -155,7 +155,7 @@ def _labels(findings: list[list[str]], mode: str) -> list[str]:
     if mode == "first_finding":
         return [row[0] for row in findings]
     # Canonical (class-list) order, so equal finding sets give equal label strings.
-    return ["|".join(f for f in NIH_FINDINGS if f in set(row)) for row in findings]
+    return ["|".join(f for f in NIH_FINDINGS if f in present) for present in map(set, findings)]
 
 
 def _patient_keys(ids: pd.Series) -> list[str | None]:

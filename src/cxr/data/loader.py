@@ -1,0 +1,122 @@
+"""Batches from the prepared arrays: targets, tabular features and (train-only) tensor augmentation.
+
+The prepared uint8 array is memory-mapped; a dataset that fits comfortably in memory is read into RAM
+once, a larger one is read batch by batch (sorted indices, so reads stay mostly sequential).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr.data.prepare import array_path, load_card
+from cxr.errors import UserError
+
+IN_MEMORY_BYTES = 4 << 30
+VIEWS = ("PA", "AP")
+SEXES = ("M", "F")
+
+
+def tabular_features(manifest: pd.DataFrame) -> np.ndarray:
+    """Age (years/100, 0 with a missing flag), sex and view one-hot with 'unknown' columns: (N, 8) float32."""
+    age = pd.to_numeric(manifest.get("age"), errors="coerce").to_numpy(dtype=np.float64)
+    missing = np.isnan(age)
+    cols = [np.where(missing, 0.0, np.clip(age, 0, 110) / 100.0), missing.astype(float)]
+    sex = manifest.get("sex", pd.Series([None] * len(manifest))).fillna("").astype(str).str.upper()
+    cols += [(sex == s).to_numpy(float) for s in SEXES] + [(~sex.isin(SEXES)).to_numpy(float)]
+    view = manifest.get("view", pd.Series([None] * len(manifest))).fillna("").astype(str).str.upper()
+    cols += [(view == v).to_numpy(float) for v in VIEWS] + [(~view.isin(VIEWS)).to_numpy(float)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+N_TABULAR = 8
+
+
+def encode_targets(labels: pd.Series, task: str, classes: list[str]) -> np.ndarray:
+    """binary: (N,) float 0/1 for classes[1]; multiclass: (N,) int64; multilabel: (N, K) float."""
+    labels = labels.fillna("").astype(str)
+    if task == "multilabel":
+        sets = labels.str.split("|")
+        return np.stack([sets.apply(lambda f, c=c: c in f).to_numpy(np.float32) for c in classes], axis=1)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise UserError(f"labels {unknown[:5]} are not among the classes {classes}")
+    codes = labels.map(index).to_numpy(np.int64)
+    return codes.astype(np.float32) if task == "binary" else codes
+
+
+@dataclass
+class PreparedData:
+    """The prepared dataset at one size: images (memmap), manifest, targets, tabular features."""
+
+    root: Path
+    size: int
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.card = load_card(self.root)
+        if self.size not in self.card["sizes"]:
+            raise UserError(
+                f"no prepared arrays at {self.size} px in {self.root} (prepared sizes: {self.card['sizes']}); "
+                f"add it to prepare.sizes and run `cxr prepare`"
+            )
+        self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"label": str}, keep_default_na=False,
+                                    na_values={"age": [""]})
+        self.images = np.load(array_path(self.root, self.size), mmap_mode="r")
+        if len(self.images) != len(self.manifest):
+            raise UserError(f"{self.root} is inconsistent: {len(self.images)} images, {len(self.manifest)} rows")
+        if self.images.nbytes <= IN_MEMORY_BYTES:
+            self.images = np.ascontiguousarray(self.images)
+        self.task: str = self.card["task"]
+        self.classes: list[str] = list(self.card["classes"])
+        self.targets = encode_targets(self.manifest["label"], self.task, self.classes)
+        self.tabular = tabular_features(self.manifest)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "binary" else len(self.classes)
+
+    def split(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.manifest["split"].to_numpy() == name)
+
+    def batches(
+        self,
+        index: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        sample_weights: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Yield (images float [0,1] (B,1,H,W), targets, tabular, row indices) on ``device``."""
+        device = torch.device(device)
+        if sample_weights is not None:  # balanced sampling: draw with replacement by weight
+            w = torch.as_tensor(sample_weights[index], dtype=torch.double)
+            order = index[torch.multinomial(w, len(index), replacement=True, generator=generator).numpy()]
+        elif shuffle:
+            order = index[torch.randperm(len(index), generator=generator).numpy()]
+        else:
+            order = index
+        pin = device.type == "cuda"
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(rows)] if self._mapped else self.images[rows]))
+            if self._mapped:  # undo the sort so rows match targets
+                x = x[torch.from_numpy(np.argsort(np.argsort(rows)))]
+            y = torch.from_numpy(self.targets[rows])
+            t = torch.from_numpy(self.tabular[rows])
+            if pin:
+                x, y, t = x.pin_memory(), y.pin_memory(), t.pin_memory()
+            x = x.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+            yield x, y.to(device, non_blocking=True), t.to(device, non_blocking=True), rows
+
+    @property
+    def _mapped(self) -> bool:
+        return isinstance(self.images, np.memmap)

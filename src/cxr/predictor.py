@@ -1,0 +1,153 @@
+"""The one way to load and use a trained model: evaluation, serving, tuning and tests all use it.
+
+A model directory holds ``model.safetensors`` (weights, no pickle) and ``model.json`` (architecture,
+preprocessing spec, task, labels, decision threshold, lineage). Loading never executes code from the
+model files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cxr.data.loader import tabular_features
+from cxr.errors import UserError
+from cxr.fsutil import atomic_dir
+from cxr.imaging import Image, ReadLimits, read_image
+from cxr.preprocess import PreprocessSpec, preprocess
+
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+FORMAT = "cxr-model/1"
+
+
+class ModelLoadError(UserError):
+    """No usable model at the given location."""
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.spec = PreprocessSpec.from_dict(info["preprocess"])
+        self.task: str = info["task"]
+        self.labels: list[str] = list(info["labels"])
+        self.threshold = info.get("threshold")
+        self.uses_tabular = bool(info["architecture"].get("n_tabular", 0))
+        self.limits = ReadLimits(**info.get("read_limits", {}))
+
+    # --- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+        from cxr.models import build_from_spec
+
+        path = Path(path)
+        info_path, weights_path = path / INFO_FILE, path / WEIGHTS_FILE
+        if not info_path.exists() or not weights_path.exists():
+            raise ModelLoadError(f"no cxr model at {path} (expected {INFO_FILE} and {WEIGHTS_FILE}); train one with `cxr train`")
+        info = json.loads(info_path.read_text())
+        if info.get("format") != FORMAT:
+            raise ModelLoadError(f"{info_path} is not a {FORMAT} model (format={info.get('format')!r})")
+        model = build_from_spec(info["architecture"])
+        state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
+        model.load_state_dict(state)
+        return cls(model, info, device)
+
+    @classmethod
+    def from_uri(cls, uri: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+        """A local model directory, or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``)."""
+        if Path(uri).is_dir():
+            return cls.from_dir(uri, device)
+        if "://" not in str(uri) and ":/" not in str(uri):
+            raise ModelLoadError(f"{uri} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS)")
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
+        except Exception as exc:  # registry/tracking errors: say what was asked for and why it failed
+            raise ModelLoadError(f"cannot fetch {uri} from MLflow ({mlflow.get_tracking_uri()}): {exc}") from None
+        found = sorted(p.parent for p in local.rglob(INFO_FILE))
+        if not found:
+            raise ModelLoadError(f"{uri} holds no {INFO_FILE}: it was not logged by cxr")
+        return cls.from_dir(found[0], device)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            (tmp / INFO_FILE).write_text(json.dumps(self.info, indent=2, allow_nan=False) + "\n")
+        return path
+
+    # --- inference ----------------------------------------------------------------------------
+
+    def read(self, src: str | Path | bytes, name: str | None = None) -> Image:
+        return read_image(src, self.limits, name=name)
+
+    def prepare_input(self, image: Image | np.ndarray) -> np.ndarray:
+        """The model's own preprocessing: the same function prepare used for its training data."""
+        return preprocess(image, self.spec)
+
+    @torch.inference_mode()
+    def predict_proba(self, images: np.ndarray, tabular: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
+        """Preprocessed uint8 images (B, H, W) -> probabilities: (B,) binary, (B, K) otherwise."""
+        images = np.asarray(images)
+        if images.ndim == 2:
+            images = images[None]
+        outs = []
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
+            x = x.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            t = None
+            if self.uses_tabular:
+                if tabular is None:
+                    tabular = np.zeros((len(images), self.info["architecture"]["n_tabular"]), np.float32)
+                t = torch.from_numpy(np.asarray(tabular[start : start + batch_size], np.float32)).to(self.device)
+            logits = self.model(x, t).float()
+            outs.append(self.activate(logits).cpu().numpy())
+        probs = np.concatenate(outs) if outs else np.zeros((0, len(self.labels)), np.float32)
+        return probs[:, 0] if self.task == "binary" else probs
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
+
+    def predict_images(self, images: Sequence[Image]) -> list[dict[str, Any]]:
+        """Decoded images -> one result per image (probabilities per label, decision, threshold)."""
+        arrays = np.stack([self.prepare_input(im) for im in images]) if images else np.zeros((0, 1, 1), np.uint8)
+        tabular = None
+        if self.uses_tabular:
+            import pandas as pd
+
+            tabular = tabular_features(pd.DataFrame([{k: im.meta.get(k) for k in ("age", "sex", "view")} for im in images]))
+        probs = self.predict_proba(arrays, tabular)
+        return [self.describe(p) for p in probs]
+
+    def predict_files(self, sources: Sequence[str | Path | bytes]) -> list[dict[str, Any]]:
+        return self.predict_images([self.read(s) for s in sources])
+
+    def describe(self, prob: np.ndarray | float) -> dict[str, Any]:
+        """Probabilities per label plus the decision at the model's own threshold(s)."""
+        if self.task == "binary":
+            p = float(prob)
+            return {
+                "probabilities": {self.labels[0]: 1 - p, self.labels[1]: p},
+                "prediction": self.labels[1] if p >= self.threshold else self.labels[0],
+                "positive": bool(p >= self.threshold),
+                "threshold": self.threshold,
+            }
+        probs = {label: float(v) for label, v in zip(self.labels, np.asarray(prob))}
+        if self.task == "multiclass":
+            return {"probabilities": probs, "prediction": max(probs, key=probs.get), "threshold": None}
+        return {
+            "probabilities": probs,
+            "prediction": [lab for lab, t in zip(self.labels, self.threshold) if probs[lab] >= t],
+            "threshold": dict(zip(self.labels, self.threshold)),
+        }

@@ -1,0 +1,147 @@
+"""MLflow: where runs go, lineage tags, and logging a cxr model as an MLflow model.
+
+Embedded by default (``sqlite:///mlflow.db`` plus a local artifact folder); ``MLFLOW_TRACKING_URI``
+points everything at a server instead. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cxr.config import Config
+
+log = logging.getLogger(__name__)
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+
+
+def tracking_uri(cfg: "Config") -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+
+
+def configure(cfg: "Config") -> str:
+    """Point mlflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # mlflow >= 3.x needs the registry on the same embedded store
+        mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        location = None
+        if "://" not in cfg.mlflow.artifact_location and uri.startswith("sqlite:"):
+            location = Path(cfg.mlflow.artifact_location).resolve().as_uri()
+        elif cfg.mlflow.artifact_location:
+            location = cfg.mlflow.artifact_location
+        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the working tree (``unknown`` outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def lineage_tags(card: dict[str, Any]) -> dict[str, str]:
+    return {
+        **git_state(),
+        "dataset_hash": card["dataset_hash"],
+        "data_source": card["source"],
+        "synthetic_data": str(bool(card.get("synthetic"))).lower(),
+        "task": card["task"],
+    }
+
+
+@contextmanager
+def run(cfg: "Config", *, name: str | None = None, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run, or ``None`` when tracking is disabled (mlflow.enabled=false)."""
+    if not cfg.mlflow.enabled:
+        yield None
+        return
+    import mlflow
+
+    configure(cfg)
+    with mlflow.start_run(run_name=name, nested=nested, tags=tags) as active:
+        yield active
+
+
+def log_dict_artifact(data: dict[str, Any], name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(json.dumps(data, indent=2, default=str), name)
+
+
+def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> str:
+    """Log a cxr model directory as an MLflow pyfunc model (models-from-code: nothing is pickled).
+
+    The pyfunc takes preprocessed uint8 images (B, H, W) and returns probabilities; the cxr files
+    travel as an artifact so ``Predictor.from_uri`` rebuilds the model from safetensors + JSON.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from cxr.predictor import Predictor
+
+    predictor = Predictor.from_dir(model_dir)
+    output = predictor.predict_proba(example)
+    signature = infer_signature(example, output)
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"cxr_model": str(model_dir)},
+        code_paths=[str(Path(__file__).parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri
+
+
+def pip_requirements() -> list[str]:
+    """Pinned from the running environment: resolving them is what makes log_model slow otherwise."""
+    from importlib.metadata import version
+
+    pkgs = ["torch", "torchvision", "numpy", "safetensors", "pydicom", "pillow", "pandas", "pyyaml", "pydantic",
+            "mlflow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"]
+    out = []
+    for p in pkgs:
+        try:
+            out.append(f"{p}=={version(p)}")
+        except Exception:  # optional decoders may be absent
+            continue
+    return out
+
+
+def example_batch(size: int) -> np.ndarray:
+    """A non-patient input example: two synthetic gradients (batch of 2: mlflow bakes the batch size in)."""
+    ramp = np.linspace(0, 255, size * size, dtype=np.float32).reshape(size, size)
+    return np.stack([ramp, ramp.T]).astype(np.uint8)
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="cxr-mlflow-")

@@ -1,0 +1,327 @@
+"""fit(cfg, trial=None): the one training function behind `cxr train`, DVC's train stage and `cxr tune`.
+
+Trains on the prepared arrays, early-stops on validation AUROC keeping the best epoch, chooses the
+decision threshold on validation, writes a self-contained model directory and tracks everything in
+MLflow. With an Optuna trial it reports validation AUROC after every epoch and stops when pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cxr import tracking
+from cxr.data.augment import augment
+from cxr.data.loader import N_TABULAR, PreparedData
+from cxr.data.prepare import spec_for
+from cxr.metrics import choose_threshold
+from cxr.models import build_model
+from cxr.predictor import FORMAT, Predictor
+from cxr.progress import progress_bar
+
+if TYPE_CHECKING:
+    import optuna
+
+    from cxr.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    model_dir: Path
+    run_id: str | None
+    best_epoch: int
+    best_val_auroc: float
+    epochs_trained: int
+    images_per_second: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    threshold: Any = None
+
+
+class TrialPrunedSignal(Exception):
+    """Raised inside fit when Optuna prunes; tune turns it into optuna.TrialPruned."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        super().__init__(f"pruned at epoch {epoch} (val AUROC {value:.4f})")
+        self.epoch, self.value = epoch, value
+
+
+def task_auroc(y: np.ndarray, probs: np.ndarray, task: str) -> float:
+    """Validation AUROC for early stopping and pruning: macro over classes that have both labels."""
+    from sklearn.metrics import roc_auc_score
+
+    if task == "binary":
+        return float(roc_auc_score(y, probs)) if 0 < y.sum() < len(y) else 0.5
+    y2 = np.eye(probs.shape[1])[y] if task == "multiclass" else y
+    scores = [roc_auc_score(y2[:, k], probs[:, k]) for k in range(probs.shape[1]) if 0 < y2[:, k].sum() < len(y2)]
+    return float(np.mean(scores)) if scores else 0.5
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from cxr.errors import UserError
+
+        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def make_loss(data: PreparedData, train_idx: np.ndarray, cfg: "Config", device: torch.device):
+    """Loss matching the task; with imbalance=weight, rarer classes weigh more."""
+    y = data.targets[train_idx]
+    weighted = cfg.train.imbalance == "weight"
+    if data.task == "multiclass":
+        counts = np.bincount(y, minlength=len(data.classes)).astype(np.float64)
+        w = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        return lambda logits, t: F.cross_entropy(logits, t, weight=w if weighted else None,
+                                                 label_smoothing=cfg.train.label_smoothing)
+    y2 = y.reshape(len(y), -1)
+    pos = y2.sum(0)
+    pw = torch.tensor(np.clip((len(y2) - pos) / np.maximum(pos, 1), 0.01, 100.0), dtype=torch.float32, device=device)
+    smooth = cfg.train.label_smoothing
+
+    def loss(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(logits.shape)
+        if smooth:
+            t = t * (1 - smooth) + 0.5 * smooth
+        return F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw if weighted else None)
+
+    return loss
+
+
+def sample_weights(data: PreparedData, cfg: "Config") -> np.ndarray | None:
+    """Balanced sampling: each class drawn equally often (multilabel falls back to loss weights)."""
+    if cfg.train.imbalance != "sample" or data.task == "multilabel":
+        return None
+    y = data.targets.astype(np.int64)
+    counts = np.bincount(y[data.split("train")], minlength=max(2, len(data.classes)))
+    return (1.0 / np.maximum(counts, 1))[y]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: "Config") -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: int):
+    kind = cfg.train.scheduler
+    if kind == "onecycle" and cfg.train.epochs * steps_per_epoch >= 8:  # too few steps for warm-up + decay
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
+                                                   pct_start=0.25), "step"
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs), "epoch"
+    if kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=2), "plateau"
+    return None, "none"
+
+
+@torch.inference_mode()
+def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray, batch_size: int,
+                  device: torch.device, task: str) -> np.ndarray:
+    model.eval()
+    outs = []
+    for x, _, t, _ in data.batches(index, batch_size, device=device):
+        with _autocast(device):
+            logits = model(x.contiguous(memory_format=torch.channels_last), t if model.n_tabular else None).float()
+        outs.append((torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
+    probs = np.concatenate(outs)
+    return probs[:, 0] if task == "binary" else probs
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
+    ev = cfg.evaluate
+    if task == "binary":
+        if not 0 < y.sum() < len(y):
+            from cxr.errors import UserError
+
+            raise UserError("the validation split has one class only, so no threshold can be chosen; use more data")
+        return float(choose_threshold(y, probs, method=ev.threshold, target_sensitivity=ev.target_sensitivity))
+    if task == "multilabel":
+        out = []
+        for k in range(y.shape[1]):
+            if 0 < y[:, k].sum() < len(y):
+                out.append(float(choose_threshold(y[:, k], probs[:, k], method=ev.threshold,
+                                                  target_sensitivity=ev.target_sensitivity)))
+            else:
+                out.append(0.5)  # a class absent from validation: no evidence to move off 0.5
+        return out
+    return None
+
+
+def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
+        run_name: str | None = None, nested: bool = False, log_model: bool = True,
+        extra_tags: dict[str, str] | None = None) -> FitResult:
+    device = resolve_device(cfg.train.device)
+    gen = seed_everything(cfg.project.seed, cfg.train.deterministic, device)
+    data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
+    train_idx, val_idx = data.split("train"), data.split("val")
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        from cxr.errors import UserError
+
+        raise UserError(f"the prepared data needs train and val images (train={len(train_idx)}, val={len(val_idx)})")
+    n_tab = N_TABULAR if cfg.model.tabular else 0
+    model = build_model(cfg.model.arch, data.n_outputs, weights=cfg.model.weights, dropout=cfg.model.dropout,
+                        width=cfg.model.width, n_tabular=n_tab)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    loss_fn = make_loss(data, train_idx, cfg, device)
+    opt = make_optimizer(model, cfg)
+    bs = cfg.train.batch_size
+    steps = int(np.ceil(len(train_idx) / bs))
+    if cfg.train.max_train_batches:
+        steps = min(steps, cfg.train.max_train_batches)
+    sched, sched_kind = make_scheduler(opt, cfg, steps)
+    weights = sample_weights(data, cfg)
+    model_dir = Path(model_dir or cfg.paths.model)
+
+    tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
+    history: list[dict[str, float]] = []
+    best = {"auroc": -1.0, "epoch": 0, "state": None}
+    since_best = 0
+    seen, train_time = 0, 0.0
+    with tracking.run(cfg, name=run_name, nested=nested, tags=tags) as active:
+        run_id = active.info.run_id if active else None
+        if active:
+            import mlflow
+
+            mlflow.log_params(cfg.flat())
+            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
+            tracking.log_dict_artifact(data.card, "data/card.json")
+        for epoch in range(1, cfg.train.epochs + 1):
+            model.train()
+            t0, total_loss, n_batches = time.perf_counter(), 0.0, 0
+            batches = data.batches(train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
+            with progress_bar(f"epoch {epoch}/{cfg.train.epochs}", total=steps) as advance:
+                for i, (x, y, t, _) in enumerate(batches):
+                    if i >= steps:
+                        break
+                    x = augment(x, cfg.train.augment, gen).contiguous(memory_format=torch.channels_last)
+                    with _autocast(device):
+                        logits = model(x, t if n_tab else None)
+                    loss = loss_fn(logits.float(), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if sched_kind == "step":
+                        sched.step()
+                    total_loss += float(loss.detach())
+                    n_batches += 1
+                    seen += len(x)
+                    advance(loss=total_loss / n_batches)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task)
+            val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+            if sched_kind == "epoch":
+                sched.step()
+            elif sched_kind == "plateau":
+                sched.step(val_auroc)
+            row = {
+                "train_loss": total_loss / max(1, n_batches),
+                "val_auroc": val_auroc,
+                "lr": opt.param_groups[0]["lr"],
+                "epoch_seconds": epoch_time,
+                "train_images_per_second": min(steps * bs, len(train_idx)) / max(epoch_time, 1e-9),
+            }
+            history.append(row)
+            if active:
+                import mlflow
+
+                mlflow.log_metrics(row, step=epoch)
+            log.info("epoch %d: loss %.4f val AUROC %.4f (%.1fs)", epoch, row["train_loss"], val_auroc, epoch_time)
+            if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
+                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                since_best = 0
+            else:
+                since_best += 1
+            if trial is not None:
+                trial.report(val_auroc, epoch)
+                if trial.should_prune():
+                    if active:
+                        import mlflow
+
+                        mlflow.set_tags({"trial_state": "PRUNED", "epochs_trained": str(epoch)})
+                    raise TrialPrunedSignal(epoch, val_auroc)
+            if since_best >= cfg.train.early_stopping.patience:
+                log.info("early stopping at epoch %d; best epoch %d", epoch, best["epoch"])
+                break
+
+        model.load_state_dict(best["state"])
+        val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task)
+        threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
+        info = {
+            "format": FORMAT,
+            "architecture": model.spec,
+            "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
+            "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
+                            "max_bytes": cfg.imaging.max_bytes},
+            "task": data.task,
+            "labels": data.classes,
+            "threshold": threshold,
+            "threshold_method": cfg.evaluate.threshold,
+            "training": {
+                "run_id": run_id,
+                "dataset_hash": data.card["dataset_hash"],
+                "source": data.card["source"],
+                "synthetic": data.card.get("synthetic", False),
+                "best_epoch": best["epoch"],
+                "val_auroc": best["auroc"],
+                "epochs_trained": len(history),
+                "git_commit": tags.get("git_commit"),
+            },
+        }
+        predictor = Predictor(model.cpu().float(), info)
+        predictor.save(model_dir)
+        ips = seen / max(train_time, 1e-9)
+        if active:
+            import mlflow
+
+            mlflow.log_metrics({"best_val_auroc": best["auroc"], "best_epoch": best["epoch"],
+                                "epochs_trained": len(history), "train_images_per_second_mean": ips})
+            mlflow.set_tags({"trial_state": "COMPLETE"} if trial is not None else {})
+            mlflow.log_text(json.dumps(info, indent=2), "model_info.json")
+            if log_model:
+                tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
+    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=best["epoch"], best_val_auroc=best["auroc"],
+                     epochs_trained=len(history), images_per_second=ips, history=history, threshold=threshold)

@@ -1,0 +1,83 @@
+"""ingest + prepare on a tiny team manifest: arrays match the one preprocessing path, failures are handled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image as PILImage
+
+from cxr.config import Config
+from cxr.data.ingest import ingest
+from cxr.data.prepare import PrepareError, array_path, prepare
+from cxr.imaging import read_image
+from cxr.preprocess import PreprocessSpec, preprocess
+
+
+def write_dataset(root, n_patients=30, broken=0):
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(n_patients):
+        label = "pneumonia" if p % 3 == 0 else "normal"
+        for k in range(2):
+            arr = (rng.random((48, 40)) * 200 + (40 if label == "pneumonia" else 0)).astype(np.uint8)
+            path = root / f"img_{p}_{k}.png"
+            PILImage.fromarray(arr).save(path)
+            rows.append({"path": path.name, "label": label, "patient_id": f"MRN{p:04d}", "sex": "F" if p % 2 else "M"})
+    for b in range(broken):
+        (root / f"broken_{b}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        rows.append({"path": f"broken_{b}.png", "label": "normal", "patient_id": f"B{b}"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+def make_cfg(tmp_path, csv, **extra):
+    return Config().override({
+        "data.source": "manifest", "data.path": str(csv),
+        "paths.raw": str(tmp_path / "raw"), "paths.prepared": str(tmp_path / "prepared"),
+        "prepare.sizes": [32, 64], "prepare.workers": 1, **extra,
+    })
+
+
+def test_prepare_writes_arrays_from_the_single_preprocessing_function(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_cfg(tmp_path, write_dataset(src, broken=1))
+    ingest(cfg)
+    card = prepare(cfg)
+    assert card["n_images"] == 60 and card["n_rejected"] == 1
+    assert len(card["rejected"]) == 1 and "PNG" in card["rejected"][0]["reason"]
+    assert card["patients_in_two_splits"] == 0 and set(card["images_per_split"]) == {"train", "val", "test"}
+    prepared = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
+    raw = tmp_path / "raw"
+    for size in (32, 64):
+        arr = np.load(array_path(tmp_path / "prepared", size), mmap_mode="r")
+        assert arr.shape == (60, size, size) and arr.dtype == np.uint8
+        row = 7
+        expected = preprocess(read_image(raw / prepared["image"][row]), PreprocessSpec(size=size))
+        assert np.array_equal(arr[row], expected)
+    # no raw patient id in anything prepare writes
+    for f in (tmp_path / "prepared").iterdir():
+        if f.suffix in (".csv", ".json"):
+            assert "MRN0" not in f.read_text(), f
+
+
+def test_too_many_failures_stop_the_stage_and_write_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_cfg(tmp_path, write_dataset(src, n_patients=5, broken=4), **{"prepare.max_failure_fraction": 0.1})
+    ingest(cfg)
+    with pytest.raises(PrepareError, match="could not be read"):
+        prepare(cfg)
+    assert not (tmp_path / "prepared").exists()
+    assert not list(tmp_path.glob(".prepared*")), "temporary output left behind"
+
+
+def test_prepare_is_deterministic(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_cfg(tmp_path, write_dataset(src))
+    ingest(cfg)
+    first = prepare(cfg)
+    second = prepare(cfg)
+    assert first["dataset_hash"] == second["dataset_hash"] and first["input_hash"] == second["input_hash"]
