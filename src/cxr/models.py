@@ -270,7 +270,7 @@ _TRUNKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
 
 def _check_arch(arch: str) -> str:
     if arch not in ARCHS:
-        raise ModelError(f"unknown model arch {arch!r}; valid names: {', '.join(ARCHS)}")
+        raise ModelError(f"unknown model arch {arch!r}; valid names: {', '.join(ARCHS)}, logistic_regression (baseline)")
     return arch
 
 
@@ -689,6 +689,10 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
     """Rebuild a randomly initialised :class:`CXRNet` from :attr:`CXRNet.spec` (load its weights afterwards)."""
     if not isinstance(spec, Mapping):
         raise ModelError(f"model spec must be a mapping, got {type(spec).__name__}")
+    if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
+        from cxr.baseline import LinearBaseline
+
+        return LinearBaseline.from_spec(dict(spec))  # type: ignore[return-value]
     missing = [k for k in SPEC_KEYS if k not in spec]
     unknown = [k for k in spec if k not in SPEC_KEYS]
     if missing or unknown:

@@ -191,6 +191,11 @@ def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config"
 def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
         run_name: str | None = None, nested: bool = False, log_model: bool = True,
         extra_tags: dict[str, str] | None = None) -> FitResult:
+    if cfg.model.arch == "logistic_regression":
+        from cxr.baseline import fit_baseline
+
+        return fit_baseline(cfg, model_dir=model_dir, run_name=run_name, nested=nested, log_model=log_model,
+                            extra_tags=extra_tags)
     device = resolve_device(cfg.train.device)
     gen = seed_everything(cfg.project.seed, cfg.train.deterministic, device)
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)

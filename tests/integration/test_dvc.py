@@ -37,6 +37,7 @@ def project(tmp_path_factory) -> Path:
     params["evaluate"]["bootstrap"] = 50
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
+    (work / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n")
     run(["dvc", "init", "-q"], work)
     return work
 
@@ -60,3 +61,13 @@ def test_changing_a_param_reruns_only_downstream_stages(project: Path):
     out = run(["dvc", "repro"], project)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'ingest'" not in out and "Running stage 'prepare'" not in out
+
+
+def test_dvc_exp_run_with_set_param(project: Path):
+    run(["dvc", "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "baseline"], project)
+    out = run(["dvc", "exp", "run", "-S", "model.arch=resnet18"], project)
+    assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
+    shown = run(["dvc", "exp", "show", "--json"], project)
+    assert "resnet18" in shown and "auroc" in shown

@@ -1,0 +1,125 @@
+"""A classical baseline: scikit-learn logistic regression on downsampled pixels.
+
+It is fitted with scikit-learn, then stored as an equivalent linear torch module (scaler folded into
+the weights), so it is saved, loaded, evaluated and served exactly like a network: `model.arch:
+logistic_regression` in params.yaml, through the same fit -> Predictor -> evaluate path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from cxr.config import Config
+    from cxr.train import FitResult
+
+log = logging.getLogger(__name__)
+ARCH = "logistic_regression"
+POOL = 16
+
+
+class LinearBaseline(nn.Module):
+    """Average-pool to POOL x POOL, flatten, one linear layer: the torch twin of the sklearn model."""
+
+    n_tabular = 0
+
+    def __init__(self, n_outputs: int, pool: int = POOL) -> None:
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(pool * pool, n_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, self.pool).flatten(1)
+
+    def forward(self, x: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"arch": ARCH, "n_outputs": self.linear.out_features, "pool": self.pool, "n_tabular": 0}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "LinearBaseline":
+        return cls(int(spec["n_outputs"]), int(spec.get("pool", POOL)))
+
+
+def _features(model: LinearBaseline, images: np.ndarray, batch: int = 2048) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([
+            model.features(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).unsqueeze(1).float() / 255).numpy()
+            for i in range(0, len(images), batch)
+        ])
+
+
+def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str | None = None,
+                 nested: bool = False, log_model: bool = True, extra_tags: dict[str, str] | None = None) -> "FitResult":
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from cxr import tracking
+    from cxr.data.loader import PreparedData
+    from cxr.data.prepare import spec_for
+    from cxr.predictor import FORMAT, Predictor
+    from cxr.train import FitResult, choose_thresholds, task_auroc
+
+    data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
+    train_idx, val_idx = data.split("train"), data.split("val")
+    model = LinearBaseline(data.n_outputs)
+    t0 = time.perf_counter()
+    x_train = _features(model, data.images[train_idx])
+    scaler = StandardScaler().fit(x_train)
+    weight = "balanced" if cfg.train.imbalance != "none" else None
+    lr = LogisticRegression(C=1.0, max_iter=2000, class_weight=weight)
+    clf = OneVsRestClassifier(lr) if data.task == "multilabel" else lr
+    clf.fit(scaler.transform(x_train), data.targets[train_idx].astype(np.int64))
+    coef = np.vstack([e.coef_ for e in clf.estimators_]) if data.task == "multilabel" else clf.coef_
+    bias = np.concatenate([e.intercept_ for e in clf.estimators_]) if data.task == "multilabel" else clf.intercept_
+    # fold the scaler in: w.(x - mu)/sigma + b  ==  (w/sigma).x + (b - w.mu/sigma)
+    w = coef / scaler.scale_
+    b = bias - (coef * scaler.mean_ / scaler.scale_).sum(1)
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+        model.linear.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+    seconds = time.perf_counter() - t0
+    predictor_info = {
+        "format": FORMAT,
+        "architecture": model.spec,
+        "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
+        "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
+                        "max_bytes": cfg.imaging.max_bytes},
+        "task": data.task,
+        "labels": data.classes,
+        "threshold_method": cfg.evaluate.threshold,
+    }
+    probe = Predictor(model, {**predictor_info, "threshold": None})
+    val_probs = probe.predict_proba(data.images[val_idx])
+    val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+    threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
+    model_dir = Path(model_dir or cfg.paths.model)
+    with tracking.run(cfg, name=run_name, nested=nested, tags={**tracking.lineage_tags(data.card), **(extra_tags or {})}) as active:
+        run_id = active.info.run_id if active else None
+        info = {**predictor_info, "threshold": threshold, "training": {
+            "run_id": run_id, "dataset_hash": data.card["dataset_hash"], "source": data.card["source"],
+            "synthetic": data.card.get("synthetic", False), "best_epoch": 1, "val_auroc": val_auroc,
+            "epochs_trained": 1, "git_commit": tracking.git_state()["git_commit"]}}
+        Predictor(model, info).save(model_dir)
+        if active:
+            import mlflow
+
+            mlflow.log_params(cfg.flat())
+            mlflow.log_metrics({"val_auroc": val_auroc, "best_val_auroc": val_auroc, "fit_seconds": seconds})
+            if log_model:
+                tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
+    log.info("logistic regression on %dx%d pixels: val AUROC %.4f (%.1fs)", POOL, POOL, val_auroc, seconds)
+    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=1, best_val_auroc=val_auroc, epochs_trained=1,
+                     images_per_second=len(train_idx) / max(seconds, 1e-9), history=[{"val_auroc": val_auroc}],
+                     threshold=threshold)
