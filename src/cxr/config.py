@@ -133,6 +133,8 @@ class TrainConfig(Section):
     scheduler: Literal["onecycle", "cosine", "plateau", "none"] = "onecycle"
     imbalance: Literal["weight", "sample", "none"] = "weight"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights, used for validation and the saved model (0 = off).
+    ema_decay: float = Field(0.995, ge=0, lt=1)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     augment: AugmentConfig = AugmentConfig()
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -137,6 +137,18 @@ def make_optimizer(model: torch.nn.Module, cfg: "Config") -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
+def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Weight EMA (BN buffers included); its decay warms up so short runs are not dominated by init."""
+    if decay <= 0:
+        return None
+
+    def ema(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return avg * d + current * (1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=ema, use_buffers=True)
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: int):
     kind = cfg.train.scheduler
     if kind == "onecycle" and cfg.train.epochs * steps_per_epoch >= 8:  # too few steps for warm-up + decay
@@ -215,6 +227,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
     if cfg.train.max_train_batches:
         steps = min(steps, cfg.train.max_train_batches)
     sched, sched_kind = make_scheduler(opt, cfg, steps)
+    ema = make_ema(model, cfg.train.ema_decay)
+    scored = ema.module if ema is not None else model  # what is validated and saved
     weights = sample_weights(data, cfg)
     model_dir = Path(model_dir or cfg.paths.model)
 
@@ -248,6 +262,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                     opt.step()
                     if sched_kind == "step":
                         sched.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
                     total_loss += float(loss.detach())
                     n_batches += 1
                     seen += len(x)
@@ -256,7 +272,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
-            val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task)
+            val_probs = predict_split(scored, data, val_idx, bs * 2, device, data.task)
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
             if sched_kind == "epoch":
                 sched.step()
@@ -276,7 +292,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 mlflow.log_metrics(row, step=epoch)
             log.info("epoch %d: loss %.4f val AUROC %.4f (%.1fs)", epoch, row["train_loss"], val_auroc, epoch_time)
             if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
-                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
                 since_best = 0
             else:
                 since_best += 1

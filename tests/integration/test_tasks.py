@@ -95,3 +95,14 @@ def test_logistic_regression_baseline_runs_through_the_same_evaluate(tmp_path):
     p = Predictor.from_dir(cfg.paths.model)
     assert p.info["architecture"]["arch"] == "logistic_regression"
     assert report["splits"]["test"]["auroc"]["value"] > 0.9
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    cfg_a, res_a, _ = run(a, labels, "binary", **{"train.epochs": 2})
+    cfg_b, res_b, _ = run(b, labels, "binary", **{"train.epochs": 2})
+    assert [h["val_auroc"] for h in res_a.history] == [h["val_auroc"] for h in res_b.history]
+    assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
