@@ -38,12 +38,12 @@ class PathsConfig(Section):
 
 
 class SyntheticConfig(Section):
-    n_patients: int = Field(240, ge=4)
+    n_patients: int = Field(400, ge=4)
     images_per_patient_max: int = Field(3, ge=1)
     size: int = Field(256, ge=32)
     prevalence: float = Field(0.4, gt=0, lt=1)
     # 0 = consolidations obvious, 1 = barely visible; chosen so the default model gets a realistic AUROC
-    difficulty: float = Field(0.6, ge=0, le=1)
+    difficulty: float = Field(0.4, ge=0, le=1)
     jpeg2000_fraction: float = Field(0.1, ge=0, le=1)
     monochrome1_fraction: float = Field(0.3, ge=0, le=1)
     seed: int = 0
@@ -113,18 +113,18 @@ class ModelConfig(Section):
     arch: str = "simple_cnn"
     weights: str = "none"  # imagenet | none | <path to a state_dict or safetensors file>
     image_size: int = 64
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
     width: int = Field(32, ge=4)
     tabular: bool = False
 
 
 class EarlyStoppingConfig(Section):
-    patience: int = Field(5, ge=1)
+    patience: int = Field(10, ge=1)
     min_delta: float = 0.0
 
 
 class TrainConfig(Section):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

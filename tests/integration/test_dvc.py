@@ -39,6 +39,7 @@ def project(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], work)
     (work / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n")
     run(["dvc", "init", "-q"], work)
+    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")  # the committed default remote
     return work
 
 
@@ -71,3 +72,14 @@ def test_dvc_exp_run_with_set_param(project: Path):
     assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
     shown = run(["dvc", "exp", "show", "--json"], project)
     assert "resnet18" in shown and "auroc" in shown
+
+
+def test_push_and_pull_through_the_default_local_remote(project: Path):
+    run(["dvc", "repro"], project)
+    run(["dvc", "push"], project)
+    assert any((project / "dvc-storage").rglob("*")), "the default remote is not the project's dvc-storage/"
+    manifest = (project / "data" / "raw" / "manifest.csv").read_text()
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    run(["dvc", "pull"], project)
+    assert (project / "data" / "raw" / "manifest.csv").read_text() == manifest
