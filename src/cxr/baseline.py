@@ -67,9 +67,8 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
 
     from cxr import tracking
     from cxr.data.loader import PreparedData
-    from cxr.data.prepare import spec_for
-    from cxr.predictor import FORMAT, Predictor
-    from cxr.train import FitResult, choose_thresholds, task_auroc
+    from cxr.predictor import Predictor
+    from cxr.train import FitResult, choose_thresholds, model_info, task_auroc
 
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     train_idx, val_idx = data.split("train"), data.split("val")
@@ -90,27 +89,15 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
         model.linear.weight.copy_(torch.from_numpy(w.astype(np.float32)))
         model.linear.bias.copy_(torch.from_numpy(b.astype(np.float32)))
     seconds = time.perf_counter() - t0
-    predictor_info = {
-        "format": FORMAT,
-        "architecture": model.spec,
-        "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
-        "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
-                        "max_bytes": cfg.imaging.max_bytes},
-        "task": data.task,
-        "labels": data.classes,
-        "threshold_method": cfg.evaluate.threshold,
-    }
-    probe = Predictor(model, {**predictor_info, "threshold": None})
+    probe = Predictor(model, model_info(cfg, model.spec, data, None))
     val_probs = probe.predict_proba(data.images[val_idx])
     val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
     threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
     model_dir = Path(model_dir or cfg.paths.model)
     with tracking.run(cfg, name=run_name, nested=nested, tags={**tracking.lineage_tags(data.card), **(extra_tags or {})}) as active:
         run_id = active.info.run_id if active else None
-        info = {**predictor_info, "threshold": threshold, "training": {
-            "run_id": run_id, "dataset_hash": data.card["dataset_hash"], "source": data.card["source"],
-            "synthetic": data.card.get("synthetic", False), "best_epoch": 1, "val_auroc": val_auroc,
-            "epochs_trained": 1, "git_commit": tracking.git_state()["git_commit"]}}
+        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=1, val_auroc=val_auroc,
+                          epochs_trained=1, git_commit=tracking.git_state()["git_commit"])
         Predictor(model, info).save(model_dir)
         if active:
             import mlflow

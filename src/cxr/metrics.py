@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy import sparse
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -327,8 +328,9 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 10) -> fl
 def _resample_weights(n: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
     """Yield chunks (c, n) of float case counts; row b = one resample of n cases with replacement.
 
-    Deterministic given (n, n_bootstrap, seed), so different metric families computed with the
-    same seed on the same cases use the same resamples.
+    Deterministic given (n, seed), and the first b resamples do not depend on n_bootstrap: metric
+    families computed with the same seed on the same cases (e.g. the per-class and macro
+    results of :func:`multilabel_metrics`) share their resamples.
     """
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_bootstrap, _CHUNK_ELEMENTS // max(n, 1)))
@@ -342,51 +344,79 @@ def _resample_weights(n: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarra
 
 
 class _RankPrep(NamedTuple):
-    order: np.ndarray  # cases by descending score
-    pos_sorted: np.ndarray  # float 0/1 in that order
-    group_last: np.ndarray  # last sorted position of each distinct score
+    """Maps each case to a score segment, so one sparse product gives all per-resample sums.
+
+    With ``u_0 > u_1 > ... > u_{G-1}`` the distinct scores of the positive cases, segment
+    ``3g`` holds the negatives scored strictly between ``u_{g-1}`` and ``u_g``, ``3g + 1`` the
+    negatives tied at ``u_g``, ``3g + 2`` the positives at ``u_g`` and ``3G`` the negatives
+    below ``u_{G-1}``. The ROC points that matter for AUROC, AP and sensitivity-at-specificity
+    are the thresholds ``u_g`` (any other threshold is dominated by one of them).
+    """
+
+    segments: sparse.csr_matrix  # (n, 3G + 1) 0/1 case -> segment
+    n_groups: int
 
 
 def _rank_prep(y: np.ndarray, s: np.ndarray) -> _RankPrep:
-    order = np.argsort(-s, kind="stable")
-    s_sorted = s[order]
-    last = np.flatnonzero(np.diff(s_sorted) != 0)
-    group_last = np.append(last, s.size - 1)
-    return _RankPrep(order, y[order].astype(float), group_last)
+    y = np.asarray(y, dtype=bool)
+    ups = np.unique(s[y])[::-1]  # distinct positive scores, descending
+    G = ups.size
+    neg_up = -ups  # ascending, for searchsorted
+    # number of distinct positive scores strictly above each case's score
+    above = np.searchsorted(neg_up, -s, side="left")
+    tied = np.zeros(s.size, dtype=bool)
+    inside = above < G
+    tied[inside] = ups[above[inside]] == s[inside]
+    seg = np.where(y, 3 * above + 2, np.where(tied, 3 * above + 1, 3 * above))
+    mat = sparse.csr_matrix(
+        (np.ones(s.size), (np.arange(s.size), seg)), shape=(s.size, 3 * G + 1)
+    )
+    return _RankPrep(mat, G)
 
 
-def _roc_counts(prep: _RankPrep, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted TP/FP counts at each distinct threshold (descending), with the origin prepended."""
-    Ws = W[:, prep.order]
-    tp = np.cumsum(Ws * prep.pos_sorted, axis=1)[:, prep.group_last]
-    fp = np.cumsum(Ws * (1.0 - prep.pos_sorted), axis=1)[:, prep.group_last]
-    zero = np.zeros((W.shape[0], 1))
-    return np.hstack([zero, tp]), np.hstack([zero, fp])
+class _RankCounts(NamedTuple):
+    pos_at: np.ndarray  # (c, G) weighted positives scored exactly u_g
+    tp: np.ndarray  # (c, G) weighted positives scored >= u_g
+    fp: np.ndarray  # (c, G) weighted negatives scored >= u_g
+    neg_tie: np.ndarray  # (c, G) weighted negatives scored exactly u_g
+    P: np.ndarray  # (c,)
+    N: np.ndarray  # (c,)
 
 
-def _auroc_from_counts(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    # Trapezoidal area under the ROC step points == Mann-Whitney U / (P N) with ties as 1/2.
-    P, N = tp[:, -1], fp[:, -1]
-    area = np.sum(np.diff(fp, axis=1) * (tp[:, 1:] + tp[:, :-1]), axis=1) / 2.0
-    return _div(area, P * N)
+def _rank_counts(prep: _RankPrep, W: np.ndarray) -> _RankCounts:
+    sums = np.asarray(W @ prep.segments)
+    G = prep.n_groups
+    neg_between, neg_tie, pos_at = sums[:, 0:3 * G:3], sums[:, 1:3 * G:3], sums[:, 2:3 * G:3]
+    fp = np.cumsum(neg_between + neg_tie, axis=1)
+    tp = np.cumsum(pos_at, axis=1)
+    P = tp[:, -1] if G else np.zeros(W.shape[0])
+    N = (fp[:, -1] if G else 0.0) + sums[:, 3 * G]
+    return _RankCounts(pos_at, tp, fp, neg_tie, P, N)
 
 
-def _ap_from_counts(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    # sklearn's average precision: sum_k (R_k - R_{k-1}) P_k over distinct thresholds.
-    P, N = tp[:, -1], fp[:, -1]
-    precision = np.nan_to_num(_div(tp[:, 1:], tp[:, 1:] + fp[:, 1:]))  # 0/0 only where dR = 0
-    ap = _div(np.sum(np.diff(tp, axis=1) * precision, axis=1), P)
-    ap[N == 0] = np.nan  # one class: undefined, as for the point estimate
+def _auroc_from_counts(rc: _RankCounts) -> np.ndarray:
+    # Mann-Whitney: P(score_pos > score_neg) + P(tie) / 2 over all weighted pairs.
+    below = rc.N[:, None] - rc.fp  # negatives strictly below u_g
+    u = np.sum(rc.pos_at * (below + 0.5 * rc.neg_tie), axis=1)
+    return _div(u, rc.P * rc.N)
+
+
+def _ap_from_counts(rc: _RankCounts) -> np.ndarray:
+    # sklearn's average precision: sum over thresholds of (R_k - R_{k-1}) * precision_k; only
+    # thresholds that add positives (the u_g) have R_k > R_{k-1}.
+    precision = np.nan_to_num(_div(rc.tp, rc.tp + rc.fp))  # 0/0 only where pos_at == 0
+    ap = _div(np.sum(rc.pos_at * precision, axis=1), rc.P)
+    ap[rc.N == 0] = np.nan  # one class: undefined, as for the point estimate
     return ap
 
 
-def _sens_at_spec_from_counts(tp: np.ndarray, fp: np.ndarray, spec: float) -> np.ndarray:
-    P, N = tp[:, -1:], fp[:, -1:]
+def _sens_at_spec_from_counts(rc: _RankCounts, spec: float) -> np.ndarray:
+    N = rc.N[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        ok = (N - fp) / N >= spec - _RATE_TOL
-    best = np.max(np.where(ok, tp, 0.0), axis=1)  # the origin (0, 0) always qualifies
-    out = _div(best, P[:, 0])
-    out[N[:, 0] == 0] = np.nan
+        ok = (N - rc.fp) / N >= spec - _RATE_TOL
+    best = np.max(np.where(ok, rc.tp, 0.0), axis=1, initial=0.0)  # (0, 0) always qualifies
+    out = _div(best, rc.P)
+    out[rc.N == 0] = np.nan
     return out
 
 
@@ -406,26 +436,31 @@ def _weighted_binary_stats(
     """
     yf = y.astype(float)
     pred = (s >= threshold).astype(float)
-    n_b = W.sum(axis=1)
-    tp = W @ (yf * pred)
-    fp = W @ ((1 - yf) * pred)
-    pos = W @ yf
-    neg = n_b - pos
-    out = _ratios(neg - fp, fp, pos - tp, tp)
-    prep = prep if prep is not None else _rank_prep(y, s)
-    roc_tp, roc_fp = _roc_counts(prep, W)
-    out["auroc"] = _auroc_from_counts(roc_tp, roc_fp)
-    out["auprc"] = _ap_from_counts(roc_tp, roc_fp)
-    for spec in SPECIFICITY_TARGETS:
-        out[f"sens_at_spec_{spec:.2f}"] = _sens_at_spec_from_counts(roc_tp, roc_fp, spec)
-    if _is_probability(s):
-        out["brier"] = (W @ (s - yf) ** 2) / n_b
-        onehot = np.zeros((s.size, calibration_bins))
-        onehot[np.arange(s.size), _bin_ids(s, calibration_bins)] = 1.0
-        gap = W @ (onehot * (yf - s)[:, None])  # per bin: sum(y) - sum(p)
-        out["ece"] = np.abs(gap).sum(axis=1) / n_b
+    probs = _is_probability(s)
+    # One matrix product gives every per-resample sum: positives, TP, FP, squared error and
+    # per-calibration-bin sum(y) - sum(p).
+    columns = [np.ones_like(yf), yf, yf * pred, (1 - yf) * pred]
+    if probs:
+        columns.append((s - yf) ** 2)
+        gap_cols = np.zeros((s.size, calibration_bins))
+        gap_cols[np.arange(s.size), _bin_ids(s, calibration_bins)] = yf - s
+    V = np.column_stack(columns)
+    if probs:
+        V = np.hstack([V, gap_cols])
+    sums = W @ V
+    n_b, pos, tp, fp = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
+    out = _ratios(n_b - pos - fp, fp, pos - tp, tp)
+    if probs:
+        out["brier"] = sums[:, 4] / n_b
+        out["ece"] = np.abs(sums[:, 5:]).sum(axis=1) / n_b
     else:
         out["brier"] = out["ece"] = np.full(W.shape[0], np.nan)
+    prep = prep if prep is not None else _rank_prep(y, s)
+    rc = _rank_counts(prep, W)
+    out["auroc"] = _auroc_from_counts(rc)
+    out["auprc"] = _ap_from_counts(rc)
+    for spec in SPECIFICITY_TARGETS:
+        out[f"sens_at_spec_{spec:.2f}"] = _sens_at_spec_from_counts(rc, spec)
     return out
 
 
@@ -671,7 +706,7 @@ def _weighted_multiclass_stats(
     rows, cols = cmb.sum(axis=2), cmb.sum(axis=1)
     recall = _div(diag, rows)  # NaN for classes absent from the resample's truth
     f1 = _div(2 * diag, rows + cols)  # NaN for classes neither true nor predicted
-    aucs = [_auroc_from_counts(*_roc_counts(prep, W)) for prep in preps.values()]
+    aucs = [_auroc_from_counts(_rank_counts(prep, W)) for prep in preps.values()]
     return {
         "accuracy": diag.sum(axis=1) / W.sum(axis=1),
         "balanced_accuracy": _nanmean_rows(recall),
@@ -740,9 +775,9 @@ def multilabel_metrics(
         for W in _resample_weights(n, n_bootstrap, seed):
             aucs, aps = [], []
             for k in macro_set:
-                tp, fp = _roc_counts(preps[k], W)
-                aucs.append(_auroc_from_counts(tp, fp))
-                aps.append(_ap_from_counts(tp, fp))
+                rc = _rank_counts(preps[k], W)
+                aucs.append(_auroc_from_counts(rc))
+                aps.append(_ap_from_counts(rc))
             chunks.append({"macro_auroc": np.mean(aucs, axis=0), "macro_auprc": np.mean(aps, axis=0)})
     boot = _collect(chunks, list(point))
     out: dict[str, Any] = {

@@ -266,5 +266,5 @@ def plot_roc_per_class(
     if aucs:
         ax.plot([], [], linestyle="none", label=f"macro AUROC = {np.mean(aucs):.3f}")
     _unit_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)", title)
-    ax.legend(loc="lower right", fontsize=8 if k <= 6 else 6)
+    ax.legend(loc="lower right", fontsize=8 if k <= 6 else 7)
     return _save(fig, path)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,7 +140,3 @@ def example_batch(size: int) -> np.ndarray:
     """A non-patient input example: two synthetic gradients (batch of 2: mlflow bakes the batch size in)."""
     ramp = np.linspace(0, 255, size * size, dtype=np.float32).reshape(size, size)
     return np.stack([ramp, ramp.T]).astype(np.uint8)
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="cxr-mlflow-")

@@ -200,6 +200,28 @@ def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config"
     return None
 
 
+def model_info(cfg: "Config", architecture: dict[str, Any], data: PreparedData, threshold: Any,
+               **training: Any) -> dict[str, Any]:
+    """model.json: everything needed to use the weights on a raw image, plus lineage."""
+    return {
+        "format": FORMAT,
+        "architecture": architecture,
+        "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
+        "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
+                        "max_bytes": cfg.imaging.max_bytes},
+        "task": data.task,
+        "labels": data.classes,
+        "threshold": threshold,
+        "threshold_method": cfg.evaluate.threshold,
+        "training": {
+            "dataset_hash": data.card["dataset_hash"],
+            "source": data.card["source"],
+            "synthetic": data.card.get("synthetic", False),
+            **training,
+        },
+    }
+
+
 def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
         run_name: str | None = None, nested: bool = False, log_model: bool = True,
         extra_tags: dict[str, str] | None = None) -> FitResult:
@@ -311,27 +333,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
         model.load_state_dict(best["state"])
         val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task)
         threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
-        info = {
-            "format": FORMAT,
-            "architecture": model.spec,
-            "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
-            "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
-                            "max_bytes": cfg.imaging.max_bytes},
-            "task": data.task,
-            "labels": data.classes,
-            "threshold": threshold,
-            "threshold_method": cfg.evaluate.threshold,
-            "training": {
-                "run_id": run_id,
-                "dataset_hash": data.card["dataset_hash"],
-                "source": data.card["source"],
-                "synthetic": data.card.get("synthetic", False),
-                "best_epoch": best["epoch"],
-                "val_auroc": best["auroc"],
-                "epochs_trained": len(history),
-                "git_commit": tags.get("git_commit"),
-            },
-        }
+        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best["epoch"],
+                          val_auroc=best["auroc"], epochs_trained=len(history), git_commit=tags.get("git_commit"))
         predictor = Predictor(model.cpu().float(), info)
         predictor.save(model_dir)
         ips = seen / max(train_time, 1e-9)

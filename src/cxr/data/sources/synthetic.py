@@ -29,6 +29,7 @@ fractions are exact per block of 10 images (stratified), so even a tiny build co
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import os
@@ -82,21 +83,21 @@ class Anatomy:
     body_density: float = 0.55
     lung_cx: tuple[float, float] = (-0.37, 0.36)  # image left (patient right), image right
     lung_cy: float = -0.12
-    lung_a: tuple[float, float] = (0.27, 0.25)
+    lung_a: tuple[float, float] = (0.30, 0.28)
     lung_b: float = 0.58
     lung_depth: float = 0.36
     dome_y: tuple[float, float] = (0.36, 0.40)  # the right hemidiaphragm (image left) sits higher
     dome_h: float = 0.12
     mediastinum_w: float = 0.09
-    heart_c: tuple[float, float] = (0.09, 0.24)
-    heart_ab: tuple[float, float] = (0.25, 0.19)
+    heart_c: tuple[float, float] = (0.12, 0.19)
+    heart_ab: tuple[float, float] = (0.35, 0.23)
     heart_density: float = 0.10
     rib_top: float = -0.74
     rib_spacing: float = 0.088
     rib_density: float = 0.07
     clavicle_y: float = -0.62
     breast: float = 0.0  # density of the breast shadows (0 = none)
-    breast_c: tuple[float, float] = (0.46, 0.44)
+    breast_c: tuple[float, float] = (0.46, 0.27)
     nipples: bool = False
     gastric_bubble: float = 0.0
     vessel_density: float = 0.05
@@ -104,7 +105,7 @@ class Anatomy:
 
 def sample_anatomy(rng: np.random.Generator, sex: Sex = "M", difficulty: float = 0.6) -> Anatomy:
     """A random, plausible anatomy; its variability grows with ``difficulty``."""
-    v = 0.6 + 0.8 * float(np.clip(difficulty, 0.0, 1.0))  # anatomic variability factor
+    v = 0.6 + 0.48 * float(np.clip(difficulty, 0.0, 1.0))  # anatomic variability factor
 
     def u(lo: float, hi: float) -> float:
         mid, half = (lo + hi) / 2, (hi - lo) / 2
@@ -122,21 +123,21 @@ def sample_anatomy(rng: np.random.Generator, sex: Sex = "M", difficulty: float =
         body_density=u(0.48, 0.62),
         lung_cx=(-u(0.34, 0.40), u(0.33, 0.39)),
         lung_cy=u(-0.15, -0.09),
-        lung_a=(0.27 * lung_scale * u(0.95, 1.05), 0.25 * lung_scale * u(0.95, 1.05)),
+        lung_a=(0.30 * lung_scale * u(0.95, 1.05), 0.28 * lung_scale * u(0.95, 1.05)),
         lung_b=0.58 * lung_scale,
         lung_depth=u(0.30, 0.40),
         dome_y=(dome, dome + u(0.01, 0.07)),
         dome_h=u(0.09, 0.15),
         mediastinum_w=u(0.075, 0.105),
-        heart_c=(u(0.06, 0.12), dome - u(0.11, 0.17)),
-        heart_ab=(0.25 * heart_scale, 0.19 * heart_scale),
+        heart_c=(u(0.09, 0.15), dome - u(0.15, 0.21)),
+        heart_ab=(0.35 * heart_scale, 0.23 * heart_scale),
         heart_density=u(0.07, 0.13),
         rib_top=u(-0.77, -0.71),
         rib_spacing=u(0.080, 0.096),
         rib_density=u(0.05, 0.09),
         clavicle_y=u(-0.66, -0.58),
         breast=u(0.04, 0.11) if female else 0.0,
-        breast_c=(u(0.42, 0.50), u(0.38, 0.50)),
+        breast_c=(u(0.42, 0.50), u(0.22, 0.32)),
         nipples=bool(rng.random() < (0.5 if female else 0.15)),
         gastric_bubble=u(0.06, 0.16) if rng.random() < 0.6 else 0.0,
         vessel_density=u(0.035, 0.065),
@@ -158,12 +159,12 @@ class Severity:
     def at(cls, difficulty: float) -> "Severity":
         d = float(np.clip(difficulty, 0.0, 1.0))
         return cls(
-            lesion_contrast=0.26 - 0.22 * d,
-            lesion_size=0.12 - 0.05 * d,
-            lesion_count=1.6 - 1.1 * d,
-            noise=0.010 + 0.030 * d,
-            distractor=0.015 + 0.050 * d,
-            exposure=0.5 + 1.0 * d,
+            lesion_contrast=0.26 - 0.132 * d,
+            lesion_size=0.12 - 0.03 * d,
+            lesion_count=1.6 - 0.66 * d,
+            noise=0.010 + 0.018 * d,
+            distractor=0.015 + 0.030 * d,
+            exposure=0.5 + 0.6 * d,
         )
 
 
@@ -286,13 +287,14 @@ def render_layers(
         * _sig((dome_lo + f32(0.06) - y) / f32(0.03))
         * _sig((y - f32(a.rib_top) + f32(0.05)) / f32(0.03))
     )
-    post = (y - f32(a.rib_top) - f32(0.55) * (xa - f32(0.2)) ** 2) / f32(a.rib_spacing)
+    post = (y - f32(a.rib_top) - f32(0.9) * (xa - f32(0.15)) ** 2) / f32(a.rib_spacing)
     ant = (y - f32(a.rib_top) - f32(0.12) + f32(0.32) * xa) / f32(a.rib_spacing * 1.15)
-    ribs = f32(a.rib_density) * _bands(post, 6) + f32(0.45 * a.rib_density) * _bands(ant, 4)
+    ribs = f32(a.rib_density) * _bands(post, 8) + f32(0.35 * a.rib_density) * _bands(ant, 6)
     dens += ribs * chest
     # Clavicles: slightly curved bands from the sternum out to the shoulders.
     cl = y - (f32(a.clavicle_y) - f32(0.2) * (xa - f32(0.07)) + f32(0.25) * (xa - f32(0.35)) ** 2)
-    clav = np.exp(-((cl / f32(0.024)) ** 2)) * _sig((xa - f32(0.06)) / edge) * _sig((f32(0.62) - xa) / f32(0.02))
+    clav = np.exp(-((cl / f32(0.024)) ** 2)) * _sig((xa - f32(0.06)) / edge)
+    clav = clav * _sig((f32(0.62) - xa) / f32(0.02))
     dens += f32(0.08) * clav.astype(f32)
     if view == "AP":
         for sx in (-1, 1):
@@ -359,7 +361,12 @@ def render_layers(
         image=expose(dens + lesion),
         lung_mask=lung_mask,
         lesion=lesion,
-        meta={"n_lesions": n_lesions, "view": view, "sex": sex, "pose": (float(tx), float(ty), float(theta), float(scale))},
+        meta={
+            "n_lesions": n_lesions,
+            "view": view,
+            "sex": sex,
+            "pose": (float(tx), float(ty), float(theta), float(scale)),
+        },
     )
     if lesion_free:
         out.lesion_free = expose(dens)
@@ -382,7 +389,8 @@ def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, sx: float, sy: flo
 
 def _bands(phase: np.ndarray, sharpness: int) -> np.ndarray:
     """Periodic bumps (one per unit of phase), narrower for a larger ``sharpness``."""
-    return ((np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi) * phase)) ** sharpness).astype(np.float32)
+    wave = np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi) * phase)
+    return (wave**sharpness).astype(np.float32)
 
 
 @lru_cache(maxsize=32)
@@ -493,7 +501,8 @@ def make_dataset(
     ds.SOPInstanceUID = sop_uid
     date = study_date.strftime("%Y%m%d")
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{9 + int(rng.integers(0, 9)):02d}{int(rng.integers(0, 60)):02d}00"
+    hour, minute = 9 + int(rng.integers(0, 9)), int(rng.integers(0, 60))
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{hour:02d}{minute:02d}00"
     ds.AccessionNumber = ""
     ds.Modality = enc.modality
     ds.Manufacturer = "cxr synthetic generator"
@@ -574,15 +583,19 @@ class ImagePlan:
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *map(int, keys)]))
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 64), *map(int, keys)]))
 
 
 def _stratified(seed: int, salt: int, index: int, fraction: float) -> bool:
-    """True for exactly round-robin ``fraction`` of each block of BLOCK images, at random positions."""
+    """Flags ``fraction`` of every block of BLOCK consecutive images (stratified), at random positions."""
     block, pos = divmod(index, BLOCK)
     r = _rng(seed, 7_000_000 + salt, block)
     offset = _rng(seed, 7_000_000 + salt, 10**9).random()
-    count = int(np.floor((block + 1) * BLOCK * fraction + offset) - np.floor(block * BLOCK * fraction + offset))
+
+    def cum(b: int) -> int:
+        return int(np.floor(b * BLOCK * fraction + offset))
+
+    count = cum(block + 1) - cum(block)
     return pos in r.permutation(BLOCK)[:count]
 
 
@@ -641,7 +654,8 @@ def patient_anatomy(seed: int, patient: int, sex: Sex, difficulty: float) -> Ana
 def generate(p: ImagePlan, seed: int, difficulty: float, size: int) -> bytes:
     """One planned image as DICOM file bytes (a pure function of its arguments)."""
     anatomy = patient_anatomy(seed, p.patient, p.sex, difficulty)
-    image = render(_rng(seed, p.patient, p.k, 2), p.label, difficulty, size, view=p.view, sex=p.sex, anatomy=anatomy)
+    rng = _rng(seed, p.patient, p.k, 2)
+    image = render(rng, p.label, difficulty, size, view=p.view, sex=p.sex, anatomy=anatomy)
     ds = make_dataset(
         image,
         p.encoding,
@@ -655,6 +669,23 @@ def generate(p: ImagePlan, seed: int, difficulty: float, size: int) -> bytes:
         uid_entropy=(seed, p.patient, p.k),
     )
     return encode(ds)
+
+
+def _blas_threads(n: int) -> Any:
+    """Small matrix products are slower multi-threaded (thread wake-ups dominate); keep BLAS at n."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(n, user_api="blas")
+
+
+def _one_blas_thread() -> None:
+    global _WORKER_LIMIT
+    _WORKER_LIMIT = _blas_threads(1)
+
+
+_WORKER_LIMIT: Any = None
 
 
 def _write(args: tuple[ImagePlan, int, float, int, str]) -> str:
@@ -684,11 +715,12 @@ def build(cfg: "Config", raw_dir: Path, workers: int | None = None) -> SourceDat
         workers = cfg.prepare.workers if len(plans) >= PARALLEL_MIN_IMAGES else 1
     jobs = [(p, sc.seed, sc.difficulty, sc.size, str(raw_dir)) for p in plans]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
             list(pool.map(_write, jobs, chunksize=64))
     else:
-        for job in jobs:
-            _write(job)
+        with _blas_threads(1):
+            for job in jobs:
+                _write(job)
     wanted = {Path(p.file).name for p in plans}
     for stale in images_dir.glob("*.dcm"):
         if stale.name not in wanted:
