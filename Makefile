@@ -21,10 +21,13 @@ demo: venv
 	dvc repro
 
 test: venv
+	@tests/system_packages.sh
 	pytest
 
+# `make bench` runs the default set (< 20 min on 2 CPU cores); `make bench BENCH_ARGS=--full` adds the long ones.
+BENCH_ARGS ?=
 bench: venv
-	python benchmarks/run_all.py
+	python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean-data:
 	rm -rf data models reports

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py pneumoniamnist      # default config at 28 px (MedMNIST's resolution)
     python benchmarks/quality.py kermany [--size 64]  # Kermany train set, patient-level split cut by prepare
+    python benchmarks/quality.py pneumoniamnist --tuned  # with the params tuning.py found
 
 Writes benchmarks/results/quality_<dataset>.json with test metrics, wall times and the MedMNIST v2 table.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-from common import WORK, require_shared, write_result
+import yaml
+from common import RESULTS, WORK, require_shared, write_result
 
 from cxr.config import load_config
 from cxr.data.ingest import ingest
@@ -32,8 +35,15 @@ def main() -> None:
     ap.add_argument("dataset", choices=["pneumoniamnist", "kermany"])
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("-s", "--set", action="append", default=[], help="extra dotted overrides")
+    ap.add_argument("--tuned", action="store_true", help="train with results/tuned_<dataset>.yaml (from tuning.py)")
     args = ap.parse_args()
-    work = WORK / f"quality_{args.dataset}"
+    name = f"quality_{args.dataset}" + ("_tuned" if args.tuned else "")
+    if args.tuned:
+        tuned = RESULTS / f"tuned_{args.dataset}.yaml"
+        if not tuned.exists():
+            sys.exit(f"{tuned} missing: run benchmarks/tuning.py first")
+        args.set = [f"{k}={v}" for k, v in yaml.safe_load(tuned.read_text()).items()] + args.set
+    work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
     if args.dataset == "pneumoniamnist":
         size = args.size or 28
@@ -77,7 +87,7 @@ def main() -> None:
     if args.dataset == "pneumoniamnist":
         figures["medmnist_v2_table_auc_acc"] = MEDMNIST_V2
         figures["targets"] = {"auroc": 0.98, "accuracy": 0.93, "train_seconds": 300}
-    write_result(f"quality_{args.dataset}", figures)
+    write_result(name, figures)
 
 
 if __name__ == "__main__":

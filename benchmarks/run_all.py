@@ -1,46 +1,86 @@
-"""`make bench`: run every benchmark script, then regenerate the table in benchmarks/README.md."""
+"""`make bench`: run the benchmark scripts, then regenerate the table in benchmarks/README.md.
+
+    python benchmarks/run_all.py              # the default set, < 20 minutes on a 2-core CPU
+    python benchmarks/run_all.py --full       # also the long ones (quality on Kermany, ~20 min)
+    python benchmarks/run_all.py --table-only # only rebuild the README table from results/*.json
+
+A script that fails does not stop the others; the run exits non-zero when any failed.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# (command, rough minutes on the 2-core reference machine when it is quiet)
 SCRIPTS = [
-    ["quality.py", "pneumoniamnist"],
-    ["quality.py", "kermany"],
+    (["quality.py", "pneumoniamnist"], 2),
+    (["data_path.py"], 4),
+    (["train_overhead.py"], 2),
+    (["serving.py"], 5),
+]
+FULL_ONLY = [
+    (["quality.py", "kermany"], 20),
 ]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def figures_cell(f: dict) -> str:
+    """A benchmark's key figures: its own one-line summary, else the quality fields, else the raw JSON."""
+    if "summary" in f:
+        return str(f["summary"])
+    if "test" in f:
+        t = f["test"]
+        return (f"test AUROC {t['auroc']['value']:.4f} [{t['auroc']['ci_low']:.3f}, {t['auroc']['ci_high']:.3f}], "
+                f"accuracy {t['accuracy']['value']:.4f}, sens {t['sensitivity']['value']:.3f}, "
+                f"spec {t['specificity']['value']:.3f}; {f['arch']} {f['image_size']} px, "
+                f"{f['epochs_trained']} epochs, train {f['train_seconds']} s")
+    return json.dumps(f)[:300]
+
+
 def table() -> str:
-    rows = ["| benchmark | figures | machine | commit | when |", "|---|---|---|---|---|"]
+    rows = ["| benchmark | key figures | machine | commit | when |", "|---|---|---|---|---|"]
     for path in sorted((HERE / "results").glob("*.json")):
         r = json.loads(path.read_text())
-        f = r["figures"]
-        if "test" in f:
-            t = f["test"]
-            figs = (f"test AUROC {t['auroc']['value']:.4f} [{t['auroc']['ci_low']:.3f}, {t['auroc']['ci_high']:.3f}], "
-                    f"accuracy {t['accuracy']['value']:.4f}, sens {t['sensitivity']['value']:.3f}, "
-                    f"spec {t['specificity']['value']:.3f}; {f['arch']} {f['image_size']} px, "
-                    f"{f['epochs_trained']} epochs, train {f['train_seconds']} s")
-        else:
-            figs = json.dumps(f)[:200]
         m = r["machine"]
-        rows.append(f"| {r['benchmark']} | {figs} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']} | {r['when']} |")
+        cell = figures_cell(r["figures"]).replace("|", "/")
+        rows.append(f"| {r['benchmark']} | {cell} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']} | {r['when']} |")
     return "\n".join(rows)
 
 
-def main() -> None:
-    for script in SCRIPTS:
-        print("==", " ".join(script), flush=True)
-        subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]], check=True)
+def write_table() -> None:
     readme = HERE / "README.md"
     text = readme.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     readme.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="also run the long benchmarks")
+    ap.add_argument("--table-only", action="store_true", help="only regenerate the README table")
+    args = ap.parse_args()
+    failed = []
+    if not args.table_only:
+        scripts = SCRIPTS + (FULL_ONLY if args.full else [])
+        print(f"== {len(scripts)} benchmarks, about {sum(m for _, m in scripts)} min", flush=True)
+        t_all = time.perf_counter()
+        for script, _ in scripts:
+            print("==", " ".join(script), flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]], cwd=HERE.parent).returncode
+            print(f"== {' '.join(script)}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+            if rc:
+                failed.append(" ".join(script))
+        print(f"== all benchmarks: {time.perf_counter() - t_all:.0f} s", flush=True)
+    write_table()
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def _features(model: LinearBaseline, images: np.ndarray, batch: int = 2048) -> n
 
 
 def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str | None = None,
-                 nested: bool = False, log_model: bool = True, extra_tags: dict[str, str] | None = None) -> "FitResult":
+                 nested: bool = False, log_model: bool = True, extra_tags: dict[str, str] | None = None,
+                 run_id: str | None = None) -> "FitResult":
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
@@ -94,7 +95,8 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
     val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
     threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
     model_dir = Path(model_dir or cfg.paths.model)
-    with tracking.run(cfg, name=run_name, nested=nested, tags={**tracking.lineage_tags(data.card), **(extra_tags or {})}) as active:
+    with tracking.run(cfg, name=run_name, nested=nested, tags={**tracking.lineage_tags(data.card), **(extra_tags or {})},
+                      run_id=run_id) as active:
         run_id = active.info.run_id if active else None
         info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=1, val_auroc=val_auroc,
                           epochs_trained=1, git_commit=tracking.git_state()["git_commit"])

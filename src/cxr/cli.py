@@ -110,5 +110,146 @@ def evaluate(
         console.print(f"{split}: " + ", ".join(parts))
 
 
+@app.command()
+@_user_errors
+def tune(
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished (complete or pruned) trials wanted in the study.")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: tune.study).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: tune.storage).")] = None,
+    register: Annotated[bool, typer.Option("--register", help="Evaluate and register the best trial's model.")] = False,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Search hyperparameters (tune.space) with Optuna; every trial is an MLflow child run. Re-run to resume."""
+    from cxr.tune import tune as run
+
+    cfg = _config(params, overrides)
+    try:
+        result = run(cfg, trials, timeout=timeout, study_name=study, storage_url=storage, register=register)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished trials are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    console.print(f"study {result.study}: {result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed")
+    if result.best_value is not None:
+        console.print(f"best val AUROC {result.best_value:.4f} with {json.dumps(result.best_params)}")
+        console.print(f"best params in {result.best_params_file} (use with `-s` or `dvc exp run -S`)")
+    if result.registered_version:
+        console.print(f"registered version {result.registered_version}; promote it with "
+                      f"`cxr promote {result.registered_version}`")
+
+
+@app.command()
+@_user_errors
+def register(
+    run_id: Annotated[str | None, typer.Option(help="Training run to register (default: the run behind paths.model).")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Register a trained model as a new version, with lineage and metric tags."""
+    from cxr.registry import register as run
+
+    cfg = _config(params, overrides)
+    version = run(cfg, run_id)
+    console.print(f"registered {cfg.mlflow.registered_model} version {version.version} from run {version.run_id}; "
+                  f"val AUROC {version.tags.get('val_auroc')}, test AUROC {version.tags.get('test_auroc')}")
+
+
+@app.command()
+@_user_errors
+def promote(
+    version: Annotated[str, typer.Argument(help="Model version to promote.")],
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (recorded in the history).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the promotion history).")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Move the champion alias to VERSION if it beats the champion on validation AUROC (same data)."""
+    from cxr.registry import promote as run
+
+    cfg = _config(params, overrides)
+    decision = run(cfg, version, force=force, reason=reason)
+    console.print(f"{cfg.mlflow.registered_model}@{cfg.registry.alias} is now version {version}: {decision.reason}")
+
+
+@app.command()
+@_user_errors
+def rollback(
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the promotion history).")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Return the champion alias to the version that held it before."""
+    from cxr.registry import rollback as run
+
+    cfg = _config(params, overrides)
+    version = run(cfg, reason=reason)
+    console.print(f"{cfg.mlflow.registered_model}@{cfg.registry.alias} is back to version {version.version}")
+
+
+@app.command()
+@_user_errors
+def models(
+    history: Annotated[bool, typer.Option("--history", help="Show the promotion history instead.")] = False,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """List registered versions with aliases and metrics (or the promotion history)."""
+    from rich.table import Table
+
+    from cxr import registry
+
+    cfg = _config(params, overrides)
+    rows = registry.history(cfg) if history else registry.versions(cfg)
+    if not rows:
+        console.print(f"no {'promotions' if history else 'versions'} of {cfg.mlflow.registered_model!r} yet")
+        return
+    table = Table(title=f"{cfg.mlflow.registered_model}: {'promotion history' if history else 'versions'}")
+    columns = list(rows[0])
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[", ".join(v) if isinstance(v, list) else ("" if v is None else str(v)) for v in row.values()])
+    out = Console()
+    if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
+        out = Console(width=200)
+    out.print(table)
+
+
+@app.command("evaluate-external")
+@_user_errors
+def evaluate_external(
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+    url: Annotated[str | None, typer.Option(help="The running cxr service, e.g. http://127.0.0.1:3000.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Score in-process instead of through a service: models:/NAME@champion or a model directory.")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="A folder (labels = sub-folder names, e.g. NORMAL/PNEUMONIA) or a manifest CSV; "
+             "leave out to use the configured source (-s data.source=... -s data.path=...).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder: report/ plus the answer cache that lets a run resume.")]
+    = Path("reports/external"),
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
+    retries: Annotated[int, typer.Option(help="Retries on connection errors, 5xx and 429 (never on other 4xx).")] = 4,
+) -> None:
+    """Evaluate the served model on an external test set; report (JSON + HTML) logged to MLflow."""
+    from cxr.external import evaluate_external as run
+
+    cfg = _config(params, overrides)
+    report = run(cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout,
+                 retries=retries)
+    req, result = report["requests"], report["metrics"]
+    parts = [f"{k} {result[k]['value']:.4f}" for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
+             if isinstance(result.get(k), dict) and result[k].get("value") is not None]
+    console.print(f"{req['ok']} of {report['data']['n_images']} images scored ({req['sent']} sent, "
+                  f"{req['from_cache']} from cache): " + ", ".join(parts))
+    if req["refused"] or req["failed"]:
+        console.print(f"[yellow]{req['refused']} refused and {req['failed']} failed, listed in the report"
+                      + ("; run again to re-send the failed ones" if req["failed"] else ""), highlight=False)
+    console.print(f"report: {out / 'report' / 'external.html'}"
+                  + (f"; MLflow run {report['mlflow_run_id']}" if report.get("mlflow_run_id") else ""))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -43,7 +43,7 @@ class SyntheticConfig(Section):
     size: int = Field(256, ge=32)
     prevalence: float = Field(0.4, gt=0, lt=1)
     # 0 = consolidations obvious, 1 = barely visible; chosen so the default model gets a realistic AUROC
-    difficulty: float = Field(0.4, ge=0, le=1)
+    difficulty: float = Field(0.6, ge=0, le=1)
     jpeg2000_fraction: float = Field(0.1, ge=0, le=1)
     monochrome1_fraction: float = Field(0.3, ge=0, le=1)
     seed: int = 0
@@ -159,15 +159,54 @@ class MlflowConfig(Section):
     enabled: bool = True
 
 
+class SpaceParam(Section):
+    """One dimension of the search space, keyed in ``tune.space`` by its dotted config name."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SpaceParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty `choices` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs low < high")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log-scale parameter needs low > 0")
+        return self
+
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "train.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True},
+    "train.weight_decay": {"type": "float", "low": 1.0e-6, "high": 0.01, "log": True},
+    "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+    "model.arch": {"type": "categorical", "choices": ["simple_cnn", "resnet18"]},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "model.width": {"type": "categorical", "choices": [16, 32, 48]},
+    "train.augment.strength": {"type": "float", "low": 0.0, "high": 1.5},
+    "model.image_size": {"type": "categorical", "choices": [64]},
+}
+
+
 class TuneConfig(Section):
     study: str = "cxr-tune"
     storage: str = "sqlite:///optuna.db"
     direction: Literal["maximize", "minimize"] = "maximize"
     sampler_seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
-    startup_trials: int = 3
-    warmup_epochs: int = 1
-    space: dict[str, dict[str, Any]] = {}
+    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and trials before the median pruner acts
+    warmup_epochs: int = Field(2, ge=0)  # epochs before a trial may be pruned
+    # A worker that dies (kill -9) stops its heartbeat; its trial is marked failed after the grace period.
+    heartbeat_interval: int = Field(10, ge=1)
+    grace_period: int = Field(30, ge=2)
+    max_consecutive_failures: int = Field(3, ge=1)
+    log_models: bool = True  # every completed trial's model in MLflow, so the best one can be registered as is
+    space: dict[str, SpaceParam] = Field(default_factory=lambda: {k: SpaceParam(**v) for k, v in DEFAULT_SPACE.items()})
 
 
 class RegistryConfig(Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -19,9 +19,19 @@ from cxr.errors import UserError
 from cxr.predictor import Predictor
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from cxr.config import Config
 
 log = logging.getLogger(__name__)
+
+
+class ModelTask(Protocol):
+    """What scoring needs to know about a model: a Predictor, or a served model's /metadata."""
+
+    task: str
+    labels: list[str]
+    threshold: Any
 
 
 def score_split(predictor: Predictor, data: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,7 +40,7 @@ def score_split(predictor: Predictor, data: PreparedData, split: str) -> tuple[n
     return idx, data.targets[idx], predictor.predict_proba(data.images[idx], tab)
 
 
-def task_metrics(predictor: Predictor, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> dict[str, Any]:
+def task_metrics(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> dict[str, Any]:
     ev = cfg.evaluate
     kw = {"n_bootstrap": ev.bootstrap, "ci": ev.ci, "seed": cfg.project.seed}
     if predictor.task == "binary":
@@ -41,11 +51,11 @@ def task_metrics(predictor: Predictor, y: np.ndarray, probs: np.ndarray, cfg: "C
                                       per_class_bootstrap=min(ev.bootstrap, 200), **kw)
 
 
-def _subgroups(predictor: Predictor, data: PreparedData, idx: np.ndarray, y: np.ndarray, probs: np.ndarray,
-               cfg: "Config") -> dict[str, Any]:
+def subgroups(predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: np.ndarray,
+              cfg: "Config") -> dict[str, Any]:
+    """Binary metrics per view, sex and age band (manifest columns of the scored rows, in order)."""
     if predictor.task != "binary":
         return {}
-    rows = data.manifest.iloc[idx]
     groups = {
         "view": rows["view"].tolist(),
         "sex": rows["sex"].tolist(),
@@ -58,8 +68,8 @@ def _subgroups(predictor: Predictor, data: PreparedData, idx: np.ndarray, y: np.
     return metrics.subgroup_metrics(y, probs, predictor.threshold, groups, ci=cfg.evaluate.ci, seed=cfg.project.seed)
 
 
-def _plots(predictor: Predictor, y: np.ndarray, probs: np.ndarray, result: dict[str, Any], out: Path,
-           bins: int) -> list[Path]:
+def plots_for(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, result: dict[str, Any], out: Path,
+              bins: int) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     if predictor.task == "binary":
         cm = result["confusion"]
@@ -107,10 +117,10 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
         if len(idx) == 0:
             continue
         result = task_metrics(predictor, y, probs, cfg)
-        result["subgroups"] = _subgroups(predictor, data, idx, y, probs, cfg)
+        result["subgroups"] = subgroups(predictor, data.manifest.iloc[idx], y, probs, cfg)
         report["splits"][split] = result
         if split == "test" or "test" not in set(data.manifest["split"]):
-            figures = _plots(predictor, y, probs, result, reports / "plots", cfg.evaluate.calibration_bins)
+            figures = plots_for(predictor, y, probs, result, reports / "plots", cfg.evaluate.calibration_bins)
     if not report["splits"]:
         raise UserError("the prepared data has neither a val nor a test split to evaluate on")
     summary = {split: metrics.headline(r) for split, r in report["splits"].items()}

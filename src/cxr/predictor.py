@@ -122,13 +122,16 @@ class Predictor:
     def predict_images(self, images: Sequence[Image]) -> list[dict[str, Any]]:
         """Decoded images -> one result per image (probabilities per label, decision, threshold)."""
         arrays = np.stack([self.prepare_input(im) for im in images]) if images else np.zeros((0, 1, 1), np.uint8)
-        tabular = None
-        if self.uses_tabular:
-            import pandas as pd
-
-            tabular = tabular_features(pd.DataFrame([{k: im.meta.get(k) for k in ("age", "sex", "view")} for im in images]))
-        probs = self.predict_proba(arrays, tabular)
+        probs = self.predict_proba(arrays, self.tabular_for(images))
         return [self.describe(p) for p in probs]
+
+    def tabular_for(self, images: Sequence[Image]) -> np.ndarray | None:
+        """The tabular inputs (age, sex, view from the image headers) of a fusion model; None otherwise."""
+        if not self.uses_tabular:
+            return None
+        import pandas as pd
+
+        return tabular_features(pd.DataFrame([{k: im.meta.get(k) for k in ("age", "sex", "view")} for im in images]))
 
     def predict_files(self, sources: Sequence[str | Path | bytes]) -> list[dict[str, Any]]:
         return self.predict_images([self.read(s) for s in sources])

@@ -28,25 +28,35 @@ def tracking_uri(cfg: "Config") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
 
 
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
 def configure(cfg: "Config") -> str:
-    """Point mlflow at the configured store and experiment; returns the experiment id."""
+    """Point mlflow at the configured store and experiment; returns the experiment id.
+
+    A database URI (sqlite, postgresql, mysql) is an embedded store: the registry lives in the same
+    database and artifacts go to the local ``mlflow.artifact_location`` folder. An http(s) URI is a
+    tracking server that owns both.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        # mlflow >= 3.x needs the registry on the same embedded store
-        mlflow.set_registry_uri(uri)
+    if not _is_server(uri):
+        mlflow.set_registry_uri(uri)  # mlflow >= 3 would otherwise look for a registry elsewhere
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
-        location = None
-        if "://" not in cfg.mlflow.artifact_location and uri.startswith("sqlite:"):
-            location = Path(cfg.mlflow.artifact_location).resolve().as_uri()
-        elif cfg.mlflow.artifact_location:
-            location = cfg.mlflow.artifact_location
-        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        location = cfg.mlflow.artifact_location or None
+        if location and "://" not in location and not _is_server(uri):
+            location = Path(location).resolve().as_uri()
+        try:
+            exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        except MlflowException:  # another worker created it first
+            exp_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -77,15 +87,16 @@ def lineage_tags(card: dict[str, Any]) -> dict[str, str]:
 
 
 @contextmanager
-def run(cfg: "Config", *, name: str | None = None, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run, or ``None`` when tracking is disabled (mlflow.enabled=false)."""
+def run(cfg: "Config", *, name: str | None = None, nested: bool = False, tags: dict[str, str] | None = None,
+        run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run (a new one, or ``run_id`` continued), or ``None`` when tracking is disabled."""
     if not cfg.mlflow.enabled:
         yield None
         return
     import mlflow
 
     configure(cfg)
-    with mlflow.start_run(run_name=name, nested=nested, tags=tags) as active:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested, tags=tags) as active:
         yield active
 
 
@@ -118,6 +129,8 @@ def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> 
         input_example=example,
         pip_requirements=pip_requirements(),
     )
+    mlflow.set_tag("model_uri", info.model_uri)  # what `cxr register` registers
+    log_dict_artifact(predictor.info, "model_info.json")
     return info.model_uri
 
 

@@ -8,7 +8,6 @@ MLflow. With an Optuna trial it reports validation AUROC after every epoch and s
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import time
@@ -138,15 +137,26 @@ def make_optimizer(model: torch.nn.Module, cfg: "Config") -> torch.optim.Optimiz
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """Weight EMA (BN buffers included); its decay warms up so short runs are not dominated by init."""
+    """Weight EMA (BN buffers included); its decay warms up so short runs are not dominated by init.
+
+    One foreach update per step with the decay kept on the device: a per-tensor ``avg_fn`` calling
+    ``float(n)`` cost a GPU sync per parameter. Same arithmetic as avg * d + current * (1 - d).
+    """
     if decay <= 0:
         return None
 
-    def ema(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        return avg * d + current * (1 - d)
+    def ema(avg: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        n = n.double()
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        keep, take = d.float(), (1 - d).float()  # rounded once, as Python float scalars were
+        if avg[0].is_floating_point():
+            torch._foreach_mul_(avg, keep)
+            torch._foreach_add_(avg, torch._foreach_mul(current, take))
+        else:  # BatchNorm's integer num_batches_tracked: computed in float, truncated on copy
+            for a, c in zip(avg, current):
+                a.copy_(a * keep + c * take)
 
-    return torch.optim.swa_utils.AveragedModel(model, avg_fn=ema, use_buffers=True)
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: int):
@@ -224,12 +234,13 @@ def model_info(cfg: "Config", architecture: dict[str, Any], data: PreparedData, 
 
 def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
         run_name: str | None = None, nested: bool = False, log_model: bool = True,
-        extra_tags: dict[str, str] | None = None) -> FitResult:
+        extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> FitResult:
+    """Train, choose the threshold, save the model; ``run_id`` continues an existing MLflow run (a tuning trial's)."""
     if cfg.model.arch == "logistic_regression":
         from cxr.baseline import fit_baseline
 
         return fit_baseline(cfg, model_dir=model_dir, run_name=run_name, nested=nested, log_model=log_model,
-                            extra_tags=extra_tags)
+                            extra_tags=extra_tags, run_id=run_id)
     device = resolve_device(cfg.train.device)
     gen = seed_everything(cfg.project.seed, cfg.train.deterministic, device)
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
@@ -259,7 +270,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
     best = {"auroc": -1.0, "epoch": 0, "state": None}
     since_best = 0
     seen, train_time = 0, 0.0
-    with tracking.run(cfg, name=run_name, nested=nested, tags=tags) as active:
+    with tracking.run(cfg, name=run_name, nested=nested, tags=tags, run_id=run_id) as active:
         run_id = active.info.run_id if active else None
         if active:
             import mlflow
@@ -269,7 +280,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             tracking.log_dict_artifact(data.card, "data/card.json")
         for epoch in range(1, cfg.train.epochs + 1):
             model.train()
-            t0, total_loss, n_batches = time.perf_counter(), 0.0, 0
+            t0, n_batches = time.perf_counter(), 0
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             batches = data.batches(train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
             with progress_bar(f"epoch {epoch}/{cfg.train.epochs}", total=steps) as advance:
                 for i, (x, y, t, _) in enumerate(batches):
@@ -286,10 +298,10 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                         sched.step()
                     if ema is not None:
                         ema.update_parameters(model)
-                    total_loss += float(loss.detach())
+                    total_loss += loss.detach()
                     n_batches += 1
                     seen += len(x)
-                    advance(loss=total_loss / n_batches)
+                    advance(**({"loss": float(total_loss) / n_batches} if n_batches % 20 == 0 else {}))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
@@ -301,7 +313,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             elif sched_kind == "plateau":
                 sched.step(val_auroc)
             row = {
-                "train_loss": total_loss / max(1, n_batches),
+                "train_loss": float(total_loss) / max(1, n_batches),
                 "val_auroc": val_auroc,
                 "lr": opt.param_groups[0]["lr"],
                 "epoch_seconds": epoch_time,
@@ -314,7 +326,9 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 mlflow.log_metrics(row, step=epoch)
             log.info("epoch %d: loss %.4f val AUROC %.4f (%.1fs)", epoch, row["train_loss"], val_auroc, epoch_time)
             if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
-                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
+                # val_probs kept: the threshold is chosen on them, with no second validation pass
+                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
+                        "val_probs": val_probs}
                 since_best = 0
             else:
                 since_best += 1
@@ -331,8 +345,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 break
 
         model.load_state_dict(best["state"])
-        val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task)
-        threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
+        threshold = choose_thresholds(data.task, data.targets[val_idx], best["val_probs"], cfg)
         info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best["epoch"],
                           val_auroc=best["auroc"], epochs_trained=len(history), git_commit=tags.get("git_commit"))
         predictor = Predictor(model.cpu().float(), info)
@@ -344,7 +357,6 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             mlflow.log_metrics({"best_val_auroc": best["auroc"], "best_epoch": best["epoch"],
                                 "epochs_trained": len(history), "train_images_per_second_mean": ips})
             mlflow.set_tags({"trial_state": "COMPLETE"} if trial is not None else {})
-            mlflow.log_text(json.dumps(info, indent=2), "model_info.json")
             if log_model:
                 tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
     return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=best["epoch"], best_val_auroc=best["auroc"],

@@ -48,3 +48,14 @@ def test_no_horizontal_flip_by_default():
     assert (y[..., :16].mean((1, 2, 3)) > y[..., 16:].mean((1, 2, 3))).all()
     flipped = augment(x, AugmentConfig(hflip=True), torch.Generator().manual_seed(1))
     assert (flipped[..., :16].mean((1, 2, 3)) < flipped[..., 16:].mean((1, 2, 3))).any()
+
+
+def test_separable_affine_grid_matches_torch():
+    from torch.nn import functional as F
+
+    from cxr.data.augment import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(2))
+    for h, w in ((7, 9), (32, 32)):
+        expected = F.affine_grid(theta, [5, 1, h, w], align_corners=False)
+        assert torch.allclose(affine_grid(theta, h, w), expected, atol=1e-6)

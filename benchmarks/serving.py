@@ -1,0 +1,192 @@
+"""Serving speed: `bentoml serve` on loopback, with and without adaptive batching.
+
+    python benchmarks/serving.py [--seconds 6] [--models resnet18,simple_cnn]
+
+For each model (resnet18 at 224 px and the default simple_cnn at 64 px, random weights: speed only)
+and each mode (CXR_BATCHING=1: a separate model service behind BentoML's adaptive batcher;
+CXR_BATCHING=0: the model in the API process, one request per forward pass) it starts the real
+service and measures
+
+* latency of /predict at concurrency 1 (p50/p95 over sequential requests) for a 1024x1024 DICOM
+  and a 224x224 PNG;
+* throughput of /predict with the PNG at concurrency 1, 8 and 32 (requests/s over a fixed time).
+
+Writes benchmarks/results/serving.json. Needs no shared data (inputs are synthetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+from common import REPO, write_result
+
+MODELS = {"resnet18": {"arch": "resnet18", "size": 224}, "simple_cnn": {"arch": "simple_cnn", "size": 64}}
+CONCURRENCY = (1, 8, 32)
+LATENCY_N = 25
+
+
+def make_model(arch: str, size: int, out: Path) -> Path:
+    """A random-init model directory (the cxr format) of the given architecture and input size."""
+    import torch
+
+    from cxr.models import build_model
+    from cxr.predictor import FORMAT, Predictor
+    from cxr.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    model = build_model(arch, 1)
+    info = {"format": FORMAT, "architecture": model.spec, "preprocess": PreprocessSpec(size=size).to_dict(),
+            "task": "binary", "labels": ["normal", "pneumonia"], "threshold": 0.5,
+            "training": {"dataset_hash": "benchmark-random-weights"}}
+    return Predictor(model, info).save(out / arch)
+
+
+def inputs() -> dict[str, bytes]:
+    import io
+
+    from PIL import Image as PILImage
+
+    from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+
+    rng = np.random.default_rng(0)
+    dicom = encode(make_dataset(render(rng, 1, 0.6, 1024), Encoding(bits=12), rng))
+    buf = io.BytesIO()
+    PILImage.fromarray((render(rng, 0, 0.6, 224) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return {"dicom_1024": dicom, "png_224": buf.getvalue()}
+
+
+class Server:
+    def __init__(self, model_dir: Path, batching: bool, home: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env |= {"CXR_MODEL_URI": str(model_dir), "CXR_BATCHING": "1" if batching else "0", "BENTOML_HOME": str(home),
+                "BENTOML_DO_NOT_TRACK": "true"}
+        self.log = open(home / f"serve-{model_dir.name}-{int(batching)}.log", "w")
+        bentoml = Path(sys.executable).with_name("bentoml")
+        self.proc = subprocess.Popen([str(bentoml), "serve", "cxr.service:CxrService", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"bentoml serve exited; see {self.log.name}")
+            try:
+                if httpx.post(f"{self.url}/readyz", json={}, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        sys.exit(f"bentoml serve not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def latency(url: str, data: bytes, n: int = LATENCY_N) -> dict[str, float]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(3):
+            client.post("/predict", files={"file": ("x", data)}).raise_for_status()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.post("/predict", files={"file": ("x", data)}).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1), "n": n}
+
+
+async def _throughput(url: str, data: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    statuses: Counter[int] = Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency)) as client:
+        async def worker(until: float, count: bool) -> None:
+            while time.perf_counter() < until:
+                r = await client.post("/predict", files={"file": ("x.png", data)})
+                if count:
+                    statuses[r.status_code] += 1
+
+        warm_until = time.perf_counter() + 1.0
+        await asyncio.gather(*(worker(warm_until, False) for _ in range(concurrency)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(t0 + seconds, True) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    return {"requests_per_s": round(ok / elapsed, 1), "ok": ok, "errors": sum(statuses.values()) - ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per throughput point")
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    os.environ.setdefault("CXR_NO_PROGRESS", "1")
+    data = inputs()
+    figures: dict = {"inputs": {k: len(v) for k, v in data.items()}, "concurrency": list(CONCURRENCY),
+                     "throughput_input": "png_224", "seconds_per_point": args.seconds, "runs": {}}
+    t_start = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-serving-") as tmp:
+        tmp = Path(tmp)
+        for name in args.models.split(","):
+            spec = MODELS[name]
+            model_dir = make_model(spec["arch"], spec["size"], tmp)
+            for batching in (True, False):
+                server = Server(model_dir, batching, tmp)
+                try:
+                    server.wait_ready()
+                    run = {"image_size": spec["size"],
+                           "latency": {k: latency(server.url, v) for k, v in data.items()},
+                           "throughput": {str(c): asyncio.run(_throughput(server.url, data["png_224"], c, args.seconds))
+                                          for c in CONCURRENCY}}
+                finally:
+                    server.stop()
+                figures["runs"][f"{name}/{'batching' if batching else 'no_batching'}"] = run
+                print(name, "batching" if batching else "no batching", run, flush=True)
+    runs = figures["runs"]
+    comparison, parts = {}, []
+    for name in args.models.split(","):
+        on, off = runs[f"{name}/batching"], runs[f"{name}/no_batching"]
+        rps_on, rps_off = on["throughput"]["32"]["requests_per_s"], off["throughput"]["32"]["requests_per_s"]
+        comparison[name] = {
+            "batching_speedup_at_32": round(rps_on / max(rps_off, 1e-9), 2),
+            "p50_png_ms": {"batching": on["latency"]["png_224"]["p50_ms"],
+                           "no_batching": off["latency"]["png_224"]["p50_ms"]},
+            "errors": sum(t["errors"] for r in (on, off) for t in r["throughput"].values()),
+        }
+        parts.append(f"{name} {MODELS[name]['size']} px: {rps_on} vs {rps_off} req/s at c=32 with/without batching "
+                     f"({comparison[name]['batching_speedup_at_32']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
+                     f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms")
+    figures["comparison"] = comparison
+    figures["summary"] = "; ".join(parts)
+    figures["targets"] = {"batching_speedup_at_32": 2.0, "resnet18_p50_png_ms": 80}
+    figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
+    write_result("serving", figures)
+
+
+if __name__ == "__main__":
+    main()

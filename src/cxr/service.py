@@ -1,0 +1,323 @@
+"""BentoML service: HTTP around cxr.serving.ServedModel (the Predictor that evaluation uses).
+
+    bentoml serve                      # from the repo root (bentofile.yaml: cxr.service:CxrService)
+
+Two BentoML services, each in its own worker process:
+
+* ``cxr`` (CxrService, the HTTP entry point): APIs ``predict``, ``predict_batch``, ``explain``,
+  ``metadata``, ``healthz``, ``readyz``. It checks the upload size, decodes and preprocesses
+  uploads (threads, in parallel with the forward passes) with a weightless copy of the served
+  model built from ``cxr_model``'s own card, so the two always agree on version, labels and
+  threshold, and maps refusals to HTTP 4xx.
+* ``cxr_model`` (CxrModel, reached through ``bentoml.depends``): holds the model; only uint8
+  model inputs cross to it. With batching on, its ``infer`` is a batchable API and BentoML's
+  adaptive batcher merges concurrent requests into one forward pass (the batcher only sits in
+  front of calls that cross a service boundary, hence the second service). The topology is the
+  same with batching off, so a built bento can be served either way.
+
+Environment (read when the module is imported, i.e. at `bentoml serve` start):
+
+* ``CXR_DEVICE`` (cpu): where the model runs (``cuda``, ``cuda:1``);
+* ``CXR_BATCHING`` (on for a GPU device, off on CPU): measured with benchmarks/serving.py on CPU,
+  the forward pass is compute-bound even for one image, so merging requests gains about 10% of
+  throughput at concurrency 32 and, after a burst, the batcher's learned waiting time keeps adding
+  latency for a while;
+* ``CXR_MAX_BATCH_SIZE`` (32), ``CXR_MAX_LATENCY_MS`` (5000): the batcher's limits. BentoML answers
+  503 to a request it predicts cannot be served within the max latency, so this is a shedding
+  threshold under overload, not the batching window (which adapts to the traffic). It also seeds
+  the batcher's cost model: the first few requests after start-up wait up to about half of it;
+* ``CXR_TORCH_THREADS`` (1): intra-op threads of the forward pass;
+* ``CXR_MODEL_URI``, ``CXR_PARAMS``, ``MLFLOW_TRACKING_URI``: what to serve (see cxr.serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import bentoml
+from bentoml.validators import ContentType
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger(__name__)
+
+
+def _flag(name: str, default: bool) -> bool:
+    return os.environ.get(name, "1" if default else "0").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+DEVICE = os.environ.get("CXR_DEVICE", "cpu")
+# On CPU batching measured ~1.1x throughput and added latency after bursts; it pays on a GPU.
+BATCHING = _flag("CXR_BATCHING", DEVICE.startswith("cuda"))
+MAX_BATCH_SIZE = int(os.environ.get("CXR_MAX_BATCH_SIZE", "32"))
+MAX_LATENCY_MS = int(os.environ.get("CXR_MAX_LATENCY_MS", "5000"))
+TORCH_THREADS = int(os.environ.get("CXR_TORCH_THREADS", "1"))
+MAX_FILES = 64  # files per predict_batch request
+TIMEOUT_S = 120
+INTERNAL_RETRIES = 3
+
+
+@bentoml.service(name="cxr_model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S})
+class CxrModel:
+    """The loaded model, in its own worker process; reached by CxrService only."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from cxr.serving import NoModelToServe, ServedModel
+
+        logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+        # Concurrency comes from batching and the decoding threads; intra-op threads on top of them
+        # oversubscribe the cores (measured: a 64 px simple_cnn forward took 850 ms with 2 OpenMP
+        # threads on a busy 2-core machine, 5 ms with 1).
+        torch.set_num_threads(TORCH_THREADS)
+        try:
+            self.served = ServedModel.load(device=DEVICE)
+        except NoModelToServe as exc:
+            _stop_server(str(exc))
+            raise
+
+    @(bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS) if BATCHING
+      else bentoml.api)
+    def infer(self, inputs: list[Any]) -> list[Any]:
+        """(preprocessed uint8 image, tabular or None) pairs -> probabilities (concurrent calls merged
+        by BentoML's adaptive batcher when CXR_BATCHING is on)."""
+        return self.served.infer(inputs)
+
+    @bentoml.api
+    def explain_upload(self, upload: bytes, label: str | None = None) -> dict[str, Any]:
+        return self.served.explain(upload, label)
+
+    @bentoml.api
+    def card(self) -> dict[str, Any]:
+        return self.served.card()
+
+
+def _stop_server(message: str) -> None:
+    """Without its model the service is useless, and BentoML's process manager would restart this
+    worker forever, each time with a traceback: say why once, then stop `bentoml serve` (our parent)."""
+    import signal
+
+    import psutil
+
+    log.critical("the cxr service cannot start: %s", message)
+    parent = psutil.Process().parent()
+    if parent is not None and any("bentoml" in part for part in parent.cmdline()):
+        parent.send_signal(signal.SIGTERM)
+        os._exit(3)
+
+
+def _refused(result: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"error": result["error"]}, status_code=result.get("status", 422))
+
+
+@bentoml.service(name="cxr", traffic={"timeout": TIMEOUT_S})
+class CxrService:
+    """Chest X-ray classification. Upload a DICOM, PNG or JPEG chest film as multipart field `file`."""
+
+    model = bentoml.depends(CxrModel)
+
+    def __init__(self) -> None:
+        logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+        self._served = None  # a weightless copy of the served model, built from the model service's card
+        # Uploads are decoded here, in threads, while the model process runs forward passes.
+        self._decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
+
+    def _client(self) -> Any:
+        """The async client of the model service, told never to replace its HTTP session.
+
+        BentoML 1.4's inter-service client replaces its session every 100 requests (or 5 minutes) and
+        closes the old one under requests still in flight (bentoml/BentoML#5544, #4971): they fail, or
+        (measured: 1 in ~2000 at concurrency 16) wait for their response until the 120 s timeout. The
+        model service is on a local socket, so there is nothing to refresh."""
+        client = self.model.to_async
+        manager = getattr(client, "_session_manager", None)  # private: BentoML is pinned (pyproject.toml)
+        if manager is not None:
+            manager.max_requests, manager.max_age = 2**62, float("inf")
+        return client
+
+    async def _remote(self, name: str, *args: Any) -> Any:
+        import aiohttp
+
+        # Every call here is a pure function of its input, so a call that lost its connection anyway
+        # (a restarted model worker) is simply sent again.
+        for attempt in range(INTERNAL_RETRIES + 1):
+            try:
+                return await getattr(self._client(), name)(*args)
+            except (aiohttp.ClientConnectionError, RuntimeError) as exc:
+                if attempt == INTERNAL_RETRIES or (isinstance(exc, RuntimeError) and "closed" not in str(exc)):
+                    raise
+                log.info("retrying %s after a dropped internal connection (%s)", name, type(exc).__name__)
+
+    async def _model(self) -> Any:
+        """The weightless ServedModel that prepares inputs and words answers here."""
+        if self._served is None:
+            from cxr.serving import ServedModel
+
+            self._served = ServedModel.without_weights(await self._remote("card"))
+        return self._served
+
+    async def _prepare(self, files: list[Path]) -> list[Any]:
+        served = await self._model()
+
+        async def one(path: Path) -> Any:
+            data = await anyio.Path(path).read_bytes()
+            return await anyio.to_thread.run_sync(served.prepare, data, limiter=self._decoders)
+
+        return list(await asyncio.gather(*(one(f) for f in files)))
+
+    async def _infer(self, prepared: list[Any]) -> list[Any]:
+        return await self._remote("infer", [(p.x, p.tabular) for p in prepared])
+
+    @bentoml.api
+    async def predict(self, file: Path) -> dict[str, Any]:
+        """Probabilities per label, the decision at the model's threshold, the model version and warnings."""
+        from cxr.serving import is_refusal
+
+        (prepared,) = await self._prepare([file])
+        if is_refusal(prepared):
+            return _refused(prepared)
+        (prob,) = await self._infer([prepared])
+        return self._served.answer(prepared, prob)
+
+    @bentoml.api
+    async def predict_batch(self, files: list[Path]) -> list[dict[str, Any]]:
+        """Several files (multipart field `files`, repeated): a list of `predict` answers in the same order.
+        If any file is unusable the whole request is refused (422), naming the file by its position."""
+        from cxr.serving import is_refusal
+
+        if not files:
+            return JSONResponse({"error": "no files: send one or more multipart fields named `files`"}, status_code=400)
+        if len(files) > MAX_FILES:
+            return JSONResponse({"error": f"{len(files)} files in one request; the limit is {MAX_FILES}"}, status_code=413)
+        prepared = await self._prepare(files)
+        refused = [(i, r) for i, r in enumerate(prepared) if is_refusal(r)]
+        if refused:
+            message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
+            return JSONResponse({"error": message}, status_code=max(r["status"] for _, r in refused))
+        probs = await self._infer(prepared)
+        return [self._served.answer(p, prob) for p, prob in zip(prepared, probs)]
+
+    @bentoml.api
+    async def explain(self, file: Path, label: str | None = None) -> Annotated[Path, ContentType("image/png")]:
+        """Grad-CAM heatmap over the image (PNG). Headers: X-CXR-Label (explained label),
+        X-CXR-Probability, X-CXR-Lung-Share (share of the heat inside a crude lung mask, `unknown`
+        when no mask could be estimated), X-CXR-Lung-Area (the share a uniform heatmap would get),
+        X-CXR-Warnings (JSON list)."""
+        result = await self._remote("explain_upload", await anyio.Path(file).read_bytes(), label)
+        if "error" in result:
+            return _refused(result)
+
+        def number(v: float | None) -> str:
+            return "unknown" if v is None else f"{v:.4f}"
+
+        headers = {
+            "X-CXR-Label": result["label"],
+            "X-CXR-Probability": number(result["probability"]),
+            "X-CXR-Lung-Share": number(result["lung_share"]),
+            "X-CXR-Lung-Area": number(result["lung_area"]),
+            "X-CXR-Model": json.dumps(result["model"]),
+            "X-CXR-Warnings": json.dumps(result["warnings"]),
+        }
+        return Response(result["png"], media_type="image/png", headers=headers)
+
+    @bentoml.api
+    async def metadata(self) -> dict[str, Any]:
+        """Model name/version/URI, training data hash, metrics, threshold, labels, preprocessing spec."""
+        return (await self._model()).metadata()
+
+    @bentoml.api
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness (also GET /healthz, BentoML's probe)."""
+        return {"status": "ok"}
+
+    @bentoml.api
+    async def readyz(self) -> dict[str, Any]:
+        """Readiness: the model answers (also GET /readyz, BentoML's probe)."""
+        try:
+            served = await self._model()
+        except Exception as exc:  # the model service is still starting or has gone
+            return JSONResponse({"ready": False, "error": f"model not available ({type(exc).__name__})"}, status_code=503)
+        return {"ready": True, "model": served.ref.to_dict()}
+
+
+class UploadLimit:
+    """ASGI middleware: refuse a POST body larger than imaging.max_bytes (413) before it is parsed,
+    and a body of unknown length (411), so an upload can never fill the disk or memory."""
+
+    OVERHEAD = 1 << 20  # room for the multipart framing and small form fields
+    DRAIN = 64 << 20  # read (and drop) at most this much of a refused body so the client sees the answer
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._limit: int | None = None
+
+    def limit(self) -> int:
+        if self._limit is None:
+            from cxr.serving import service_config
+
+            self._limit = service_config().imaging.max_bytes + self.OVERHEAD
+        return self._limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return await JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411)(
+                scope, receive, send)
+        try:
+            size = int(length or 0)
+        except ValueError:
+            return await JSONResponse({"error": "invalid Content-Length header"}, status_code=400)(scope, receive, send)
+        if size > self.limit():
+            await self._drain(receive, size)
+            return await JSONResponse(
+                {"error": f"request body of {size} bytes exceeds the upload limit of {self.limit()} bytes "
+                          "(imaging.max_bytes plus form overhead)"}, status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _drain(self, receive: Any, size: int) -> None:
+        if size > self.DRAIN:
+            return
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+
+
+def _refuse_form_mistakes() -> None:
+    """BentoML 1.4's form parser answers HTTP 500 to two client mistakes: a text value in a file field
+    (it tries to download it as a URL) and a file under an unknown field name. Check the parsed form
+    first (Starlette caches it, so nothing is parsed twice) and answer 400 like any invalid input."""
+    from _bentoml_impl import serde
+    from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+    from starlette.datastructures import UploadFile
+
+    class FormSerde(serde.MultipartSerde):
+        async def parse_request(self, request: Any, cls: Any) -> Any:
+            form = await request.form()
+            wanted = ", ".join(f"`{k}`" for k in cls.multipart_fields) or "no file"
+            errors = []
+            for key, value in form.multi_items():
+                if key in cls.multipart_fields and not isinstance(value, UploadFile):
+                    errors.append((key, f"`{key}` must be a file upload (URLs and text are not fetched)"))
+                elif key not in cls.multipart_fields and isinstance(value, UploadFile):
+                    errors.append((key, f"unexpected file field `{key}`: this API takes {wanted}"))
+            if errors:
+                raise ValidationError.from_exception_data(cls.__name__, [
+                    InitErrorDetails(type=PydanticCustomError("upload", msg), loc=(key,), input=key) for key, msg in errors])
+            return await super().parse_request(request, cls)
+
+    for media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        serde.ALL_SERDE[media_type] = FormSerde  # type: ignore[index]
+
+
+CxrService.add_asgi_middleware(UploadLimit)
+_refuse_form_mistakes()

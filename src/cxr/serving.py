@@ -1,0 +1,276 @@
+"""What the service serves and how an upload becomes an answer, without any HTTP.
+
+``ServedModel.load()`` finds the model (``$CXR_MODEL_URI``, else ``models:/<mlflow.registered_model>@
+<registry.alias>`` from the configured registry), loads it through the one ``Predictor`` that
+evaluation uses, and turns uploaded bytes into the response objects of the HTTP API. A registry alias
+is resolved to its version once, and that immutable version is what gets loaded, so the version a
+response names is the version that answered. src/cxr/service.py only adds HTTP around this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cxr.errors import UserError
+
+if TYPE_CHECKING:
+    from cxr.config import Config
+    from cxr.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+MODEL_URI_ENV = "CXR_MODEL_URI"
+PARAMS_ENV = "CXR_PARAMS"
+WHAT_TO_DO = (
+    "Register and promote a model (`cxr register`, then `cxr promote VERSION`), point MLFLOW_TRACKING_URI at "
+    f"the registry that has it, or set {MODEL_URI_ENV} to a model directory or MLflow model URI"
+)
+# Run metrics worth showing in /metadata (the rest are per-epoch training curves).
+METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
+REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
+
+
+class NoModelToServe(UserError):
+    """The configured model cannot be found or loaded; the service cannot start."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str | None
+    uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def service_config() -> "Config":
+    """params.yaml in the working directory (defaults when absent), or the file named by $CXR_PARAMS."""
+    from cxr.config import load_config
+
+    path = os.environ.get(PARAMS_ENV)
+    return load_config(path) if path else load_config()
+
+
+def _use_store(cfg: "Config") -> str:
+    """Point mlflow at the tracking store and registry without writing to them."""
+    import mlflow
+
+    from cxr.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        # mlflow would silently create an empty store here
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+        raise NoModelToServe(f"no MLflow store at {uri} (from {source}). {WHAT_TO_DO}.")
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith(("http://", "https://", "databricks")):
+        mlflow.set_registry_uri(uri)  # an embedded store holds its own registry
+    return uri
+
+
+def model_uri(cfg: "Config") -> str:
+    """$CXR_MODEL_URI, else the configured registry alias (``models:/cxr@champion`` by default)."""
+    return os.environ.get(MODEL_URI_ENV) or f"models:/{cfg.mlflow.registered_model}@{cfg.registry.alias}"
+
+
+def resolve(cfg: "Config", uri: str | None = None) -> tuple[ModelRef, str]:
+    """What to serve: (reference reported in every response, URI to load it from)."""
+    uri = str(uri or model_uri(cfg))
+    if Path(uri).is_dir():
+        path = Path(uri).resolve()
+        return ModelRef(path.name, None, str(path)), str(path)
+    if ":/" not in uri:
+        raise NoModelToServe(
+            f"model {uri!r} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS). {WHAT_TO_DO}.")
+    store = _use_store(cfg)
+    if not uri.startswith("models:/"):
+        return ModelRef(uri, None, uri), uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    spec = uri[len("models:/") :]
+    name, at, alias = spec.partition("@")
+    try:
+        if at:
+            version = MlflowClient().get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = spec.partition("/")
+            if not version.isdigit():  # a stage name: load as given
+                return ModelRef(name, None, uri), uri
+            MlflowClient().get_model_version(name, version)
+    except MlflowException as exc:
+        reason = exc.message.splitlines()[0]
+        raise NoModelToServe(f"no model {uri} in the registry at {store} ({reason}). {WHAT_TO_DO}.") from None
+    return ModelRef(name, str(version), uri), f"models:/{name}/{version}"
+
+
+def _metrics(load_uri: str, info: dict[str, Any]) -> dict[str, float]:
+    """Validation/test metrics of the run behind the model (best effort: never fatal)."""
+    training = info.get("training", {})
+    fallback = {"val_auroc": training["val_auroc"]} if training.get("val_auroc") is not None else {}
+    run_id = training.get("run_id")
+    if ":/" not in load_uri or not run_id:
+        return fallback
+    try:
+        from mlflow import MlflowClient
+
+        metrics = MlflowClient().get_run(run_id).data.metrics
+    except Exception as exc:  # a registry without run access still serves
+        log.warning("metrics of run %s unavailable: %s", run_id, type(exc).__name__)
+        return fallback
+    return {k: v for k, v in sorted(metrics.items()) if k.startswith(METRIC_PREFIXES)} or fallback
+
+
+def refusal(message: str, status: int = REFUSED) -> dict[str, Any]:
+    return {"error": message, "status": status}
+
+
+def is_refusal(result: Any) -> bool:
+    return isinstance(result, dict) and "error" in result
+
+
+@dataclass
+class Prepared:
+    """One decoded upload, ready for the model: its input array, tabular inputs and warnings."""
+
+    x: np.ndarray  # uint8 (S, S): the model's own preprocessing
+    tabular: np.ndarray | None  # (n_tabular,) for a fusion model
+    warnings: list[str]
+
+
+class ServedModel:
+    """A Predictor plus what the service says about it (reference, metrics) and about each input.
+
+    The steps are separate so the service can decode uploads in its HTTP process and batch only the
+    forward pass in the model process: ``prepare`` (bytes -> Prepared, or a refusal), ``infer`` (a
+    batch of Prepared -> probabilities), ``answer`` (the response object). ``predict`` chains them.
+    """
+
+    def __init__(self, predictor: "Predictor", ref: ModelRef, metrics: dict[str, float] | None = None) -> None:
+        self.predictor = predictor
+        self.ref = ref
+        self.metrics = metrics or {}
+
+    @classmethod
+    def load(cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu") -> "ServedModel":
+        """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg."""
+        from cxr.predictor import ModelLoadError, Predictor
+
+        cfg = cfg or service_config()
+        ref, load_uri = resolve(cfg, str(uri) if uri else None)
+        try:
+            predictor = Predictor.from_uri(load_uri, device=device)
+        except ModelLoadError as exc:
+            raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
+        served = cls(predictor, ref, _metrics(load_uri, predictor.info))
+        log.info("serving %s version %s (%s): %s, labels %s", ref.name, ref.version, ref.uri,
+                 predictor.info["architecture"].get("arch"), predictor.labels)
+        return served
+
+    def card(self) -> dict[str, Any]:
+        """Everything but the weights: enough for ``without_weights`` to prepare inputs and answer."""
+        return {"info": self.predictor.info, "ref": self.ref.to_dict(), "metrics": self.metrics}
+
+    @classmethod
+    def without_weights(cls, card: dict[str, Any]) -> "ServedModel":
+        """The same preprocessing and answers as the model behind ``card``, with no weights: ``infer``
+        must then run where the weights are (the model service). Built from the model service's own
+        card, it can never disagree with it about version, labels or threshold."""
+        from cxr.predictor import Predictor
+
+        return cls(Predictor(WeightsElsewhere(), card["info"]), ModelRef(**card["ref"]), card["metrics"])
+
+    def metadata(self) -> dict[str, Any]:
+        info = self.predictor.info
+        training = info.get("training", {})
+        return {
+            "model": self.ref.to_dict(),
+            "task": self.predictor.task,
+            "labels": self.predictor.labels,
+            "threshold": self.predictor.threshold,
+            "threshold_method": info.get("threshold_method"),
+            "architecture": info["architecture"],
+            "preprocess": info["preprocess"],
+            "read_limits": info.get("read_limits"),
+            "training": {k: training.get(k) for k in ("dataset_hash", "source", "synthetic", "run_id", "best_epoch",
+                                                      "epochs_trained", "git_commit")},
+            "metrics": self.metrics,
+        }
+
+    def _decode(self, data: bytes, label: str = "upload") -> tuple[Any, np.ndarray]:
+        """Read, refuse non-chest DICOMs, preprocess. UserError for anything unusable."""
+        from cxr.input_checks import refuse_non_chest
+
+        image = self.predictor.read(data, name=label)  # never the client's file name: it may name the patient
+        refuse_non_chest(image.meta, label)
+        return image, self.predictor.prepare_input(image)
+
+    def prepare(self, data: bytes) -> "Prepared | dict[str, Any]":
+        """Bytes -> Prepared, or a refusal (the reader's message) for anything unusable."""
+        from cxr.input_checks import input_warnings
+
+        try:
+            image, x = self._decode(data)
+        except UserError as exc:
+            return refusal(str(exc))
+        except Exception as exc:  # a decoder bug must cost one answer, not the worker
+            return _unexpected(exc)
+        tabular = self.predictor.tabular_for([image])
+        return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x))
+
+    def infer(self, batch: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[Any]:
+        """(input array, tabular) pairs -> one probability (binary) or probability vector per pair."""
+        xs = np.stack([x for x, _ in batch])
+        tabular = np.stack([t for _, t in batch]) if batch and batch[0][1] is not None else None
+        return list(self.predictor.predict_proba(xs, tabular))
+
+    def answer(self, prepared: Prepared, prob: Any) -> dict[str, Any]:
+        return {**self.predictor.describe(prob), "model": self.ref.to_dict(), "warnings": prepared.warnings}
+
+    def predict(self, uploads: Sequence[bytes]) -> list[dict[str, Any]]:
+        """One response (or refusal) per upload; the usable ones go through the model as one batch."""
+        results: list[Any] = [self.prepare(data) for data in uploads]
+        usable = [i for i, r in enumerate(results) if isinstance(r, Prepared)]
+        if usable:
+            probs = self.infer([(results[i].x, results[i].tabular) for i in usable])
+            for i, p in zip(usable, probs):
+                results[i] = self.answer(results[i], p)
+        return results
+
+    def explain(self, data: bytes, label: str | None = None) -> dict[str, Any]:
+        """Grad-CAM PNG plus the lung share, or a refusal."""
+        from cxr.explain import explain
+        from cxr.input_checks import input_warnings
+
+        try:
+            image, x = self._decode(data)
+            result = explain(self.predictor, image, label)
+        except UserError as exc:
+            return refusal(str(exc))
+        except Exception as exc:
+            return _unexpected(exc)
+        return {**result.summary(), "png": result.png, "model": self.ref.to_dict(),
+                "warnings": input_warnings(image.meta, x)}
+
+
+class WeightsElsewhere(torch.nn.Module):
+    """Stands in for the network in a weightless Predictor; calling it is a bug, so it says so."""
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("this Predictor has no weights: inference runs in the model service (ServedModel.infer)")
+
+
+def _unexpected(exc: Exception) -> dict[str, Any]:
+    # The exception text may quote header values, so only its type is logged and returned.
+    log.error("could not process an upload: %s", type(exc).__name__, exc_info=False)
+    return refusal(f"upload: could not process this image ({type(exc).__name__}); "
+                   "if it is a valid radiograph, report it with the file")

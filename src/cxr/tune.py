@@ -1,0 +1,440 @@
+"""`cxr tune`: an Optuna study whose objective is the one training function, ``fit(cfg.override(params), trial)``.
+
+Seeded multivariate TPE, a median or hyperband pruner fed validation AUROC after every epoch, RDB storage
+(SQLite by default, PostgreSQL for many workers) with heartbeats so a killed worker's trial is marked failed,
+and `--trials N` meaning N finished (complete or pruned) trials in the study. MLflow gets one parent run per
+study and one child run per trial; we log them ourselves (optuna's MLflowCallback is deprecated and its
+nested mode makes no parent run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cxr import tracking
+from cxr.errors import UserError
+from cxr.progress import progress_bar
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow import MlflowClient
+
+    from cxr.config import Config, SpaceParam
+
+log = logging.getLogger(__name__)
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+class TuneError(UserError):
+    """A study that cannot run as configured."""
+
+
+class _TrialFailed(Exception):
+    """An unexpected error inside one trial: the trial fails, the study goes on."""
+
+
+class _QuotaReached(Exception):
+    """Another worker finished the last trial asked for while this one was being created."""
+
+
+@dataclass
+class TuneResult:
+    study: str
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_run_id: str | None
+    parent_run_id: str | None
+    best_params_file: Path | None
+    registered_version: str | None = None
+
+
+# --- search space --------------------------------------------------------------------------------
+
+def suggest(trial: "optuna.Trial", space: dict[str, "SpaceParam"]) -> dict[str, Any]:
+    """Trial parameters as dotted config overrides."""
+    params: dict[str, Any] = {}
+    for key, p in space.items():
+        if p.type == "categorical":
+            params[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def check_space(cfg: "Config") -> None:
+    """Fail before any trial runs if a key or a choice would make an invalid config."""
+    if not cfg.tune.space:
+        raise TuneError("tune.space is empty: add dotted parameters to params.yaml (see README, Tuning)")
+    for key, p in cfg.tune.space.items():
+        for value in p.choices if p.type == "categorical" else [p.low, p.high]:
+            if p.type == "int":
+                value = int(value)
+            try:
+                cfg.override({key: value})
+            except UserError as exc:
+                raise TuneError(f"tune.space.{key}: value {value!r} is not a valid setting: {exc}") from None
+
+
+# --- study ---------------------------------------------------------------------------------------
+
+def make_pruner(cfg: "Config") -> "optuna.pruners.BasePruner":
+    import optuna
+
+    if cfg.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.startup_trials, n_warmup_steps=cfg.tune.warmup_epochs)
+    if cfg.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(cfg: "Config", url: str) -> "optuna.storages.RDBStorage":
+    import optuna
+
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.tune.heartbeat_interval,
+                                              grace_period=cfg.tune.grace_period)
+        except Exception as exc:  # unreachable server, bad URL, missing driver: say which storage
+            # workers starting together race to create the schema: the loser finds it made on retry
+            if attempt == 2 or "already exists" not in str(exc):
+                raise TuneError(f"cannot open the Optuna storage {redact(url)}: {exc}") from None
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, safe for logs and MLflow tags."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
+    return url
+
+
+def load_study(cfg: "Config", name: str, storage: "optuna.storages.RDBStorage", shared: bool) -> "optuna.Study":
+    import optuna
+
+    existing = _count_existing(storage, name)
+    # Resuming reseeds past the trials already made, so a resumed study does not replay its first proposals;
+    # workers sharing a server storage also mix in their pid so their random start-up trials differ.
+    seed = cfg.tune.sampler_seed + existing + (os.getpid() if shared else 0)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=cfg.tune.startup_trials,
+                                         constant_liar=True)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(cfg),
+                                direction=cfg.tune.direction, load_if_exists=True)
+    if study.direction.name.lower() != cfg.tune.direction:
+        raise TuneError(f"study {name!r} exists with direction {study.direction.name.lower()}; use another --study")
+    return study
+
+
+def _count_existing(storage: "optuna.storages.RDBStorage", name: str) -> int:
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
+
+
+def counts(study: "optuna.Study") -> dict[str, int]:
+    out = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    out["finished"] = out["COMPLETE"] + out["PRUNED"]
+    return out
+
+
+def _best(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
+    from optuna.trial import TrialState
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not complete:
+        return None
+    return max(complete, key=lambda t: t.value) if study.direction.name == "MAXIMIZE" else min(complete, key=lambda t: t.value)
+
+
+# --- MLflow --------------------------------------------------------------------------------------
+
+def parent_run(cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str) -> str:
+    """The study's one parent run, shared by resumed runs and by every worker of a distributed study."""
+    filt = f"tags.`cxr.role` = 'study' and tags.`optuna.study` = '{study.study_name}'"
+    key = redact(storage_url)
+
+    def find() -> list:
+        runs = client.search_runs([experiment_id], filt, max_results=100)
+        runs = [r for r in runs if r.data.tags.get("optuna.storage") == key]
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    found = find()
+    if found:
+        return found[0].info.run_id
+    mine = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
+        "cxr.role": "study", "optuna.study": study.study_name, "optuna.storage": key, **tracking.git_state()})
+    found = find()
+    if found[0].info.run_id != mine.info.run_id:  # another worker made one at the same moment: keep the oldest
+        client.delete_run(mine.info.run_id)
+    return found[0].info.run_id
+
+
+def sync_failed_runs(client: "MlflowClient", study: "optuna.Study") -> None:
+    """Trials optuna marked failed (killed workers, Ctrl-C) get their MLflow run closed as failed."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get(RUN_ID_ATTR)
+        if not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # run deleted by hand: nothing to close
+            continue
+        if run.info.status == "RUNNING" or run.data.tags.get("trial_state") in (None, "RUNNING"):
+            client.set_tag(run_id, "trial_state", "FAIL")
+            client.set_terminated(run_id, "FAILED")
+
+
+def log_summary(cfg: "Config", client: "MlflowClient", parent_id: str, study: "optuna.Study") -> dict[str, Any]:
+    """Best value and params, history and importance plots, and a CSV of all trials on the parent run."""
+    import optuna
+
+    n = counts(study)
+    best = _best(study)
+    summary: dict[str, Any] = {"study": study.study_name, **{f"n_{k.lower()}": v for k, v in n.items()}}
+    for k in ("COMPLETE", "PRUNED", "FAIL"):
+        client.log_metric(parent_id, f"n_{k.lower()}", n[k])
+    if best is not None:
+        summary |= {"best_value": best.value, "best_trial": best.number, "best_params": best.params,
+                    "best_run_id": best.user_attrs.get(RUN_ID_ATTR)}
+        client.log_metric(parent_id, "best_value", best.value)
+        client.set_tag(parent_id, "best_trial", str(best.number))
+        client.set_tag(parent_id, "best_run_id", str(best.user_attrs.get(RUN_ID_ATTR)))
+        for k, v in best.params.items():
+            client.set_tag(parent_id, f"best.{k}", str(v))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        study.trials_dataframe().to_csv(tmp / "trials.csv", index=False)
+        figures = _plots(study, tmp)
+        n_complete = n["COMPLETE"]
+        if n_complete >= 2 and len(cfg.tune.space) > 1:
+            try:
+                summary["importances"] = optuna.importance.get_param_importances(study)
+            except Exception as exc:  # e.g. every trial has the same params: importances undefined
+                log.info("no parameter importances: %s", exc)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        for path in [tmp / "trials.csv", tmp / "summary.json", *figures]:
+            client.log_artifact(parent_id, str(path), "study")
+    return summary
+
+
+def _plots(study: "optuna.Study", out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    from optuna.exceptions import ExperimentalWarning
+
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        for name, fn in (("optimization_history", ovm.plot_optimization_history),
+                         ("param_importances", ovm.plot_param_importances)):
+            try:
+                ax = fn(study)
+            except Exception as exc:  # too few complete trials for this plot
+                log.info("no %s plot: %s", name, exc)
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            path = out / f"{name}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+# --- the objective -------------------------------------------------------------------------------
+
+def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, parent_id: str | None, n_trials: int):
+    import optuna
+    from optuna.trial import TrialState
+
+    from cxr.train import TrialPrunedSignal, fit
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, cfg.tune.space)
+        trial_cfg = cfg.override(params)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        run_id = None
+        if parent_id is not None:
+            run = client.create_run(experiment_id, run_name=f"{trial.study.study_name}-trial-{trial.number}", tags={
+                "mlflow.parentRunId": parent_id, "cxr.role": "trial", "optuna.study": trial.study.study_name,
+                "optuna.trial_number": str(trial.number), "trial_state": "RUNNING"})
+            run_id = run.info.run_id
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+        # Two workers may start the last trial at once: the one with the higher number stands down.
+        others = [t for t in trial.study.get_trials(deepcopy=False)
+                  if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                  or (t.state == TrialState.RUNNING and t.number < trial.number)]
+        if len(others) >= n_trials:
+            _close(client, run_id, "FAIL", "KILLED", note="not run: the study already has the trials asked for")
+            trial.set_user_attr("quota_reached", True)
+            raise _QuotaReached()
+        model_dir = Path(tempfile.mkdtemp(prefix=f"cxr-trial-{trial.number}-"))
+        try:
+            result = fit(trial_cfg, trial, model_dir=model_dir / "model", run_id=run_id,
+                         log_model=cfg.tune.log_models and run_id is not None,
+                         extra_tags={"optuna.trial_number": str(trial.number)})
+        except TrialPrunedSignal as signal:
+            trial.set_user_attr("epochs_trained", signal.epoch)
+            _close(client, run_id, "PRUNED", "KILLED")
+            raise optuna.TrialPruned(str(signal)) from None
+        except UserError:
+            _close(client, run_id, "FAIL", "FAILED")
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            _close(client, run_id, "FAIL", "KILLED", note="interrupted")
+            raise
+        except Exception as exc:
+            _close(client, run_id, "FAIL", "FAILED", note=traceback.format_exc())
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+            raise _TrialFailed(str(exc)) from exc
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        trial.set_user_attr("epochs_trained", result.epochs_trained)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        _close(client, run_id, "COMPLETE", "FINISHED")
+        return result.best_val_auroc
+
+    return objective
+
+
+def _close(client: "MlflowClient", run_id: str | None, state: str, status: str, note: str | None = None) -> None:
+    if run_id is None:
+        return
+    client.set_tag(run_id, "trial_state", state)
+    if note:
+        client.set_tag(run_id, "trial_note", note[-4000:])
+    client.set_terminated(run_id, status)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_name: str | None = None,
+         storage_url: str | None = None, register: bool = False) -> TuneResult:
+    import optuna
+
+    # optuna's own log repeats every trial with tracebacks; ours says what matters, once
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, fail_stale_trials
+    if n_trials < 1:
+        raise TuneError("--trials must be at least 1")
+    check_space(cfg)
+    name = study_name or cfg.tune.study
+    url = storage_url or cfg.tune.storage
+    storage = make_storage(cfg, url)
+    shared = not url.startswith("sqlite")
+    study = load_study(cfg, name, storage, shared)
+    optuna.storages.fail_stale_trials(study)
+
+    client = parent_id = experiment_id = None
+    if cfg.mlflow.enabled:
+        from mlflow import MlflowClient
+
+        experiment_id = tracking.configure(cfg)
+        client = MlflowClient()
+        parent_id = parent_run(cfg, client, experiment_id, study, url)
+        sync_failed_runs(client, study)
+    objective = make_objective(cfg, client, experiment_id, parent_id, n_trials)
+
+    start, failures = time.monotonic(), 0
+    done = counts(study)["finished"]
+    log.info("study %s: %d of %d trials finished", name, done, n_trials)
+    with progress_bar(f"study {name}", total=n_trials) as advance:
+        advance(done)
+        while done < n_trials:
+            if timeout is not None and time.monotonic() - start >= timeout:
+                log.info("timeout reached after %d trials", done)
+                break
+            optuna.storages.fail_stale_trials(study)
+            now = counts(study)
+            if now["finished"] + now["RUNNING"] >= n_trials:  # other workers are running the last trials
+                time.sleep(2)
+                advance(now["finished"] - done)
+                done = now["finished"]
+                continue
+            ran: list = []
+            study.optimize(objective, n_trials=1, catch=(_TrialFailed, _QuotaReached), gc_after_trial=True,
+                           callbacks=[lambda _study, trial: ran.append(trial)])
+            quota = ran and ran[0].user_attrs.get("quota_reached")
+            failures = failures + 1 if ran and ran[0].state.name == "FAIL" and not quota else 0
+            if failures >= cfg.tune.max_consecutive_failures:
+                note = ran[0].user_attrs.get("error", "see the trial runs' `trial_note` tag in MLflow")
+                raise TuneError(f"{failures} trials in a row failed; the last one: {note}")
+            now = counts(study)
+            advance(now["finished"] - done, best=_best(study).value if _best(study) else float("nan"),
+                    pruned=now["PRUNED"])
+            done = now["finished"]
+
+    optuna.storages.fail_stale_trials(study)
+    summary = {}
+    if client is not None:
+        sync_failed_runs(client, study)
+        summary = log_summary(cfg, client, parent_id, study)
+        client.set_terminated(parent_id, "FINISHED")
+    n = counts(study)
+    best = _best(study)
+    result = TuneResult(study=name, n_complete=n["COMPLETE"], n_pruned=n["PRUNED"], n_failed=n["FAIL"],
+                        best_value=best.value if best else None, best_params=dict(best.params) if best else {},
+                        best_run_id=best.user_attrs.get(RUN_ID_ATTR) if best else None, parent_run_id=parent_id,
+                        best_params_file=None)
+    if best is not None:
+        result.best_params_file = write_best_params(cfg, best.params)
+    if register:
+        result.registered_version = register_best(cfg, result)
+    log.info("study summary: %s", json.dumps(summary, default=str)[:500])
+    return result
+
+
+def write_best_params(cfg: "Config", params: dict[str, Any]) -> Path:
+    """reports/best_params.yaml: dotted keys, usable with `-s` and `dvc exp run -S`."""
+    path = Path(cfg.paths.reports) / "best_params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(dict(params), sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def register_best(cfg: "Config", result: TuneResult) -> str:
+    """Register the best trial's own model (already logged by its run), after evaluating it on test."""
+    from cxr import registry
+    from cxr.evaluate import evaluate
+
+    if result.best_run_id is None or not cfg.tune.log_models:
+        raise TuneError("no best trial with a logged model to register (needs MLflow and tune.log_models=true)")
+    best_cfg = cfg.override({**result.best_params, "paths.reports": str(Path(cfg.paths.reports) / "tune" / result.study)})
+    evaluate(best_cfg, f"runs:/{result.best_run_id}/model")  # adds test_* metrics to the trial's run
+    version = registry.register(best_cfg, run_id=result.best_run_id)
+    return version.version

@@ -1,0 +1,292 @@
+"""`cxr evaluate-external`: a trained model scored on an external set, in-process and over HTTP.
+
+The HTTP tests script failures with a stand-in (the service's own answer function behind a Starlette app,
+reached through httpx's ASGI transport: no socket); the last test starts the real BentoML service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from cxr.config import Config
+from cxr.external import evaluate_external, load_in_process
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.synthetic.n_patients=30", "data.synthetic.size=96", "prepare.sizes=[32]", "model.image_size=32",
+        "model.width=8", "train.epochs=1", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1"]
+# The external set: the same generator with another seed (other fictitious patients), ~30 images.
+EXTERNAL = ["data.synthetic.seed=11", "data.synthetic.n_patients=14"]
+
+
+def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
+    res = subprocess.run([sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600,
+                         env=env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("-s", o)]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A trained (1 epoch) and evaluated model with MLflow tracking in its folder, as a team would have
+    after `cxr ingest/prepare/train/evaluate` (called in-process: four interpreter starts saved)."""
+    from cxr.data.ingest import ingest
+    from cxr.data.prepare import prepare
+    from cxr.evaluate import evaluate
+    from cxr.train import fit
+
+    work = tmp_path_factory.mktemp("project")
+    cfg = config(work)  # an absolute store: mlflow caches stores by URI, and other tests use sqlite:///mlflow.db
+    with contextlib.chdir(work):  # the config's data and model paths are relative to the project
+        ingest(cfg)
+        prepare(cfg)
+        fit(cfg)
+        evaluate(cfg)
+    return work
+
+
+def config(project: Path, *extra: str):
+    """The project's config as the CLI sees it there, with the tracking store given by absolute path."""
+    return Config().override([*TINY, *extra, f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}",
+                              f"mlflow.artifact_location={project / 'mlartifacts'}"])
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory) -> tuple[Path, list[str]]:
+    """NORMAL/ and PNEUMONIA/ PNGs (Kermany layout, test split folder) plus broken files among them."""
+    root = tmp_path_factory.mktemp("hospital_b") / "chest_xray" / "test"
+    rng = np.random.default_rng(3)
+    for label, n in (("NORMAL", 12), ("PNEUMONIA", 12)):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.normal(90, 25, (48, 48))
+            if label == "PNEUMONIA":
+                arr[10:30, 8:24] += rng.uniform(20, 90)
+            PILImage.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / label / f"{label.lower()}_{i}.png")
+    good = (root / "NORMAL" / "normal_0.png").read_bytes()
+    broken = {"NORMAL/zz_garbage.png": rng.bytes(300), "PNEUMONIA/truncated.png": good[: len(good) // 3],
+              "PNEUMONIA/empty.dcm": b"", "NORMAL/not_dicom.dcm": b"DICM" * 40}
+    for rel, data in broken.items():
+        (root / rel).write_bytes(data)
+    return root.parent.parent, sorted(broken)
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+
+def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Path):
+    res = cxr(project, "evaluate-external", "--model", "models/cxr", "--out", "reports/ext_local",
+              *sets(*TINY, *EXTERNAL))
+    assert "images scored" in res.stderr
+    folder = project / "reports" / "ext_local" / "report"
+    report = json.loads((folder / "external.json").read_text())
+    n = report["data"]["n_images"]
+    assert 25 <= n <= 40 and report["requests"] == {"sent": n, "from_cache": 0, "ok": n, "refused": 0, "failed": 0}
+    m = report["metrics"]
+    for key in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"):
+        assert set(m[key]) == {"value", "ci_low", "ci_high"}, key
+    assert m["threshold"] == json.loads((project / "models" / "cxr" / "model.json").read_text())["threshold"]
+    assert {"view", "sex", "age_band"} & set(m["subgroups"])  # the synthetic manifest carries them
+    # internal test metrics come from the model's training run, with CIs, so the drop is visible
+    comp = report["comparison"]
+    assert comp["available"] and "evaluation.json" in comp["source"]
+    auroc = comp["metrics"]["auroc"]
+    assert auroc["drop"] == pytest.approx(auroc["internal"]["value"] - m["auroc"]["value"])
+    assert isinstance(auroc["cis_overlap"], bool)
+
+    html = (folder / "external.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # ROC, PR, confusion, calibration
+    assert "<script" not in html and "<link" not in html and "src=\"http" not in html
+    assert "Failures (0)" in html
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run = mlflow.get_run(res.stderr.split("MLflow run")[-1].split()[0])
+    info = json.loads((project / "models" / "cxr" / "model.json").read_text())
+    assert run.data.tags["model_run_id"] == info["training"]["run_id"]
+    assert run.data.tags["external_dataset_hash"] == report["data"]["dataset_hash"]
+    assert run.data.tags["endpoint"] == "in-process"
+    assert run.data.metrics["external_auroc"] == m["auroc"]["value"]
+    assert run.data.metrics["internal_test_auroc"] == auroc["internal"]["value"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "external")}
+    assert {"external/external.json", "external/external.html", "external/plots"} <= artifacts
+
+
+def test_broken_files_are_counted_and_listed(project: Path, png_folder, tmp_path: Path):
+    root, broken = png_folder
+    report = evaluate_external(config(project), data=root, model=project / "models" / "cxr", out=tmp_path)
+    assert report["requests"]["refused"] == len(broken) and report["requests"]["ok"] == 24
+    assert sorted(f["file"].split("/", 2)[-1] for f in report["failures"]) == broken
+    assert all(f["status"] == "refused" and f["error"] for f in report["failures"])
+    assert report["metrics"]["n"] == 24  # metrics on the scored images only
+    assert report["data"]["label_mapping"] == {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}
+    html = (tmp_path / "report" / "external.html").read_text()
+    assert f"Failures ({len(broken)})" in html and all(Path(b).name in html for b in broken)
+    predictions = (tmp_path / "report" / "predictions.csv").read_text()
+    assert predictions.count("refused") == len(broken)
+
+
+def test_manifest_csv_labels_and_demographics(project: Path, png_folder, tmp_path: Path):
+    root, broken = png_folder
+    images = sorted(p for p in (root / "chest_xray" / "test").rglob("*.png") if p.name.startswith(("normal", "pneum")))
+    rows = ["path,label,sex,view,patient_id"] + [
+        f"{p},{'1' if 'PNEUMONIA' in str(p) else '0'},{'MF'[i % 2]},PA,P{i}" for i, p in enumerate(images)]
+    (tmp_path / "hospital_b.csv").write_text("\n".join(rows) + "\n")
+    report = evaluate_external(config(project), data=tmp_path / "hospital_b.csv", model=project / "models" / "cxr",
+                               out=tmp_path / "out")
+    assert report["data"]["label_mapping"] == {"0": "normal", "1": "pneumonia"}
+    assert report["requests"]["ok"] == 24 and set(report["metrics"]["subgroups"]) == {"sex"}  # one view only
+    assert {v["n"] for v in report["metrics"]["subgroups"]["sex"].values()} == {12}
+
+
+# --- over HTTP, against a scripted stand-in service -----------------------------------------------
+
+
+class StandIn:
+    """The service's answers (cxr.serving, as src/cxr/service.py uses it) over a scripted Starlette app:
+    ``script`` answers chosen calls with an error status, ``fail_after`` every call after that many."""
+
+    def __init__(self, served, script: dict[int, int] | None = None, fail_after: int | None = None):
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.calls: list[bytes] = []
+        self.script, self.fail_after = script or {}, fail_after
+
+        async def metadata(request):
+            return JSONResponse(served.metadata())
+
+        async def predict(request):
+            data = await (await request.form())["file"].read()
+            self.calls.append(data)
+            n = len(self.calls)
+            if n in self.script or (self.fail_after is not None and n > self.fail_after):
+                return JSONResponse({"error": "overloaded"}, status_code=self.script.get(n, 503),
+                                    headers={"Retry-After": "0"})
+            (result,) = served.predict([data])
+            return JSONResponse({"error": result["error"]}, status_code=result["status"]) if "error" in result \
+                else JSONResponse(result)
+
+        self.app = Starlette(routes=[Route("/metadata", metadata, methods=["POST"]),
+                                     Route("/predict", predict, methods=["POST"])])
+
+    def transport(self) -> httpx.ASGITransport:
+        return httpx.ASGITransport(app=self.app)
+
+
+def test_retries_transient_errors_but_never_a_refusal(project: Path, png_folder, tmp_path: Path):
+    root, broken = png_folder
+    standin = StandIn(load_in_process(project / "models" / "cxr"), script={1: 503, 2: 429, 3: 500})
+    report = evaluate_external(config(project), data=root, url="http://standin", out=tmp_path,
+                               transport=standin.transport(), backoff=0, concurrency=1)
+    assert report["requests"]["failed"] == 0 and report["requests"]["refused"] == len(broken)
+    # the first file met 503, 429 and 500 and got through on its fourth try; every other file, the refused
+    # ones included, was sent exactly once
+    calls = Counter(standin.calls)
+    assert calls.pop((root / "chest_xray/test/NORMAL/normal_0.png").read_bytes()) == 4
+    assert set(calls.values()) == {1} and len(calls) == 27
+
+
+def test_interrupted_run_resumes_and_matches_in_process(project: Path, png_folder, tmp_path: Path):
+    root, broken = png_folder
+    cfg = config(project)
+    served = load_in_process(project / "models" / "cxr")
+    # the service goes down after 12 requests: the rest are reported as failed, never dropped
+    dying = StandIn(served, fail_after=12)
+    first = evaluate_external(cfg, data=root, url="http://standin", out=tmp_path, transport=dying.transport(),
+                              retries=1, backoff=0, concurrency=4)
+    assert first["requests"]["failed"] == 28 - 12 and len(first["failures"]) == 28 - 12 + first["requests"]["refused"]
+    assert first["metrics"]["n"] + first["requests"]["refused"] == 12
+    # the second run re-sends only what got no final answer
+    healthy = StandIn(served)
+    second = evaluate_external(cfg, data=root, url="http://standin", out=tmp_path, transport=healthy.transport(),
+                               backoff=0)
+    assert len(healthy.calls) == second["requests"]["sent"] == 28 - 12
+    assert second["requests"]["from_cache"] == 12 and second["requests"]["failed"] == 0
+    local = evaluate_external(cfg, data=root, model=project / "models" / "cxr", out=tmp_path / "local")
+    assert second["metrics"] == local["metrics"]
+    assert second["data"]["dataset_hash"] == local["data"]["dataset_hash"]
+
+
+def test_no_service_is_a_clear_error(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cxr.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate-external", "--url", "http://127.0.0.1:9", "--retries", "0",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "cannot reach the cxr service" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["evaluate-external", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--url" in res.output and "--model" in res.output
+
+
+# --- the real service ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion(project: Path) -> str:
+    """The trained model registered as version 1 of `cxr` with the champion alias."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = json.loads((project / "models" / "cxr" / "model.json").read_text())["training"]["run_id"]
+    # the logged model's URI, as `cxr register` uses: the version then knows its logged model
+    version = mlflow.register_model(mlflow.get_run(run_id).data.tags["model_uri"], "cxr")
+    mlflow.MlflowClient().set_registered_model_alias("cxr", "champion", version.version)
+    return "models:/cxr@champion"
+
+
+@pytest.fixture(scope="module")
+def service(project: Path, champion: str, start_service) -> str:
+    """The real service (tests/integration/conftest.py) serving the champion from project/mlflow.db."""
+    (project / "params.yaml").write_text("{}\n")  # defaults: sqlite:///mlflow.db, models:/cxr@champion
+    return start_service(project, project / "serve.log").url
+
+
+def test_through_the_service_equals_in_process(project: Path, service: str, champion: str, png_folder, tmp_path: Path):
+    root, broken = png_folder
+    cfg = config(project)
+    # one request in flight: the service then runs one image per forward pass, as in-process mode does
+    remote = evaluate_external(cfg, data=root, url=service, out=tmp_path / "remote", concurrency=1)
+    local = evaluate_external(cfg, data=root, model=champion, out=tmp_path / "local")
+    assert remote["metrics"] == local["metrics"]  # to the last float, CIs and subgroups included
+    assert remote["requests"]["refused"] == local["requests"]["refused"] == len(broken)
+    assert [f["error"] for f in remote["failures"]] == [f["error"] for f in local["failures"]]
+    assert remote["model"]["version"] == local["model"]["version"] == "1"
+    remote_predictions = (tmp_path / "remote" / "report" / "predictions.csv").read_text()
+    assert remote_predictions == (tmp_path / "local" / "report" / "predictions.csv").read_text()
+
+    import mlflow
+
+    run = mlflow.get_run(remote["mlflow_run_id"])
+    assert run.data.tags["endpoint"] == f"{service}/predict" and run.data.tags["model_version"] == "1"
+    assert run.data.tags["model_name"] == "cxr" and run.data.metrics["external_n_refused"] == len(broken)
+    # the registered version's logged model lists the external metrics next to the training run's
+    source = mlflow.MlflowClient().get_model_version("cxr", "1").source  # models:/m-<logged model id>
+    logged = mlflow.get_logged_model(source.removeprefix("models:/"))
+    assert {"external_auroc", "test_auroc"} <= {m.key for m in logged.metrics}
+    # the second run finds every answer in its cache
+    again = evaluate_external(cfg, data=root, url=service, out=tmp_path / "remote", concurrency=4)
+    assert again["requests"]["sent"] == 0 and again["metrics"] == remote["metrics"]

@@ -1,0 +1,387 @@
+"""The real BentoML service: `bentoml serve` on 127.0.0.1 with a freshly trained and registered model.
+
+One module-scoped project trains a tiny simple_cnn (1 epoch, 32 px, synthetic DICOMs), registers it
+as version 1 of `cxr` and makes it the champion; one server serves it for all the tests here. Every
+server runs in its own process group and is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image as PILImage
+
+from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.synthetic.n_patients=30", "data.synthetic.size=96", "prepare.sizes=[32]", "model.image_size=32",
+        "model.width=8", "train.epochs=1", "train.batch_size=16", "prepare.workers=1"]
+MAX_BYTES = 3_000_000  # imaging.max_bytes of the served project: small, so the 413 path is cheap to hit
+PHI = ("Doe^Jane", "Doe", "MRN-998877", "19700101", "20240229")
+ANSWER_KEYS = {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
+
+
+def cxr(workdir: Path, *args: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    if res.returncode != 0:
+        raise AssertionError(f"cxr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Trained, registered and promoted: `models:/cxr@champion` is version 1 in project/mlflow.db."""
+    work = tmp_path_factory.mktemp("served")
+    (work / "params.yaml").write_text(f"imaging:\n  max_bytes: {MAX_BYTES}\n")
+    sets = [arg for o in TINY for arg in ("-s", o)]
+    for step in ("ingest", "prepare", "train", "register"):
+        cxr(work, step, *sets)
+    cxr(work, "promote", "1", *sets)
+    return work
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bentoml serve cxr.service:CxrService` in ``workdir`` (params.yaml and mlflow.db found there)."""
+
+    def __init__(self, workdir: Path, log: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CXR_MODEL_URI", "CXR_BATCHING")}
+        full_env |= {"BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": str(workdir / "bentoml_home"),
+                     "CXR_PARAMS": str(workdir / "params.yaml"), **env}
+        self._log = open(log, "w")
+        bentoml = Path(sys.executable).with_name("bentoml")
+        self.proc = subprocess.Popen(
+            [str(bentoml), "serve", "cxr.service:CxrService", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=workdir, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
+            try:
+                if httpx.post(f"{self.url}/readyz", json={}, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"bentoml serve not ready in {timeout} s:\n{self.text()[-3000:]}")
+
+    def rss(self) -> int:
+        """Resident memory of the whole server process tree, bytes."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(project: Path) -> Iterator[Server]:
+    """With adaptive batching: the model in its own BentoML service (the more involved path)."""
+    srv = Server(project, project / "serve.log", CXR_BATCHING="1")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def champion(project: Path):
+    """The champion loaded in this process through the same Predictor (the reference answers)."""
+    import mlflow
+
+    from cxr.predictor import Predictor
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return Predictor.from_uri("models:/cxr@champion")
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def synthetic_dicom(seed: int, size: int = 96, **header) -> bytes:
+    """A synthetic chest DICOM carrying (fictitious) identifying fields the service must never echo."""
+    rng = np.random.default_rng(seed)
+    ds = make_dataset(render(rng, seed % 2, 0.6, size), Encoding(monochrome1=seed % 3 == 0), rng,
+                      patient_name="Doe^Jane", patient_id="MRN-998877", study_date=dt.date(2024, 2, 29))
+    ds.PatientBirthDate = "19700101"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    return encode(ds)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def film_png(seed: int = 0, size: int = 64) -> bytes:
+    return png((render(np.random.default_rng(seed), 0, 0.6, size) * 255).astype(np.uint8))
+
+
+def multiframe_dicom() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(1, 64)))
+    arr = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([arr, arr]).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def colour_dicom() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(2, 64)))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = np.zeros((64, 64, 3), np.uint8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def huge_png() -> bytes:
+    """20000 x 20000 pixels in ~400 kB: decoding it would take 400 MB."""
+    buf = io.BytesIO()
+    PILImage.new("L", (20000, 20000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def nonchest(request: pytest.FixtureRequest) -> bytes:
+    """The NEMA tibia: refused (422) rather than warned, because its header says EXTREMITY outright."""
+    return (request.getfixturevalue("dicom_dir") / "wg04_RG3_J2KI_NONCHEST_extremity_jpeg2000.dcm").read_bytes()
+
+
+# name, file name, bytes (built lazily, given the test's request), expected status, phrase of the message
+BAD_INPUTS: list[tuple[str, str, Callable[[pytest.FixtureRequest], bytes], int, str]] = [
+    ("garbage", "scan.bin", lambda _: np.random.default_rng(0).bytes(5000), 422, "not a DICOM, PNG or JPEG"),
+    ("truncated dicom", "cut.dcm", lambda _: synthetic_dicom(4)[:3000], 422, "decode"),
+    ("20000x20000 png", "huge.png", lambda _: huge_png(), 422, "exceed"),
+    ("empty", "empty.dcm", lambda _: b"", 422, "empty"),
+    ("text named .dcm", "notes.dcm", lambda _: b"patient list\nnothing to see here\n" * 20, 422, "not a DICOM"),
+    ("multi-frame dicom", "cine.dcm", lambda _: multiframe_dicom(), 422, "multi-frame"),
+    ("colour dicom", "rgb.dcm", lambda _: colour_dicom(), 422, "colour"),
+    ("non-chest body part", "hand.dcm", lambda _: synthetic_dicom(5, BodyPartExamined="HAND"), 422,
+     "chest radiographs only"),
+    ("NEMA tibia (real)", "tibia.dcm", nonchest, 422, "BodyPartExamined=EXTREMITY"),
+    ("over imaging.max_bytes", "big.dcm", lambda _: b"\0" * (MAX_BYTES + 2_000_000), 413, "upload limit"),
+]
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+
+def test_synthetic_dicoms_get_the_in_process_answer(server: Server, champion, project: Path):
+    files = sorted((project / "data" / "raw" / "images").glob("*.dcm"))[:6] + [None]
+    for path in files:
+        data = path.read_bytes() if path else film_png(7)
+        r = httpx.post(f"{server.url}/predict", files={"file": ("x.dcm", data)}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == ANSWER_KEYS
+        assert body["model"] == {"name": "cxr", "version": "1", "uri": "models:/cxr@champion"}
+        want = champion.predict_files([data])[0]
+        assert body["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+        assert (body["prediction"], body["positive"], body["threshold"]) == (want["prediction"], want["positive"],
+                                                                            want["threshold"])
+    assert any("view unknown" in w for w in body["warnings"])  # the PNG carries no view
+
+
+def test_real_dicoms_get_the_in_process_answer(server: Server, champion, dicom_dir: Path):
+    chest = [p for p in sorted(dicom_dir.glob("*.dcm")) if "NONCHEST" not in p.name]
+    assert len(chest) == 4
+    for path in chest:
+        r = httpx.post(f"{server.url}/predict", files={"file": (path.name, path.read_bytes())}, timeout=60)
+        assert r.status_code == 200, r.text
+        want = champion.predict_files([path])[0]
+        assert r.json()["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+    fake_m1 = next(p for p in chest if "MONOCHROME1" in p.name)  # an inverted grey scale, as a broken reader gives
+    warnings = httpx.post(f"{server.url}/predict", files={"file": ("a.dcm", fake_m1.read_bytes())}, timeout=60).json()
+    assert any("far from the chest radiographs" in w for w in warnings["warnings"])
+
+
+def test_batch_equals_single_requests(server: Server):
+    uploads = [synthetic_dicom(i) for i in range(3)] + [film_png(1)]
+    r = httpx.post(f"{server.url}/predict_batch", files=[("files", (f"{i}.dcm", d)) for i, d in enumerate(uploads)],
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    singles = [httpx.post(f"{server.url}/predict", files={"file": ("x", d)}, timeout=60).json() for d in uploads]
+    assert r.json() == singles
+    bad = httpx.post(f"{server.url}/predict_batch", files=[("files", ("a", uploads[0])), ("files", ("b", b"junk"))],
+                     timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"].startswith("file 2 of 2: upload: not a DICOM")
+
+
+@pytest.mark.parametrize("name,filename,make,status,phrase", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_refused_and_the_service_lives_on(server: Server, request, name, filename, make, status, phrase):
+    r = httpx.post(f"{server.url}/predict", files={"file": (filename, make(request))}, timeout=60)
+    assert r.status_code == status, r.text
+    assert phrase in r.json()["error"]
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    ok = httpx.post(f"{server.url}/predict", files={"file": ("ok.png", film_png())}, timeout=60)
+    assert ok.status_code == 200  # the model worker survived
+
+
+@pytest.mark.parametrize("request_kwargs,phrase", [
+    ({"data": {"file": "http://127.0.0.1:9/x.dcm"}, "files": {"other": ("x", b"1")}}, "must be a file upload"),
+    ({"files": {"image": ("x.dcm", b"123")}}, "unexpected file field `image`"),
+    ({"json": {}}, "validation error"),
+], ids=["url in the file field", "wrong field name", "no file"])
+def test_malformed_requests_are_400(server: Server, request_kwargs, phrase):
+    r = httpx.post(f"{server.url}/predict", timeout=30, **request_kwargs)
+    assert r.status_code == 400 and phrase in r.text
+
+
+def test_no_phi_in_answers_or_logs(server: Server):
+    texts = []
+    for data in (synthetic_dicom(8), synthetic_dicom(9)[:2000], synthetic_dicom(10, BodyPartExamined="KNEE")):
+        texts.append(httpx.post(f"{server.url}/predict", files={"file": ("Doe_Jane_19700101.dcm", data)}, timeout=60).text)
+        texts.append(httpx.post(f"{server.url}/explain", files={"file": ("Doe_Jane_19700101.dcm", data)},
+                                timeout=60).headers.get("x-cxr-warnings", ""))
+    time.sleep(0.5)  # let the access log flush
+    everything = "\n".join(texts) + server.text()
+    assert [p for p in PHI if p in everything] == []
+
+
+def test_explain_returns_a_heatmap_png_and_the_lung_share(server: Server):
+    r = httpx.post(f"{server.url}/explain", files={"file": ("x.dcm", synthetic_dicom(3, 256))}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    image = PILImage.open(io.BytesIO(r.content))
+    assert image.size == (384, 384) and image.mode == "RGB"
+    assert r.headers["x-cxr-label"] == "pneumonia"
+    share = r.headers["x-cxr-lung-share"]
+    assert share == "unknown" or 0.0 <= float(share) <= 1.0
+    assert json.loads(r.headers["x-cxr-model"])["version"] == "1"
+    refused = httpx.post(f"{server.url}/explain", files={"file": ("x.dcm", b"junk")}, timeout=60)
+    assert refused.status_code == 422 and "not a DICOM" in refused.json()["error"]
+
+
+def test_metadata_health_and_readiness(server: Server, project: Path):
+    info = json.loads((project / "models" / "cxr" / "model.json").read_text())
+    meta = httpx.post(f"{server.url}/metadata", json={}, timeout=30).json()
+    assert meta["model"] == {"name": "cxr", "version": "1", "uri": "models:/cxr@champion"}
+    assert meta["training"]["dataset_hash"] == info["training"]["dataset_hash"]
+    assert meta["training"]["run_id"] == info["training"]["run_id"]
+    assert meta["labels"] == info["labels"] and meta["threshold"] == info["threshold"]
+    assert meta["preprocess"] == info["preprocess"]
+    assert meta["metrics"]["best_val_auroc"] == pytest.approx(info["training"]["val_auroc"])
+    assert httpx.post(f"{server.url}/healthz", json={}, timeout=10).json() == {"status": "ok"}
+    ready = httpx.post(f"{server.url}/readyz", json={}, timeout=10).json()
+    assert ready == {"ready": True, "model": meta["model"]}
+    for probe in ("/healthz", "/readyz", "/livez"):  # BentoML's own GET probes, for Kubernetes
+        assert httpx.get(f"{server.url}{probe}", timeout=10).status_code == 200
+
+
+def test_docs_page_renders_in_chromium(server: Server, tmp_path: Path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (tests/system_packages.sh installs it)")
+    offline = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-default-apps", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1280,1800"]
+    shot = tmp_path / "docs.png"
+    subprocess.run([chromium, *offline, f"--screenshot={shot}", f"{server.url}/"], capture_output=True, timeout=120)
+    dom = subprocess.run([chromium, *offline, "--dump-dom", f"{server.url}/"], capture_output=True, text=True,
+                         timeout=120).stdout
+    for api in ("/predict", "/predict_batch", "/explain", "/metadata", "/healthz", "/readyz"):
+        assert f">{api}<" in dom or f'"{api}"' in dom or api in dom, f"{api} missing from the rendered docs page"
+    assert "opblock" in dom  # Swagger UI rendered the operations (JavaScript ran)
+    pixels = np.asarray(PILImage.open(shot).convert("L"))
+    assert pixels.shape == (1800, 1280) and pixels.std() > 10  # a page, not a blank screen
+
+
+def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server: Server):
+    data = film_png(3, 64)
+
+    async def hammer(n: int) -> list[int]:
+        statuses: list[int] = []
+        todo = iter(range(n))
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)) as client:
+            async def worker() -> None:
+                for _ in todo:
+                    r = await client.post("/predict", files={"file": ("x.png", data)})
+                    statuses.append(r.status_code)
+
+            await asyncio.gather(*(worker() for _ in range(16)))
+        return statuses
+
+    warm = asyncio.run(hammer(300))
+    assert set(warm) == {200}, Counter(warm)
+    before = server.rss()
+    statuses = asyncio.run(hammer(2000))
+    after = server.rss()
+    assert len(statuses) == 2000 and set(statuses) == {200}, Counter(statuses)
+    assert after < 1.10 * before, f"RSS grew from {before / 2**20:.0f} MiB to {after / 2**20:.0f} MiB"
+
+
+def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
+    """The CPU default (CXR_BATCHING=0): no batcher, one request per forward pass."""
+    direct = Server(project, tmp_path / "direct.log")
+    try:
+        direct.wait_ready()
+        for data in (synthetic_dicom(11), film_png(2)):
+            a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            b = httpx.post(f"{direct.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            assert a == b
+    finally:
+        direct.stop()
+
+
+def test_no_champion_stops_the_service_with_one_clear_message(project: Path, tmp_path: Path):
+    srv = Server(project, tmp_path / "fail.log", CXR_MODEL_URI="models:/cxr@nobody")
+    try:
+        srv.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the service kept running without a model:\n{srv.text()[-3000:]}")
+    finally:
+        srv.stop()
+    log = srv.text()
+    lines = [line for line in log.splitlines() if "cannot start" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert "models:/cxr@nobody" in lines[0] and "cxr promote" in lines[0]
+    assert "Traceback" not in log

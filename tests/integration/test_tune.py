@@ -1,0 +1,246 @@
+"""`cxr tune` through the real CLI on tiny synthetic data: pruning, nested MLflow runs, kill and resume,
+and two workers sharing one study on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from cxr.config import load_config
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.synthetic.n_patients=60", "data.synthetic.size=96", "data.synthetic.difficulty=0.2", "prepare.sizes=[32]",
+    "model.image_size=32", "model.width=8", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1",
+]
+# A space where one choice cannot learn (lr 1e-7), so the median pruner has something to prune.
+SPACE = ("tune.space={train.lr: {type: categorical, choices: [0.01, 1.0e-7]}, "
+         "model.dropout: {type: float, low: 0.0, high: 0.5}}")
+TUNE = [*TINY, "train.epochs=4", "tune.startup_trials=1", "tune.warmup_epochs=0", SPACE]
+
+
+def args(extra: list[str]) -> list[str]:
+    out: list[str] = []
+    for o in extra:
+        out += ["-s", o]
+    return out
+
+
+def cxr(workdir: Path, *argv: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "cxr", *argv], cwd=workdir, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("tune")
+    cxr(work, "ingest", *args(TINY))
+    cxr(work, "prepare", *args(TINY))
+    return work
+
+
+def runs(work: Path, db: str = "mlflow.db"):
+    mlflow.set_tracking_uri(f"sqlite:///{work / db}")
+    return mlflow.search_runs(experiment_names=["cxr"], output_format="list")
+
+
+def study_trials(url: str, name: str):
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
+    res = cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args(TUNE))
+    assert "Traceback" not in res.stderr
+    trials = study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")
+    states = [t.state.name for t in trials]
+    assert len(trials) == 4 and set(states) <= {"COMPLETE", "PRUNED"}
+    assert "PRUNED" in states and "COMPLETE" in states
+
+    all_runs = runs(prepared)
+    parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study" and r.data.tags.get("optuna.study") == "s4"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [t.number for t in trials]
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.data.tags["trial_state"] == t.state.name
+        assert run.info.status == ("FINISHED" if t.state.name == "COMPLETE" else "KILLED")
+        assert float(run.data.params["train.lr"]) == t.params["train.lr"]
+        epochs = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_auroc")
+        assert len(epochs) == t.user_attrs["epochs_trained"] >= 1
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert all(t.user_attrs["epochs_trained"] < 4 for t in pruned)
+
+    # the parent holds the study summary
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["n_pruned"] == len(pruned)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
+    assert {"study/trials.csv", "study/summary.json", "study/optimization_history.png"} <= arts
+
+    # best params are dotted keys that the config accepts as overrides
+    best_params = yaml.safe_load((prepared / "reports" / "best_params.yaml").read_text())
+    assert best_params == best.params
+    cfg = load_config(overrides=[*TINY, *(f"{k}={v}" for k, v in best_params.items())])
+    assert cfg.train.lr == best.params["train.lr"]
+
+    # asking again for the same number of trials runs nothing new
+    cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args(TUNE))
+    assert len(study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")) == 4
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start(work: Path, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cxr", *argv], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path):
+    url = f"sqlite:///{prepared / 'optuna.db'}"
+    argv = ["tune", "--trials", "3", "--study", "resume",
+            *args([*TINY, "train.epochs=6", "tune.pruner=none", "tune.heartbeat_interval=1", "tune.grace_period=2", SPACE])]
+
+    def state(name: str) -> list:
+        try:
+            return [t for t in study_trials(url, "resume") if t.state.name == name]
+        except KeyError:  # study not created yet
+            return []
+
+    # Ctrl-C: the running trial is marked failed at once and the command exits 130
+    proc = _start(prepared, argv)
+    _wait(lambda: state("RUNNING"), 120, "a running trial")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "resume" in out and "Traceback" not in out
+    assert len(state("FAIL")) == 1 and not state("RUNNING")
+
+    # kill -9 after one finished trial: nothing is cleaned up by the dying worker
+    proc = _start(prepared, argv)
+    _wait(lambda: len(state("COMPLETE")) >= 1 and state("RUNNING"), 180, "a finished and a running trial")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = {t.number: t.value for t in state("COMPLETE")}
+    killed = [t.number for t in state("RUNNING")]
+    assert len(killed) == 1
+    time.sleep(3)  # past the heartbeat grace period
+
+    cxr(prepared, *argv)
+    trials = study_trials(url, "resume")
+    assert len([t for t in trials if t.state.name == "COMPLETE"]) == 3
+    assert {t.number: t.value for t in trials if t.number in finished} == finished  # kept, not rerun
+    assert next(t for t in trials if t.number == killed[0]).state.name == "FAIL"
+    assert len({t.number for t in trials}) == len(trials)
+    # the killed trial's MLflow run is closed as failed too
+    killed_run = next(r for r in runs(prepared) if r.data.tags.get("optuna.study") == "resume"
+                      and r.data.tags.get("optuna.trial_number") == str(killed[0]))
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["trial_state"] == "FAIL"
+
+
+# --- PostgreSQL: two workers, one study ------------------------------------------------------------
+
+def _pg_bin() -> Path | None:
+    for pattern in ("/usr/lib/postgresql/*/bin",):
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return found[-1]
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A throwaway PostgreSQL server on 127.0.0.1 (installed by tests/system_packages.sh, which `make test` runs)."""
+    pg = _pg_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL is not installed (tests/system_packages.sh installs it with apt-get as root)")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
+        root.chmod(0o755)
+        for parent in root.parents:  # the postgres user must reach the data folder
+            if parent == Path("/"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)
+    port = _free_port()
+    subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "cxr", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    log = root / "server.log"
+    subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start", "-o",
+                    f"-p {port} -k {sock} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    try:
+        for db in ("optuna", "mlflow"):
+            subprocess.run([*as_user, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "cxr", db],
+                           check=True, capture_output=True)
+        yield f"postgresql://cxr@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+
+
+def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str):
+    storage = f"{postgres}/optuna"
+    tracking = f"postgresql+psycopg2://{postgres.split('://', 1)[1]}/mlflow"
+    extra = [*TINY, "train.epochs=2", "tune.pruner=none", f"mlflow.tracking_uri={tracking}",
+             f"mlflow.artifact_location={prepared / 'pg-artifacts'}", SPACE]
+    # create the MLflow schema once, before two workers race to migrate it
+    from cxr import tracking as cxr_tracking
+
+    cxr_tracking.configure(load_config(overrides=extra))
+    argv = ["tune", "--trials", "5", "--study", "dist", "--storage", storage, *args(extra)]
+    workers = [_start(prepared, argv) for _ in range(2)]
+    outputs = []
+    for w in workers:
+        out, _ = w.communicate(timeout=600)
+        outputs.append(out)
+        assert w.returncode == 0, out
+
+    trials = study_trials(f"postgresql+psycopg2://{storage.split('://', 1)[1]}", "dist")
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 5, [t.state.name for t in trials]
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    workers_seen = {t.user_attrs.get("worker") for t in trials}
+    assert len(workers_seen) == 2, (workers_seen, outputs)  # both workers ran trials
+    mlflow.set_tracking_uri(tracking)
+    all_runs = mlflow.search_runs(experiment_names=["cxr"], output_format="list")
+    parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study"]
+    assert len(parents) == 1
+    children = {int(r.data.tags["optuna.trial_number"]): r for r in all_runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    for t in trials:
+        assert t.number in children and children[t.number].data.tags["trial_state"] == t.state.name

@@ -1,0 +1,53 @@
+"""Refusals and warnings the service attaches to an input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxr.data.sources.synthetic import render
+from cxr.input_checks import NotAChestError, image_stats, input_warnings, refuse_non_chest
+from cxr.preprocess import PreprocessSpec, preprocess
+
+
+def film(seed: int = 0, size: int = 64) -> np.ndarray:
+    return preprocess(render(np.random.default_rng(seed), 0, 0.6, 128), PreprocessSpec(size=size))
+
+
+@pytest.mark.parametrize("meta", [{"body_part": "EXTREMITY"}, {"body_part": "hand"}, {"modality": "CT"},
+                                  {"body_part": "CHEST", "modality": "MR"}])
+def test_non_chest_dicoms_are_refused(meta):
+    with pytest.raises(NotAChestError, match="chest radiographs only"):
+        refuse_non_chest(meta)
+
+
+@pytest.mark.parametrize("meta", [{}, {"body_part": "CHEST", "modality": "DX"}, {"body_part": None, "modality": "CR"},
+                                  {"body_part": "thorax"}, {"format": "png"}])
+def test_chest_or_unknown_body_part_passes(meta):
+    refuse_non_chest(meta)
+
+
+def test_frontal_chest_film_has_no_warnings():
+    assert input_warnings({"view": "PA"}, film()) == []
+    assert input_warnings({"view": "AP"}, film(1, size=224)) == []
+
+
+def test_view_warnings():
+    assert any("non-frontal" in w and "LL" in w for w in input_warnings({"view": "LL"}, film()))
+    assert any("view unknown" in w for w in input_warnings({"format": "png"}, film()))
+
+
+@pytest.mark.parametrize("name,image", [
+    ("inverted", 255 - film()),
+    ("noise", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)),
+    ("flat", np.full((64, 64), 128, np.uint8)),
+])
+def test_images_far_from_chest_films_are_flagged(name, image):
+    warnings = input_warnings({"view": "PA"}, image)
+    assert len(warnings) == 1 and "far from the chest radiographs" in warnings[0]
+
+
+def test_image_stats_of_a_film():
+    s = image_stats(film())
+    assert 0.25 < s["mean"] < 0.9 and 0.14 < s["std"] < 0.42 and s["mediastinum_contrast"] > 0.1
+    assert image_stats(255 - film())["mediastinum_contrast"] == pytest.approx(-s["mediastinum_contrast"], abs=1e-2)

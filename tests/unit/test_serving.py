@@ -1,0 +1,80 @@
+"""The serving engine without HTTP: which model is served, and uploads in, answers out."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from cxr.config import Config
+from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.serving import NoModelToServe, ServedModel, resolve
+
+
+def dicom(seed: int = 0, **header) -> bytes:
+    ds = make_dataset(render(np.random.default_rng(seed), seed % 2, 0.6, 96), Encoding(), np.random.default_rng(seed),
+                      patient_name="Doe^Jane", patient_id="MRN-998877")
+    for key, value in header.items():
+        setattr(ds, key, value)
+    return encode(ds)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch, tiny_predictor) -> ServedModel:
+    tiny_predictor(32).save(tmp_path / "model")
+    monkeypatch.setenv("CXR_MODEL_URI", str(tmp_path / "model"))
+    monkeypatch.chdir(tmp_path)
+    return ServedModel.load(Config())
+
+
+def test_a_model_directory_is_served_as_is(served, tmp_path):
+    assert served.ref.to_dict() == {"name": "model", "version": None, "uri": str((tmp_path / "model").resolve())}
+    meta = served.metadata()
+    assert meta["labels"] == ["normal", "pneumonia"] and meta["preprocess"]["size"] == 32
+    assert meta["training"]["dataset_hash"] == "test"
+
+
+def test_predict_matches_the_predictor_and_refuses_per_upload(served):
+    good = [dicom(0), dicom(1, ViewPosition="LL"), png(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))]
+    uploads = [good[0], b"not an image", good[1], dicom(2, BodyPartExamined="HAND"), good[2], b""]
+    results = served.predict(uploads)
+    expected = served.predictor.predict_files(good)
+    for got, want in zip([results[0], results[2], results[4]], expected):
+        assert set(got) == {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+        assert got["model"] == served.ref.to_dict()
+    assert results[0]["warnings"] == []
+    assert any("non-frontal" in w for w in results[2]["warnings"])
+    assert any("view unknown" in w for w in results[4]["warnings"])
+    assert results[1] == {"error": "upload: not a DICOM, PNG or JPEG file", "status": 422}
+    assert "BodyPartExamined=HAND" in results[3]["error"] and results[3]["status"] == 422
+    assert "empty" in results[5]["error"]
+    text = repr(results)
+    assert "Doe" not in text and "998877" not in text
+
+
+def test_explain_answer(served):
+    out = served.explain(dicom(3))
+    assert out["png"][:8] == b"\x89PNG\r\n\x1a\n" and out["label"] == "pneumonia"
+    assert out["warnings"] == [] and out["model"] == served.ref.to_dict()
+    assert served.explain(b"garbage")["status"] == 422
+
+
+def test_no_champion_is_one_clear_error_and_creates_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CXR_MODEL_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(NoModelToServe, match="no MLflow store at sqlite:///mlflow.db.*cxr promote"):
+        resolve(Config())
+    assert not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setenv("CXR_MODEL_URI", "no/such/dir")
+    with pytest.raises(NoModelToServe, match="neither a model directory nor an MLflow URI"):
+        resolve(Config())
