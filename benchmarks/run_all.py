@@ -1,7 +1,7 @@
 """`make bench`: run the benchmark scripts, then regenerate the table in benchmarks/README.md.
 
     python benchmarks/run_all.py              # the default set, < 20 minutes on a 2-core CPU
-    python benchmarks/run_all.py --full       # also the long ones (quality on Kermany, ~20 min)
+    python benchmarks/run_all.py --full       # also the long ones (Kermany quality ~20 min, 50-trial tuning ~45 min)
     python benchmarks/run_all.py --table-only # only rebuild the README table from results/*.json
 
 A script that fails does not stop the others; the run exits non-zero when any failed.
@@ -23,9 +23,12 @@ SCRIPTS = [
     (["data_path.py"], 4),
     (["train_overhead.py"], 2),
     (["serving.py"], 5),
+    (["tuning.py", "--trials", "8", "--epochs", "6", "--name", "tuning_quick"], 4),
 ]
 FULL_ONLY = [
     (["quality.py", "kermany"], 20),
+    (["tuning.py"], 45),  # 50 trials per arm
+    (["quality.py", "pneumoniamnist", "--tuned"], 2),
 ]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

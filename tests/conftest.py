@@ -12,6 +12,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("CXR_NO_PROGRESS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+_MLFLOW_ENV_AT_START = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """Each test's MLflow store stays its own: nothing a test did may redirect later subprocesses."""
+    yield
+    for key, value in _MLFLOW_ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

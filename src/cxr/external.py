@@ -92,24 +92,12 @@ class EvaluatedModel:
                    run_id=training.get("run_id"), dataset_hash=training.get("dataset_hash"), info=meta)
 
 
-def load_in_process(uri: str | Path) -> "Served":
-    """The service's model object without HTTP: a model directory or ``models:/NAME@ALIAS`` (resolved
-    to its version once, as the service does, so the version reported is the one that answered)."""
-    from cxr.predictor import Predictor
-    from cxr.serving import ModelRef, ServedModel
+def load_in_process(uri: str | Path, cfg: "Config | None" = None) -> "Served":
+    """The service's own model object, without HTTP: loaded exactly as `bentoml serve` loads it
+    (``models:/NAME@ALIAS`` resolved to its version once, so the version reported is the one that answered)."""
+    from cxr.serving import ServedModel
 
-    path = Path(uri)
-    if path.is_dir():
-        path = path.resolve()
-        return ServedModel(Predictor.from_dir(path), ModelRef(path.name, None, str(path)))
-    entry = registry_version(str(uri))
-    if entry is None:
-        if str(uri).startswith("models:/"):
-            raise UserError(f"no registered model {uri} in the MLflow registry; register and promote one "
-                            "(`cxr register`, `cxr promote VERSION`) or give a model directory")
-        return ServedModel(Predictor.from_uri(uri), ModelRef(str(uri), None, str(uri)))
-    load_uri = f"models:/{entry.name}/{entry.version}"
-    return ServedModel(Predictor.from_uri(load_uri), ModelRef(entry.name, str(entry.version), str(uri)))
+    return ServedModel.load(cfg, uri)
 
 
 def registry_version(uri: str) -> Any:
@@ -424,7 +412,7 @@ def evaluate_external(cfg: "Config", *, data: str | Path | None = None, url: str
     else:
         if cfg.mlflow.enabled:
             tracking.configure(cfg)  # models:/ URIs resolve in the configured store
-        in_process = load_in_process(model)
+        in_process = load_in_process(model, cfg)
         evaluated = EvaluatedModel.from_metadata(in_process.metadata())
         endpoint = IN_PROCESS
     ext = load_external_set(cfg, data, evaluated.task, out / "source")

@@ -64,16 +64,14 @@ def _use_store(cfg: "Config") -> str:
     """Point mlflow at the tracking store and registry without writing to them."""
     import mlflow
 
-    from cxr.tracking import tracking_uri
+    from cxr.tracking import tracking_uri, use_store
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         # mlflow would silently create an empty store here
         source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
         raise NoModelToServe(f"no MLflow store at {uri} (from {source}). {WHAT_TO_DO}.")
-    mlflow.set_tracking_uri(uri)
-    if not uri.startswith(("http://", "https://", "databricks")):
-        mlflow.set_registry_uri(uri)  # an embedded store holds its own registry
+    use_store(uri)
     return uri
 
 

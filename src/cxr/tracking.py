@@ -24,12 +24,32 @@ log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
+URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 def tracking_uri(cfg: "Config") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
 
 
 def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
+
+
+def use_store(uri: str) -> None:
+    """Point this process's mlflow at ``uri`` (tracking, and registry for an embedded store)."""
+    import mlflow
+
+    user_env = {k: os.environ.get(k) for k in URI_ENV}
+    mlflow.set_tracking_uri(uri)
+    # an embedded store holds its own registry (mlflow >= 3 would look elsewhere); a server owns its registry
+    mlflow.set_registry_uri(None if _is_server(uri) else uri)
+    # mlflow also exports both URIs to the environment; undo that, or a later configure() in this
+    # process (another project, a test) and every child process would take them for the user's choice
+    for key, value in user_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def configure(cfg: "Config") -> str:
@@ -44,9 +64,7 @@ def configure(cfg: "Config") -> str:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    if not _is_server(uri):
-        mlflow.set_registry_uri(uri)  # mlflow >= 3 would otherwise look for a registry elsewhere
+    use_store(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from cxr.tracking import use_store
 from cxr.config import Config
 from cxr.external import evaluate_external, load_in_process
 
@@ -118,7 +119,7 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
     run = mlflow.get_run(res.stderr.split("MLflow run")[-1].split()[0])
     info = json.loads((project / "models" / "cxr" / "model.json").read_text())
     assert run.data.tags["model_run_id"] == info["training"]["run_id"]
@@ -249,8 +250,7 @@ def champion(project: Path) -> str:
     """The trained model registered as version 1 of `cxr` with the champion alias."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{project / 'mlflow.db'}")
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
     run_id = json.loads((project / "models" / "cxr" / "model.json").read_text())["training"]["run_id"]
     # the logged model's URI, as `cxr register` uses: the version then knows its logged model
     version = mlflow.register_model(mlflow.get_run(run_id).data.tags["model_uri"], "cxr")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cxr.tracking import use_store
 from cxr.imaging import read_image
 from cxr.predictor import Predictor
 
@@ -60,7 +61,7 @@ def test_cli_pipeline_writes_model_reports_and_mlflow_run(project: Path):
         assert (project / "reports" / "plots" / f"{plot}.png").stat().st_size > 1000
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
     run = mlflow.get_run(info["training"]["run_id"])
     assert run.data.params["model.arch"] == "simple_cnn"
     assert "val_auroc" in run.data.metrics and "test_auroc" in run.data.metrics
@@ -89,7 +90,7 @@ def test_mlflow_uri_loads_the_same_model(project: Path):
     import mlflow
 
     info = json.loads((project / "models" / "cxr" / "model.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
     local = Predictor.from_dir(project / "models" / "cxr")
     remote = Predictor.from_uri(f"runs:/{info['training']['run_id']}/model")
     x = np.load(project / "data" / "prepared" / "images_32.npy")[:4]

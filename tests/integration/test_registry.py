@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cxr.tracking import use_store
 from cxr.config import load_config
 from cxr.registry import Decision, compare
 
@@ -45,8 +46,7 @@ def project(tmp_path_factory) -> Path:
 
 def versions(project: Path) -> dict[str, dict]:
     cfg = load_config(overrides=TINY)
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{project / 'mlflow.db'}")
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     model = client.get_registered_model(cfg.mlflow.registered_model)
     out = {str(v.version): {"tags": v.tags, "aliases": []} for v in client.search_model_versions(f"name='{model.name}'")}

@@ -28,6 +28,7 @@ import pydicom
 import pytest
 from PIL import Image as PILImage
 
+from cxr.tracking import use_store
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 
 pytestmark = pytest.mark.slow
@@ -128,13 +129,10 @@ def server(project: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def champion(project: Path):
     """The champion loaded in this process through the same Predictor (the reference answers)."""
-    import mlflow
-
     from cxr.predictor import Predictor
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     return Predictor.from_uri("models:/cxr@champion")
 
 

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import yaml
 
+from cxr.tracking import use_store
 from cxr.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def runs(work: Path, db: str = "mlflow.db"):
-    mlflow.set_tracking_uri(f"sqlite:///{work / db}")
+    use_store(f"sqlite:///{work / db}")
     return mlflow.search_runs(experiment_names=["cxr"], output_format="list")
 
 
@@ -236,7 +237,7 @@ def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str
     assert len(numbers) == len(set(numbers))
     workers_seen = {t.user_attrs.get("worker") for t in trials}
     assert len(workers_seen) == 2, (workers_seen, outputs)  # both workers ran trials
-    mlflow.set_tracking_uri(tracking)
+    use_store(tracking)
     all_runs = mlflow.search_runs(experiment_names=["cxr"], output_format="list")
     parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study"]
     assert len(parents) == 1
