@@ -27,7 +27,8 @@ import numpy as np
 import yaml
 from common import WORK, require_shared, write_result
 from PIL import Image
-from serving import Server
+
+from cxr.serve_process import ServiceProcess
 
 METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 
@@ -57,10 +58,9 @@ def main() -> None:
     store = {"mlflow": {"tracking_uri": f"sqlite:///{trained / 'mlflow.db'}",
                         "artifact_location": str(trained / "mlartifacts")}}
     params = work / "params.yaml"
-    params.write_text(yaml.safe_dump(store))
-    os.environ["CXR_PARAMS"] = str(params)  # the service reads its store from here
+    params.write_text(yaml.safe_dump(store))  # the service's MLflow store: the training run's internal metrics
 
-    server = Server(model_dir, batching=True, home=work)
+    server = ServiceProcess(work, work / "serve.log", CXR_MODEL_URI=str(model_dir), CXR_BATCHING="1")
     try:
         server.wait_ready()
         out = work / "out"
@@ -77,7 +77,15 @@ def main() -> None:
         server.stop()
     report = json.loads((out / "report" / "external.json").read_text())
     info = json.loads((model_dir / "model.json").read_text())
-    ext = report["metrics"] if "metrics" in report else report
+    compared = report["comparison"].get("metrics", {})
+
+    def pair(k: str) -> str:
+        c = compared.get(k)
+        if not c:
+            return f"{k} {report['metrics'][k]['value']:.3f}"
+        e = c["external"]
+        return f"{k} {c['internal']['value']:.3f} -> {e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+
     figures = {
         "model": {"trained_on": "kermany224 (patient-level split)", "arch": info["architecture"].get("arch"),
                   "input_px": info["preprocess"]["size"], "threshold": info["threshold"]},
@@ -87,6 +95,10 @@ def main() -> None:
         "wall_seconds": round(seconds, 1),
         "images_per_second": round(n / seconds, 1),
         "report": {k: v for k, v in report.items() if k not in ("predictions",)},
+        "summary": (f"{info['architecture'].get('arch')} {info['preprocess']['size']} px trained on kermany224, served, "
+                    f"{n} PneumoniaMNIST test PNGs in {seconds:.1f} s at concurrency {args.concurrency} "
+                    f"({report['requests']['failed']} failed); internal test -> external: "
+                    + ", ".join(pair(k) for k in ("auroc", "accuracy", "sensitivity", "specificity"))),
     }
     write_result("external_shift", figures)
     print(json.dumps(list(report), indent=1))

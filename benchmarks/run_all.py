@@ -27,6 +27,7 @@ SCRIPTS = [
 ]
 FULL_ONLY = [
     (["quality.py", "kermany"], 20),
+    (["external_shift.py"], 1),  # the Kermany model above, through the service, on PneumoniaMNIST's test set
     (["tuning.py"], 45),  # 50 trials per arm
     (["quality.py", "pneumoniamnist", "--tuned"], 2),
 ]

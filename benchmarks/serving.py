@@ -19,10 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,6 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from common import REPO, write_result
+
+from cxr.serve_process import ServiceProcess
 
 MODELS = {"resnet18": {"arch": "resnet18", "size": 224}, "simple_cnn": {"arch": "simple_cnn", "size": 64}}
 CONCURRENCY = (1, 8, 32)
@@ -67,43 +65,10 @@ def inputs() -> dict[str, bytes]:
     return {"dicom_1024": dicom, "png_224": buf.getvalue()}
 
 
-class Server:
-    def __init__(self, model_dir: Path, batching: bool, home: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        env |= {"CXR_MODEL_URI": str(model_dir), "CXR_BATCHING": "1" if batching else "0", "BENTOML_HOME": str(home),
-                "BENTOML_DO_NOT_TRACK": "true"}
-        self.log = open(home / f"serve-{model_dir.name}-{int(batching)}.log", "w")
-        bentoml = Path(sys.executable).with_name("bentoml")
-        self.proc = subprocess.Popen([str(bentoml), "serve", "cxr.service:CxrService", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], cwd=REPO, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"bentoml serve exited; see {self.log.name}")
-            try:
-                if httpx.post(f"{self.url}/readyz", json={}, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        sys.exit(f"bentoml serve not ready after {timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+def start_server(model_dir: Path, batching: bool, home: Path) -> ServiceProcess:
+    """The repository's params.yaml, this model, batching on or off."""
+    return ServiceProcess(REPO, home / f"serve-{model_dir.name}-{int(batching)}.log", home=home,
+                          CXR_MODEL_URI=str(model_dir), CXR_BATCHING="1" if batching else "0")
 
 
 def latency(url: str, data: bytes, n: int = LATENCY_N) -> dict[str, float]:
@@ -155,7 +120,7 @@ def main() -> None:
             spec = MODELS[name]
             model_dir = make_model(spec["arch"], spec["size"], tmp)
             for batching in (True, False):
-                server = Server(model_dir, batching, tmp)
+                server = start_server(model_dir, batching, tmp)
                 try:
                     server.wait_ready()
                     run = {"image_size": spec["size"],

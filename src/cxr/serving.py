@@ -62,8 +62,6 @@ def service_config() -> "Config":
 
 def _use_store(cfg: "Config") -> str:
     """Point mlflow at the tracking store and registry without writing to them."""
-    import mlflow
-
     from cxr.tracking import tracking_uri, use_store
 
     uri = tracking_uri(cfg)

@@ -87,8 +87,6 @@ def test_predictor_on_raw_file_matches_evaluation_on_prepared_array(project: Pat
 
 
 def test_mlflow_uri_loads_the_same_model(project: Path):
-    import mlflow
-
     info = json.loads((project / "models" / "cxr" / "model.json").read_text())
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     local = Predictor.from_dir(project / "models" / "cxr")

@@ -13,8 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ import pydicom
 import pytest
 from PIL import Image as PILImage
 
+from cxr.serve_process import ServiceProcess as Server
 from cxr.tracking import use_store
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 
@@ -57,62 +56,6 @@ def project(tmp_path_factory) -> Path:
         cxr(work, step, *sets)
     cxr(work, "promote", "1", *sets)
     return work
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve cxr.service:CxrService` in ``workdir`` (params.yaml and mlflow.db found there)."""
-
-    def __init__(self, workdir: Path, log: Path, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CXR_MODEL_URI", "CXR_BATCHING")}
-        full_env |= {"BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": str(workdir / "bentoml_home"),
-                     "CXR_PARAMS": str(workdir / "params.yaml"), **env}
-        self._log = open(log, "w")
-        bentoml = Path(sys.executable).with_name("bentoml")
-        self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "cxr.service:CxrService", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=workdir, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
-            try:
-                if httpx.post(f"{self.url}/readyz", json={}, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"bentoml serve not ready in {timeout} s:\n{self.text()[-3000:]}")
-
-    def rss(self) -> int:
-        """Resident memory of the whole server process tree, bytes."""
-        import psutil
-
-        root = psutil.Process(self.proc.pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
