@@ -2,9 +2,13 @@
 
     python benchmarks/tuning.py                                      # 50 trials x <= 10 epochs per arm (~45 min)
     python benchmarks/tuning.py --trials 8 --epochs 6 --name tuning_quick   # the `make bench` default set
+    python benchmarks/tuning.py --resume                             # continue interrupted studies
 
 Both arms run `cxr.tune.tune` with the same seeded TPE sampler and search space; one uses the median
-pruner, the other none. Each arm reports epochs trained, wall time and best validation AUROC. Every
+pruner, the other none. Each arm reports epochs trained, time and best validation AUROC; time is the
+sum of its finished (complete or pruned) trials' durations, so an interrupted and resumed study is
+measured the same as one run straight through (a trial killed by the interruption counts as failed
+and is left out of both epochs and time). Every
 complete trial's logged model is scored on the official test split, to show how well the validation
 ranking (in-distribution, cut from Kermany's training set) carries over to the shifted test set.
 The best trial of the pruned arm is then registered and promoted to `champion` (`cxr register` /
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import time
 
 import numpy as np
 import yaml
@@ -82,11 +85,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--name", default="tuning", help="result file name (results/<name>.json)")
+    ap.add_argument("--resume", action="store_true", help="keep the studies in benchmarks/work/<name> and continue them")
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{work / 'optuna.db'}"
     base = load_config(overrides={
         "data.source": "medmnist", "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz")),
@@ -105,14 +110,14 @@ def main() -> None:
     arms, results = {}, {}
     for pruner in ("median", "none"):
         cfg = base.override({"tune.pruner": pruner})
-        t0 = time.perf_counter()
         results[pruner] = result = tune(cfg, args.trials, study_name=f"bench-{pruner}", storage_url=storage)
-        seconds = time.perf_counter() - t0
         study = optuna.load_study(study_name=f"bench-{pruner}", storage=storage)
+        finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+        seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
         per_trial = test_auroc_per_trial(study, data)
         arms[pruner] = {
-            "wall_seconds": round(seconds, 1),
-            "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in study.trials),
+            "trial_seconds": round(seconds, 1),
+            "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in finished),
             "complete": result.n_complete, "pruned": result.n_pruned, "failed": result.n_failed,
             "best_val_auroc": round(result.best_value, 4), "best_params": result.best_params,
             "val_to_test": ranking_carry_over(per_trial), "trials": per_trial,
@@ -141,11 +146,11 @@ def main() -> None:
         "dataset": "pneumoniamnist", "image_size": 28, "trials": args.trials, "max_epochs": args.epochs,
         "space": SPACE, "arms": arms, "promoted": promoted,
         "epochs_ratio_none_vs_pruned": round(full["epochs"] / max(pruned["epochs"], 1), 2),
-        "time_ratio_none_vs_pruned": round(full["wall_seconds"] / max(pruned["wall_seconds"], 1e-9), 2),
+        "time_ratio_none_vs_pruned": round(full["trial_seconds"] / max(pruned["trial_seconds"], 1e-9), 2),
         "best_val_gap_none_minus_pruned": round(full["best_val_auroc"] - pruned["best_val_auroc"], 4),
         "summary": (f"{args.trials} trials x <= {args.epochs} epochs: median pruner {pruned['epochs']} epochs in "
-                    f"{pruned['wall_seconds']:.0f} s ({pruned['pruned']} pruned, best val AUROC "
-                    f"{pruned['best_val_auroc']}) vs none {full['epochs']} epochs in {full['wall_seconds']:.0f} s "
+                    f"{pruned['trial_seconds']:.0f} s ({pruned['pruned']} pruned, best val AUROC "
+                    f"{pruned['best_val_auroc']}) vs none {full['epochs']} epochs in {full['trial_seconds']:.0f} s "
                     f"(best {full['best_val_auroc']}); promoted v{version}: test AUROC {fmt(promoted.get('test_auroc'))}, "
                     f"accuracy {fmt(promoted.get('test_accuracy'))}; val->test Spearman "
                     f"{pruned['val_to_test'].get('spearman_val_vs_test')} (pruned arm), "

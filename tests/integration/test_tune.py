@@ -115,9 +115,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler: give the child the terminal's default, as a user has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(work: Path, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cxr", *argv], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_default_sigint)
 
 
 def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path):
