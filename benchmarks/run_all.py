@@ -23,7 +23,7 @@ SCRIPTS = [
     (["data_path.py"], 4),
     (["train_overhead.py"], 2),
     (["serving.py"], 5),
-    (["tuning.py", "--trials", "8", "--epochs", "6", "--name", "tuning_quick"], 4),
+    (["tuning.py", "--trials", "6", "--epochs", "4", "--name", "tuning_quick"], 4),
 ]
 FULL_ONLY = [
     (["quality.py", "kermany"], 20),

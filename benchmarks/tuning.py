@@ -1,7 +1,7 @@
 """Tuning: the same study with and without pruning, on PneumoniaMNIST at 28 px, then the promoted model.
 
     python benchmarks/tuning.py                                      # 50 trials x <= 10 epochs per arm (~45 min)
-    python benchmarks/tuning.py --trials 8 --epochs 6 --name tuning_quick   # the `make bench` default set
+    python benchmarks/tuning.py --trials 6 --epochs 4 --name tuning_quick   # the `make bench` default set
     python benchmarks/tuning.py --resume                             # continue interrupted studies
 
 Both arms run `cxr.tune.tune` with the same seeded TPE sampler and search space; one uses the median
@@ -86,10 +86,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--name", default="tuning", help="result file name (results/<name>.json)")
     ap.add_argument("--resume", action="store_true", help="keep the studies in benchmarks/work/<name> and continue them")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)")
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
-    if not args.resume:
+    if not (args.resume or args.report_only):
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{work / 'optuna.db'}"
@@ -110,12 +112,18 @@ def main() -> None:
     arms, results = {}, {}
     for pruner in ("median", "none"):
         cfg = base.override({"tune.pruner": pruner})
-        results[pruner] = result = tune(cfg, args.trials, study_name=f"bench-{pruner}", storage_url=storage)
+        if args.report_only:  # as many trials as the study has finished: tune() then only summarises
+            study = optuna.load_study(study_name=f"bench-{pruner}", storage=storage)
+            n = min(args.trials, sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials))
+        else:
+            n = args.trials
+        results[pruner] = result = tune(cfg, n, study_name=f"bench-{pruner}", storage_url=storage)
         study = optuna.load_study(study_name=f"bench-{pruner}", storage=storage)
         finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
         seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
         per_trial = test_auroc_per_trial(study, data)
         arms[pruner] = {
+            "finished_trials": len(finished),
             "trial_seconds": round(seconds, 1),
             "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in finished),
             "complete": result.n_complete, "pruned": result.n_pruned, "failed": result.n_failed,
@@ -148,7 +156,7 @@ def main() -> None:
         "epochs_ratio_none_vs_pruned": round(full["epochs"] / max(pruned["epochs"], 1), 2),
         "time_ratio_none_vs_pruned": round(full["trial_seconds"] / max(pruned["trial_seconds"], 1e-9), 2),
         "best_val_gap_none_minus_pruned": round(full["best_val_auroc"] - pruned["best_val_auroc"], 4),
-        "summary": (f"{args.trials} trials x <= {args.epochs} epochs: median pruner {pruned['epochs']} epochs in "
+        "summary": (f"{pruned['finished_trials']} vs {full['finished_trials']} trials x <= {args.epochs} epochs: median pruner {pruned['epochs']} epochs in "
                     f"{pruned['trial_seconds']:.0f} s ({pruned['pruned']} pruned, best val AUROC "
                     f"{pruned['best_val_auroc']}) vs none {full['epochs']} epochs in {full['trial_seconds']:.0f} s "
                     f"(best {full['best_val_auroc']}); promoted v{version}: test AUROC {fmt(promoted.get('test_auroc'))}, "
