@@ -392,9 +392,8 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
             if failures >= cfg.tune.max_consecutive_failures:
                 note = ran[0].user_attrs.get("error", "see the trial runs' `trial_note` tag in MLflow")
                 raise TuneError(f"{failures} trials in a row failed; the last one: {note}")
-            now = counts(study)
-            advance(now["finished"] - done, best=_best(study).value if _best(study) else float("nan"),
-                    pruned=now["PRUNED"])
+            now, best = counts(study), _best(study)
+            advance(now["finished"] - done, best=best.value if best else float("nan"), pruned=now["PRUNED"])
             done = now["finished"]
 
     optuna.storages.fail_stale_trials(study)
