@@ -3,6 +3,7 @@
     python benchmarks/quality.py pneumoniamnist      # default config at 28 px (MedMNIST's resolution)
     python benchmarks/quality.py kermany [--size 64]  # Kermany train set, patient-level split cut by prepare
     python benchmarks/quality.py pneumoniamnist --tuned  # with the params tuning.py found
+    python benchmarks/quality.py pneumoniamnist --seeds 1,2,3  # the same config under 3 seeds (reliability)
 
 Writes benchmarks/results/quality_<dataset>.json with test metrics, wall times and the MedMNIST v2 table.
 """
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import yaml
 from common import RESULTS, WORK, require_shared, write_result
 
@@ -30,11 +32,32 @@ MEDMNIST_V2 = {  # Table 3 of the MedMNIST v2 paper, PneumoniaMNIST test AUC / A
 }
 
 
+def train_and_score(cfg) -> dict:
+    """Train with ``cfg``, evaluate on the test split: wall time, epochs and the test metrics."""
+    t0 = time.perf_counter()
+    result = fit(cfg, log_model=False)
+    t_train = time.perf_counter() - t0
+    test = evaluate(cfg)["splits"]["test"]
+    return {
+        "seed": cfg.project.seed,
+        "train_seconds": round(t_train, 1),
+        "epochs_trained": result.epochs_trained,
+        "best_epoch": result.best_epoch,
+        "train_images_per_second": round(result.images_per_second, 1),
+        "val_auroc": round(result.best_val_auroc, 4),
+        "threshold": result.threshold,
+        "test": {k: test[k] for k in ("auroc", "accuracy", "sensitivity", "specificity", "f1")},
+        "test_n": test["n"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=["pneumoniamnist", "kermany"])
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("-s", "--set", action="append", default=[], help="extra dotted overrides")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)")
     ap.add_argument("--tuned", action="store_true", help="train with results/tuned_<dataset>.yaml (from tuning.py)")
     args = ap.parse_args()
     name = f"quality_{args.dataset}" + ("_tuned" if args.tuned else "")
@@ -64,26 +87,24 @@ def main() -> None:
     ingest(cfg)
     prepare(cfg)
     t_prep = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = fit(cfg, log_model=False)
-    t_train = time.perf_counter() - t0
-    report = evaluate(cfg)
-    test = report["splits"]["test"]
-    figures = {
-        "dataset": args.dataset,
-        "image_size": size,
-        "arch": cfg.model.arch,
-        "overrides": args.set,
-        "ingest_prepare_seconds": round(t_prep, 1),
-        "train_seconds": round(t_train, 1),
-        "epochs_trained": result.epochs_trained,
-        "best_epoch": result.best_epoch,
-        "train_images_per_second": round(result.images_per_second, 1),
-        "val_auroc": round(result.best_val_auroc, 4),
-        "threshold": result.threshold,
-        "test": {k: test[k] for k in ("auroc", "accuracy", "sensitivity", "specificity", "f1")},
-        "test_n": test["n"],
-    }
+    figures = {"dataset": args.dataset, "image_size": size, "arch": cfg.model.arch, "overrides": args.set,
+               "ingest_prepare_seconds": round(t_prep, 1)}
+    if args.seeds:
+        # The same config under several seeds: is a target met reliably, or only by a lucky seed?
+        name += "_seeds"
+        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}"])) for seed in args.seeds}
+        figures["runs"] = runs
+        parts = []
+        for metric in ("auroc", "accuracy", "sensitivity", "specificity"):
+            values = [r["test"][metric]["value"] for r in runs.values()]
+            figures[f"test_{metric}_min_mean_max"] = [round(min(values), 4), round(float(np.mean(values)), 4),
+                                                      round(max(values), 4)]
+            parts.append(f"{metric} " + " / ".join(f"{v:.4f}" for v in values))
+        train_s = [r["train_seconds"] for r in runs.values()]
+        figures["summary"] = (f"{cfg.model.arch} {size} px, seeds {', '.join(map(str, args.seeds))}: test "
+                              + "; ".join(parts) + f"; train {min(train_s):.0f}-{max(train_s):.0f} s")
+    else:
+        figures |= train_and_score(cfg)
     if args.dataset == "pneumoniamnist":
         figures["medmnist_v2_table_auc_acc"] = MEDMNIST_V2
         figures["targets"] = {"auroc": 0.98, "accuracy": 0.93, "train_seconds": 300}

@@ -1,11 +1,11 @@
 """Serving speed: `bentoml serve` on loopback, with and without adaptive batching.
 
-    python benchmarks/serving.py [--seconds 6] [--models resnet18,simple_cnn]
+    python benchmarks/serving.py [--seconds 6] [--models resnet18,simple_cnn] [--torch-threads N]
 
 For each model (resnet18 at 224 px and the default simple_cnn at 64 px, random weights: speed only)
-and each mode (CXR_BATCHING=1: a separate model service behind BentoML's adaptive batcher;
-CXR_BATCHING=0: the model in the API process, one request per forward pass) it starts the real
-service and measures
+and each mode (CXR_BATCHING=1: BentoML's adaptive batcher merges concurrent requests into one forward
+pass; CXR_BATCHING=0: one request per forward pass; the same two-service topology either way) it
+starts the real service and measures
 
 * latency of /predict at concurrency 1 (p50/p95 over sequential requests) for a 1024x1024 DICOM
   and a 224x224 PNG;
@@ -65,6 +65,32 @@ def inputs() -> dict[str, bytes]:
     return {"dicom_1024": dicom, "png_224": buf.getvalue()}
 
 
+def bare_forward(model_dir: Path, threads: int, seconds: float = 3.0) -> dict:
+    """images/s of the bare forward pass at batch 1, 8 and 32 in this process: the most any batching
+    can gain on this machine is the best batch's rate over batch 1's."""
+    import torch
+
+    from cxr.predictor import Predictor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictor = Predictor.from_dir(model_dir)
+        size = predictor.info["preprocess"]["size"]
+        rates = {}
+        for bs in (1, 8, 32):
+            x = np.random.default_rng(0).integers(0, 256, (bs, size, size), dtype=np.uint8)
+            predictor.predict_proba(x)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                predictor.predict_proba(x)
+                n += bs
+            rates[str(bs)] = round(n / (time.perf_counter() - t0), 1)
+    finally:
+        torch.set_num_threads(before)
+    return {"images_per_s_by_batch": rates, "batching_ceiling": round(max(rates.values()) / rates["1"], 2)}
+
+
 def start_server(model_dir: Path, batching: bool, home: Path) -> ServiceProcess:
     """The repository's params.yaml, this model, batching on or off."""
     return ServiceProcess(REPO, home / f"serve-{model_dir.name}-{int(batching)}.log", home=home,
@@ -107,11 +133,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per throughput point")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="CXR_TORCH_THREADS of the model service, both modes (default: the service's own, all cores)")
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
+    if args.torch_threads:
+        os.environ["CXR_TORCH_THREADS"] = str(args.torch_threads)
     data = inputs()
     figures: dict = {"inputs": {k: len(v) for k, v in data.items()}, "concurrency": list(CONCURRENCY),
-                     "throughput_input": "png_224", "seconds_per_point": args.seconds, "runs": {}}
+                     "throughput_input": "png_224", "seconds_per_point": args.seconds,
+                     "torch_threads": int(os.environ.get("CXR_TORCH_THREADS", len(os.sched_getaffinity(0)))),
+                     "max_batch_size": int(os.environ.get("CXR_MAX_BATCH_SIZE", "8")), "runs": {}}
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="cxr-bench-serving-") as tmp:
@@ -119,6 +151,7 @@ def main() -> None:
         for name in args.models.split(","):
             spec = MODELS[name]
             model_dir = make_model(spec["arch"], spec["size"], tmp)
+            figures.setdefault("bare_forward", {})[name] = bare_forward(model_dir, figures["torch_threads"])
             for batching in (True, False):
                 server = start_server(model_dir, batching, tmp)
                 try:
@@ -138,15 +171,18 @@ def main() -> None:
         rps_on, rps_off = on["throughput"]["32"]["requests_per_s"], off["throughput"]["32"]["requests_per_s"]
         comparison[name] = {
             "batching_speedup_at_32": round(rps_on / max(rps_off, 1e-9), 2),
+            "bare_forward_batching_ceiling": figures["bare_forward"][name]["batching_ceiling"],
             "p50_png_ms": {"batching": on["latency"]["png_224"]["p50_ms"],
                            "no_batching": off["latency"]["png_224"]["p50_ms"]},
             "errors": sum(t["errors"] for r in (on, off) for t in r["throughput"].values()),
         }
         parts.append(f"{name} {MODELS[name]['size']} px: {rps_on} vs {rps_off} req/s at c=32 with/without batching "
-                     f"({comparison[name]['batching_speedup_at_32']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
+                     f"({comparison[name]['batching_speedup_at_32']}x; bare forward batch 8 or 32 vs 1: "
+                     f"{comparison[name]['bare_forward_batching_ceiling']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
                      f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms")
     figures["comparison"] = comparison
     figures["summary"] = "; ".join(parts)
+    figures["summary"] += f"; {figures['torch_threads']} torch threads, max batch {figures['max_batch_size']}"
     figures["targets"] = {"batching_speedup_at_32": 2.0, "resnet18_p50_png_ms": 80}
     figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
     figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}

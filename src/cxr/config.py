@@ -100,7 +100,7 @@ class PrepareConfig(PreprocessConfig):
 
 
 class AugmentConfig(Section):
-    strength: float = Field(1.0, ge=0)
+    strength: float = Field(2.0, ge=0)  # multiplies the ranges below
     rotation_deg: float = 7.0
     shift: float = 0.06
     scale: float = 0.08
@@ -188,7 +188,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "model.arch": {"type": "categorical", "choices": ["simple_cnn", "resnet18"]},
     "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "model.width": {"type": "categorical", "choices": [16, 32, 48]},
-    "train.augment.strength": {"type": "float", "low": 0.0, "high": 1.5},
+    "train.augment.strength": {"type": "float", "low": 0.0, "high": 3.0},
     "model.image_size": {"type": "categorical", "choices": [64]},
 }
 

@@ -18,15 +18,18 @@ Two BentoML services, each in its own worker process:
 Environment (read when the module is imported, i.e. at `bentoml serve` start):
 
 * ``CXR_DEVICE`` (cpu): where the model runs (``cuda``, ``cuda:1``);
-* ``CXR_BATCHING`` (on for a GPU device, off on CPU): measured with benchmarks/serving.py on CPU,
-  the forward pass is compute-bound even for one image, so merging requests gains about 10% of
-  throughput at concurrency 32 and, after a burst, the batcher's learned waiting time keeps adding
-  latency for a while;
-* ``CXR_MAX_BATCH_SIZE`` (32), ``CXR_MAX_LATENCY_MS`` (5000): the batcher's limits. BentoML answers
-  503 to a request it predicts cannot be served within the max latency, so this is a shedding
-  threshold under overload, not the batching window (which adapts to the traffic). It also seeds
-  the batcher's cost model: the first few requests after start-up wait up to about half of it;
-* ``CXR_TORCH_THREADS`` (1): intra-op threads of the forward pass;
+* ``CXR_BATCHING`` (on): BentoML's adaptive batcher merges concurrent ``predict`` requests into one
+  forward pass. Measured with benchmarks/serving.py on 2 CPU cores (resnet18, 224 px PNG): 1.5x the
+  requests/s at concurrency 32 and the same p50 at concurrency 1;
+* ``CXR_MAX_BATCH_SIZE`` (8 on CPU, 32 on a GPU): a CPU forward pass costs less per image up to
+  batch ~8 and more beyond (cache), a GPU's keeps falling. ``CXR_MAX_LATENCY_MS`` (5000): BentoML
+  answers 503 to a request it predicts cannot be served within it, so this is a shedding threshold
+  under overload, not the batching window (which adapts to the traffic). It also seeds the
+  batcher's cost model: the first few requests after start-up wait up to about half of it;
+* ``CXR_TORCH_THREADS`` (the cores this process may use): intra-op threads of the forward pass. On
+  a machine shared with other CPU-heavy work set 1: OpenMP threads that have to wait for busy cores
+  wait for each other (measured: a 64 px forward took 850 ms with 2 threads on a loaded 2-core box,
+  5 ms with 1);
 * ``CXR_MODEL_URI``, ``CXR_PARAMS``, ``MLFLOW_TRACKING_URI``: what to serve (see cxr.serving).
 """
 
@@ -52,11 +55,10 @@ def _flag(name: str, default: bool) -> bool:
 
 
 DEVICE = os.environ.get("CXR_DEVICE", "cpu")
-# On CPU batching measured ~1.1x throughput and added latency after bursts; it pays on a GPU.
-BATCHING = _flag("CXR_BATCHING", DEVICE.startswith("cuda"))
-MAX_BATCH_SIZE = int(os.environ.get("CXR_MAX_BATCH_SIZE", "32"))
+BATCHING = _flag("CXR_BATCHING", True)
+MAX_BATCH_SIZE = int(os.environ.get("CXR_MAX_BATCH_SIZE", "32" if DEVICE.startswith("cuda") else "8"))
 MAX_LATENCY_MS = int(os.environ.get("CXR_MAX_LATENCY_MS", "5000"))
-TORCH_THREADS = int(os.environ.get("CXR_TORCH_THREADS", "1"))
+TORCH_THREADS = int(os.environ.get("CXR_TORCH_THREADS", str(len(os.sched_getaffinity(0)))))
 MAX_FILES = 64  # files per predict_batch request
 TIMEOUT_S = 120
 INTERNAL_RETRIES = 3
@@ -72,9 +74,7 @@ class CxrModel:
         from cxr.serving import NoModelToServe, ServedModel
 
         logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
-        # Concurrency comes from batching and the decoding threads; intra-op threads on top of them
-        # oversubscribe the cores (measured: a 64 px simple_cnn forward took 850 ms with 2 OpenMP
-        # threads on a busy 2-core machine, 5 ms with 1).
+        # One forward pass at a time (threads=1 above), so intra-op threads are what uses the cores.
         torch.set_num_threads(TORCH_THREADS)
         try:
             self.served = ServedModel.load(device=DEVICE)

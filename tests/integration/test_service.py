@@ -301,8 +301,8 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
 
 
 def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
-    """The CPU default (CXR_BATCHING=0): no batcher, one request per forward pass."""
-    direct = Server(project, tmp_path / "direct.log")
+    """CXR_BATCHING=0: no batcher, one request per forward pass, the same answers."""
+    direct = Server(project, tmp_path / "direct.log", CXR_BATCHING="0")
     try:
         direct.wait_ready()
         for data in (synthetic_dicom(11), film_png(2)):
