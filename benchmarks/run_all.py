@@ -1,7 +1,7 @@
 """`make bench`: run the benchmark scripts, then regenerate the table in benchmarks/README.md.
 
     python benchmarks/run_all.py              # the default set, < 20 minutes on a 2-core CPU
-    python benchmarks/run_all.py --full       # also the long ones (Kermany quality ~20 min, 50-trial tuning ~45 min)
+    python benchmarks/run_all.py --full       # also the long ones (Kermany quality ~5-12 min, 50-trial tuning ~60 min)
     python benchmarks/run_all.py --table-only # only rebuild the README table from results/*.json
 
 A script that fails does not stop the others; the run exits non-zero when any failed.
@@ -31,7 +31,7 @@ FULL_ONLY = [
     (["quality.py", "pneumoniamnist", "--seeds", "1,2,3"], 7),  # is the default's quality a lucky seed?
     (["quality.py", "kermany"], 20),
     (["external_shift.py"], 1),  # the Kermany model above, through the service, on PneumoniaMNIST's test set
-    (["tuning.py"], 45),  # 50 trials per arm
+    (["tuning.py"], 60),  # 50 trials per arm: percentile pruner and none
     (["quality.py", "pneumoniamnist", "--tuned"], 2),
 ]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

@@ -1,17 +1,18 @@
 """Tuning: the same study with and without pruning, on PneumoniaMNIST at 28 px, then the promoted model.
 
-    python benchmarks/tuning.py                                      # 50 trials x <= 10 epochs per arm (~45 min)
+    python benchmarks/tuning.py                                      # 50 trials x <= 10 epochs per arm (~60 min)
     python benchmarks/tuning.py --trials 6 --epochs 4 --name tuning_quick   # the `make bench` default set
     python benchmarks/tuning.py --resume                             # continue interrupted studies
+    python benchmarks/tuning.py --resume --pruners percentile@1,hyperband@1,median  # more arms, same studies
 
-Both arms run `cxr.tune.tune` with the same seeded TPE sampler and search space; one uses the median
-pruner, the other none. Each arm reports epochs trained, time and best validation AUROC; time is the
-sum of its finished (complete or pruned) trials' durations, so an interrupted and resumed study is
-measured the same as one run straight through (a trial killed by the interruption counts as failed
-and is left out of both epochs and time). Every
+Every arm runs `cxr.tune.tune` with the same seeded TPE sampler and search space: the pruned arms
+(`--pruners`, default the percentile pruner from epoch 2) and one without pruning. Each arm reports
+epochs trained, time and best validation AUROC; time is the sum of its finished (complete or pruned)
+trials' durations, so an interrupted and resumed study is measured the same as one run straight through (a
+trial killed by the interruption counts as failed and is left out of both epochs and time). Every
 complete trial's logged model is scored on the official test split, to show how well the validation
 ranking (in-distribution, cut from Kermany's training set) carries over to the shifted test set.
-The best trial of the pruned arm is then registered and promoted to `champion` (`cxr register` /
+The best trial of the first pruned arm is then registered and promoted to `champion` (`cxr register` /
 `cxr promote` code paths) and its test metrics at the validation threshold are reported.
 Its parameters go to results/tuned_pneumoniamnist.yaml, which `quality.py pneumoniamnist --tuned`
 retrains with. Writes results/<name>.json.
@@ -80,15 +81,28 @@ def ranking_carry_over(rows: list[dict]) -> dict:
     }
 
 
+def parse_arm(spec: str) -> tuple[str, str, int]:
+    """``median`` or ``hyperband@1`` -> (arm label, pruner, warm-up epochs; default 3)."""
+    pruner, _, warmup = spec.partition("@")
+    if pruner not in ("median", "percentile", "hyperband"):
+        raise argparse.ArgumentTypeError(f"unknown pruner {pruner!r}: median, percentile or hyperband")
+    return (spec if warmup else pruner), pruner, int(warmup or 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--pruners", default="percentile@1",
+                    help="pruned arms, comma-separated: median | percentile (keeps the top 25%%) | hyperband, optionally "
+                         "@warm-up epochs (default 3; hyperband's smallest rung), e.g. median,hyperband@1. "
+                         "The first arm's best trial is promoted.")
     ap.add_argument("--name", default="tuning", help="result file name (results/<name>.json)")
     ap.add_argument("--resume", action="store_true", help="keep the studies in benchmarks/work/<name> and continue them")
     ap.add_argument("--report-only", action="store_true",
                     help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)")
     args = ap.parse_args()
+    pruned_arms = [parse_arm(spec) for spec in args.pruners.split(",")]
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
     if not (args.resume or args.report_only):
@@ -109,20 +123,22 @@ def main() -> None:
     data = PreparedData(base.paths.prepared, 28)
     import optuna
 
-    arms, results = {}, {}
-    for pruner in ("median", "none"):
-        cfg = base.override({"tune.pruner": pruner})
+    arms, results, configs = {}, {}, {}
+    for label, pruner, warmup in [*pruned_arms, ("none", "none", 3)]:
+        configs[label] = cfg = base.override({"tune.pruner": pruner, "tune.warmup_epochs": warmup})
+        study_name = f"bench-{label.replace('@', '-w')}"
         if args.report_only:  # as many trials as the study has finished: tune() then only summarises
-            study = optuna.load_study(study_name=f"bench-{pruner}", storage=storage)
+            study = optuna.load_study(study_name=study_name, storage=storage)
             n = min(args.trials, sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials))
         else:
             n = args.trials
-        results[pruner] = result = tune(cfg, n, study_name=f"bench-{pruner}", storage_url=storage)
-        study = optuna.load_study(study_name=f"bench-{pruner}", storage=storage)
+        results[label] = result = tune(cfg, n, study_name=study_name, storage_url=storage)
+        study = optuna.load_study(study_name=study_name, storage=storage)
         finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
         seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
         per_trial = test_auroc_per_trial(study, data)
-        arms[pruner] = {
+        arms[label] = {
+            "pruner": pruner, "warmup_epochs": warmup,
             "finished_trials": len(finished),
             "trial_seconds": round(seconds, 1),
             "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in finished),
@@ -130,39 +146,50 @@ def main() -> None:
             "best_val_auroc": round(result.best_value, 4), "best_params": result.best_params,
             "val_to_test": ranking_carry_over(per_trial), "trials": per_trial,
         }
-        print(f"== {pruner}: {arms[pruner]['epochs']} epochs, {seconds:.0f} s, best val {result.best_value:.4f}",
+        print(f"== {label}: {arms[label]['epochs']} epochs, {seconds:.0f} s, best val {result.best_value:.4f}",
               flush=True)
-    pruned, full = arms["median"], arms["none"]
+    full = arms["none"]
+    first = pruned_arms[0][0]
 
-    # The pruned arm's best trial, registered and promoted the way a team would do it.
-    version = register_best(base.override({"tune.pruner": "median"}), results["median"])
-    decision = registry.promote(base, version)
+    # The first pruned arm's best trial, registered and promoted the way a team would do it.
+    # A resumed run registers another version; the gate may then keep an earlier, better champion.
+    version = register_best(configs[first], results[first])
+    try:
+        gate, moved = registry.promote(base, version).reason, True
+    except registry.PromotionRefused as refused:
+        gate, moved = str(refused), False
     from mlflow import MlflowClient
 
     tags = MlflowClient().get_model_version(base.mlflow.registered_model, version).tags
-    promoted = {"version": version, "alias": base.registry.alias, "gate": decision.reason,
+    promoted = {"arm": first, "version": version, "alias": base.registry.alias, "promoted": moved, "gate": gate,
                 **{k: float(tags[k]) for k in ("val_auroc", "threshold", "test_auroc", "test_accuracy",
                                                "test_sensitivity", "test_specificity") if k in tags}}
     # only the full study's result feeds `quality.py --tuned`; a quick run must not overwrite it
     tuned = RESULTS / "tuned_pneumoniamnist.yaml" if args.name == "tuning" else work / "tuned_pneumoniamnist.yaml"
-    tuned.write_text(yaml.safe_dump(pruned["best_params"], sort_keys=True))
+    tuned.write_text(yaml.safe_dump(arms[first]["best_params"], sort_keys=True))
 
     def fmt(x):
         return "n/a" if x is None else f"{float(x):.4f}"
 
+    comparison, parts = {}, []
+    for label, _, _ in pruned_arms:
+        arm = arms[label]
+        comparison[label] = {
+            "epochs_ratio_none_vs_pruned": round(full["epochs"] / max(arm["epochs"], 1), 2),
+            "time_ratio_none_vs_pruned": round(full["trial_seconds"] / max(arm["trial_seconds"], 1e-9), 2),
+            "best_val_gap_none_minus_pruned": round(full["best_val_auroc"] - arm["best_val_auroc"], 4),
+        }
+        parts.append(f"{label} pruner {arm['epochs']} epochs in {arm['trial_seconds']:.0f} s ({arm['pruned']} of "
+                     f"{arm['finished_trials']} pruned, best val AUROC {arm['best_val_auroc']}, "
+                     f"{comparison[label]['epochs_ratio_none_vs_pruned']}x fewer epochs)")
     figures = {
         "dataset": "pneumoniamnist", "image_size": 28, "trials": args.trials, "max_epochs": args.epochs,
-        "space": SPACE, "arms": arms, "promoted": promoted,
-        "epochs_ratio_none_vs_pruned": round(full["epochs"] / max(pruned["epochs"], 1), 2),
-        "time_ratio_none_vs_pruned": round(full["trial_seconds"] / max(pruned["trial_seconds"], 1e-9), 2),
-        "best_val_gap_none_minus_pruned": round(full["best_val_auroc"] - pruned["best_val_auroc"], 4),
-        "summary": (f"{pruned['finished_trials']} vs {full['finished_trials']} trials x <= {args.epochs} epochs: median pruner {pruned['epochs']} epochs in "
-                    f"{pruned['trial_seconds']:.0f} s ({pruned['pruned']} pruned, best val AUROC "
-                    f"{pruned['best_val_auroc']}) vs none {full['epochs']} epochs in {full['trial_seconds']:.0f} s "
-                    f"(best {full['best_val_auroc']}); promoted v{version}: test AUROC {fmt(promoted.get('test_auroc'))}, "
-                    f"accuracy {fmt(promoted.get('test_accuracy'))}; val->test Spearman "
-                    f"{pruned['val_to_test'].get('spearman_val_vs_test')} (pruned arm), "
-                    f"{full['val_to_test'].get('spearman_val_vs_test')} (no pruning)"),
+        "space": SPACE, "arms": arms, "comparison": comparison, "promoted": promoted,
+        "summary": (f"<= {args.trials} trials x <= {args.epochs} epochs: " + "; ".join(parts)
+                    + f"; none {full['epochs']} epochs in {full['trial_seconds']:.0f} s ({full['finished_trials']} trials, "
+                    f"best {full['best_val_auroc']}); best of {first} v{version} ({'promoted' if moved else 'not promoted'}): test AUROC "
+                    f"{fmt(promoted.get('test_auroc'))}, accuracy {fmt(promoted.get('test_accuracy'))}; val->test Spearman "
+                    + ", ".join(f"{lab} {a['val_to_test'].get('spearman_val_vs_test')}" for lab, a in arms.items())),
     }
     write_result(args.name, figures)
 

@@ -198,8 +198,10 @@ class TuneConfig(Section):
     storage: str = "sqlite:///optuna.db"
     direction: Literal["maximize", "minimize"] = "maximize"
     sampler_seed: int = 0
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and trials before the median pruner acts
+    pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
+    # percentile pruner: a trial must stay within the top `keep_percentile` % of earlier trials at each epoch
+    keep_percentile: float = Field(25.0, gt=0, lt=100)
+    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and trials before the median/percentile pruner acts
     warmup_epochs: int = Field(2, ge=0)  # epochs before a trial may be pruned
     # A worker that dies (kill -9) stops its heartbeat; its trial is marked failed after the grace period.
     heartbeat_interval: int = Field(10, ge=1)

@@ -1,6 +1,6 @@
 """`cxr tune`: an Optuna study whose objective is the one training function, ``fit(cfg.override(params), trial)``.
 
-Seeded multivariate TPE, a median or hyperband pruner fed validation AUROC after every epoch, RDB storage
+Seeded multivariate TPE, a median, percentile or hyperband pruner fed validation AUROC after every epoch, RDB storage
 (SQLite by default, PostgreSQL for many workers) with heartbeats so a killed worker's trial is marked failed,
 and `--trials N` meaning N finished (complete or pruned) trials in the study. MLflow gets one parent run per
 study and one child run per trial; we log them ourselves (optuna's MLflowCallback is deprecated and its
@@ -100,6 +100,9 @@ def make_pruner(cfg: "Config") -> "optuna.pruners.BasePruner":
 
     if cfg.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.startup_trials, n_warmup_steps=cfg.tune.warmup_epochs)
+    if cfg.tune.pruner == "percentile":  # the median pruner is the 50% case; a smaller share prunes harder
+        return optuna.pruners.PercentilePruner(cfg.tune.keep_percentile, n_startup_trials=cfg.tune.startup_trials,
+                                               n_warmup_steps=cfg.tune.warmup_epochs)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs)
     return optuna.pruners.NopPruner()

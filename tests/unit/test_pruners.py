@@ -1,0 +1,47 @@
+"""The configured pruner decides like the study it belongs to: median vs a harder percentile."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from cxr.config import Config
+from cxr.tune import make_pruner
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def decide(pruner: str, value_at_epoch_2: float) -> bool:
+    """Four finished trials with validation AUROC 0.90/0.92/0.94/0.96 at epoch 2; would a new trial
+    reporting ``value_at_epoch_2`` there be pruned?"""
+    cfg = Config().override([f"tune.pruner={pruner}", "tune.startup_trials=2", "tune.warmup_epochs=1",
+                             "tune.keep_percentile=25"])
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+    for v in (0.90, 0.92, 0.94, 0.96):
+        study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={1: v - 0.05, 2: v},
+                                                  distributions={}, params={}))
+    trial = study.ask()
+    trial.report(value_at_epoch_2 - 0.05, 1)
+    trial.report(value_at_epoch_2, 2)
+    return bool(trial.should_prune())
+
+
+@pytest.mark.parametrize(("pruner", "value", "pruned"), [
+    ("median", 0.935, False),      # above the median (0.93) of the earlier trials at epoch 2
+    ("percentile", 0.935, True),   # ... but not in their top 25%
+    ("percentile", 0.955, False),  # in the top 25%
+    ("median", 0.91, True),
+    ("none", 0.50, False),
+])
+def test_pruners_keep_the_configured_share(pruner, value, pruned):
+    assert decide(pruner, value) is pruned
+
+
+def test_warmup_epochs_protect_early_epochs():
+    cfg = Config().override(["tune.pruner=percentile", "tune.startup_trials=0", "tune.warmup_epochs=5"])
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+    for v in (0.9, 0.95):
+        study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={2: v}, distributions={}, params={}))
+    trial = study.ask()
+    trial.report(0.5, 2)
+    assert not trial.should_prune()
