@@ -79,13 +79,14 @@ def main() -> None:
         t_all = time.perf_counter()
         seconds: dict[str, float] = {}
         for script, _ in scripts:
-            print("==", " ".join(script), flush=True)
+            label = " ".join(script)
+            print("==", label, flush=True)
             t0 = time.perf_counter()
             rc = subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]], cwd=HERE.parent).returncode
-            seconds[" ".join(script)] = round(time.perf_counter() - t0, 1)
-            print(f"== {' '.join(script)}: exit {rc}, {seconds[' '.join(script)]:.0f} s", flush=True)
+            seconds[label] = round(time.perf_counter() - t0, 1)
+            print(f"== {label}: exit {rc}, {seconds[label]:.0f} s", flush=True)
             if rc:
-                failed.append(" ".join(script))
+                failed.append(label)
         total = time.perf_counter() - t_all
         print(f"== all benchmarks: {total:.0f} s", flush=True)
         write_result("make_bench_full" if args.full else "make_bench", {

@@ -139,11 +139,12 @@ def main() -> None:
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     if args.torch_threads:
         os.environ["CXR_TORCH_THREADS"] = str(args.torch_threads)
+    from cxr import service  # imported after the environment is set: its settings are what the servers use
+
     data = inputs()
     figures: dict = {"inputs": {k: len(v) for k, v in data.items()}, "concurrency": list(CONCURRENCY),
                      "throughput_input": "png_224", "seconds_per_point": args.seconds,
-                     "torch_threads": int(os.environ.get("CXR_TORCH_THREADS", len(os.sched_getaffinity(0)))),
-                     "max_batch_size": int(os.environ.get("CXR_MAX_BATCH_SIZE", "8")), "runs": {}}
+                     "torch_threads": service.TORCH_THREADS, "max_batch_size": service.MAX_BATCH_SIZE, "runs": {}}
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="cxr-bench-serving-") as tmp:

@@ -93,7 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--pruners", default="percentile@1",
+    ap.add_argument("--pruners", default="percentile@1", type=lambda v: [parse_arm(spec) for spec in v.split(",")],
                     help="pruned arms, comma-separated: median | percentile (keeps the top 25%%) | hyperband, optionally "
                          "@warm-up epochs (default 3; hyperband's smallest rung), e.g. median,hyperband@1. "
                          "The first arm's best trial is promoted.")
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)")
     args = ap.parse_args()
-    pruned_arms = [parse_arm(spec) for spec in args.pruners.split(",")]
+    pruned_arms = args.pruners
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
     if not (args.resume or args.report_only):

@@ -98,10 +98,9 @@ def check_space(cfg: "Config") -> None:
 def make_pruner(cfg: "Config") -> "optuna.pruners.BasePruner":
     import optuna
 
-    if cfg.tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.startup_trials, n_warmup_steps=cfg.tune.warmup_epochs)
-    if cfg.tune.pruner == "percentile":  # the median pruner is the 50% case; a smaller share prunes harder
-        return optuna.pruners.PercentilePruner(cfg.tune.keep_percentile, n_startup_trials=cfg.tune.startup_trials,
+    if cfg.tune.pruner in ("median", "percentile"):  # the median pruner is optuna's PercentilePruner(50)
+        keep = 50.0 if cfg.tune.pruner == "median" else cfg.tune.keep_percentile
+        return optuna.pruners.PercentilePruner(keep, n_startup_trials=cfg.tune.startup_trials,
                                                n_warmup_steps=cfg.tune.warmup_epochs)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs)
