@@ -32,10 +32,12 @@ class ServiceProcess:
     """`bentoml serve cxr.service:CxrService` run in ``workdir`` on a free loopback port.
 
     ``workdir/params.yaml`` (when present) is the service's config; ``env`` adds or overrides
-    variables (``CXR_MODEL_URI``, ``CXR_BATCHING``, ``CXR_PARAMS`` ...).
+    variables (``CXR_MODEL_URI``, ``CXR_BATCHING``, ``CXR_PARAMS`` ...). ``target`` may instead name
+    a built bento (``cxr-service:<version>`` in the store under ``home``).
     """
 
-    def __init__(self, workdir: Path, log: Path, *, home: Path | None = None, **env: str) -> None:
+    def __init__(self, workdir: Path, log: Path, *, home: Path | None = None,
+                 target: str = "cxr.service:CxrService", **env: str) -> None:
         workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,7 +50,7 @@ class ServiceProcess:
         self._log = open(self.log, "w")
         bentoml = Path(sys.executable).with_name("bentoml")
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "cxr.service:CxrService", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=workdir, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:

@@ -326,3 +326,27 @@ def test_no_champion_stops_the_service_with_one_clear_message(project: Path, tmp
     assert len(lines) == 1, log[-3000:]
     assert "models:/cxr@nobody" in lines[0] and "cxr promote" in lines[0]
     assert "Traceback" not in log
+
+
+def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_path: Path):
+    """`bentoml build` offline from bentofile.yaml, then `bentoml serve <tag>` answers like the source service."""
+    repo = Path(__file__).resolve().parents[2]
+    home = tmp_path / "bentoml_home"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    built = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "build", "-f", str(repo / "bentofile.yaml"),
+                            "--output", "tag", str(repo / "src")], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("cxr-service:"), built.stdout
+    # a bento runs in its own folder, so the registry is named the way a deployment names it
+    bento = Server(project, tmp_path / "bento.log", home=home, target=tag,
+                   MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        bento.wait_ready()
+        for data in (synthetic_dicom(12), film_png(3)):
+            a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            b = httpx.post(f"{bento.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            assert a == b
+    finally:
+        bento.stop()
