@@ -33,6 +33,7 @@ FULL_ONLY = [
     (["external_shift.py"], 1),  # the Kermany model above, through the service, on PneumoniaMNIST's test set
     (["tuning.py"], 60),  # 50 trials per arm: percentile pruner and none
     (["quality.py", "pneumoniamnist", "--tuned"], 2),
+    (["serving.py", "--precision", "bf16"], 3),  # bfloat16 forward pass: for CPUs with AMX and GPUs
 ]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

@@ -1,6 +1,6 @@
 """Serving speed: `bentoml serve` on loopback, with and without adaptive batching.
 
-    python benchmarks/serving.py [--seconds 6] [--models resnet18,simple_cnn] [--torch-threads N]
+    python benchmarks/serving.py [--seconds 6] [--models resnet18,simple_cnn] [--torch-threads N] [--precision bf16]
 
 For each model (resnet18 at 224 px and the default simple_cnn at 64 px, random weights: speed only)
 and each mode (CXR_BATCHING=1: BentoML's adaptive batcher merges concurrent requests into one forward
@@ -11,7 +11,8 @@ starts the real service and measures
   and a 224x224 PNG;
 * throughput of /predict with the PNG at concurrency 1, 8 and 32 (requests/s over a fixed time).
 
-Writes benchmarks/results/serving.json. Needs no shared data (inputs are synthetic).
+Writes benchmarks/results/serving.json (serving_bf16.json with ``--precision bf16``: CXR_PRECISION=bf16, the
+forward pass under bfloat16 autocast, for CPUs with AMX and GPUs). Needs no shared data (inputs are synthetic).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def inputs() -> dict[str, bytes]:
     return {"dicom_1024": dicom, "png_224": buf.getvalue()}
 
 
-def bare_forward(model_dir: Path, threads: int, seconds: float = 3.0) -> dict:
+def bare_forward(model_dir: Path, threads: int, precision: str, seconds: float = 3.0) -> dict:
     """images/s of the bare forward pass at batch 1, 8 and 32 in this process: the most any batching
     can gain on this machine is the best batch's rate over batch 1's."""
     import torch
@@ -75,7 +76,7 @@ def bare_forward(model_dir: Path, threads: int, seconds: float = 3.0) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        predictor = Predictor.from_dir(model_dir)
+        predictor = Predictor.from_dir(model_dir, precision=precision)
         size = predictor.info["preprocess"]["size"]
         rates = {}
         for bs in (1, 8, 32):
@@ -91,10 +92,10 @@ def bare_forward(model_dir: Path, threads: int, seconds: float = 3.0) -> dict:
     return {"images_per_s_by_batch": rates, "batching_ceiling": round(max(rates.values()) / rates["1"], 2)}
 
 
-def start_server(model_dir: Path, batching: bool, home: Path) -> ServiceProcess:
+def start_server(model_dir: Path, batching: bool, home: Path, precision: str) -> ServiceProcess:
     """The repository's params.yaml, this model, batching on or off."""
     return ServiceProcess(REPO, home / f"serve-{model_dir.name}-{int(batching)}.log", home=home,
-                          CXR_MODEL_URI=str(model_dir), CXR_BATCHING="1" if batching else "0")
+                          CXR_MODEL_URI=str(model_dir), CXR_BATCHING="1" if batching else "0", CXR_PRECISION=precision)
 
 
 def latency(url: str, data: bytes, n: int = LATENCY_N) -> dict[str, float]:
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="CXR_TORCH_THREADS of the model service, both modes (default: the service's own, all cores)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="CXR_PRECISION of the model service and of the bare forward pass")
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     if args.torch_threads:
@@ -144,7 +147,8 @@ def main() -> None:
     data = inputs()
     figures: dict = {"inputs": {k: len(v) for k, v in data.items()}, "concurrency": list(CONCURRENCY),
                      "throughput_input": "png_224", "seconds_per_point": args.seconds,
-                     "torch_threads": service.TORCH_THREADS, "max_batch_size": service.MAX_BATCH_SIZE, "runs": {}}
+                     "torch_threads": service.TORCH_THREADS, "max_batch_size": service.MAX_BATCH_SIZE,
+                     "precision": args.precision, "runs": {}}
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="cxr-bench-serving-") as tmp:
@@ -152,9 +156,9 @@ def main() -> None:
         for name in args.models.split(","):
             spec = MODELS[name]
             model_dir = make_model(spec["arch"], spec["size"], tmp)
-            figures.setdefault("bare_forward", {})[name] = bare_forward(model_dir, figures["torch_threads"])
+            figures.setdefault("bare_forward", {})[name] = bare_forward(model_dir, figures["torch_threads"], args.precision)
             for batching in (True, False):
-                server = start_server(model_dir, batching, tmp)
+                server = start_server(model_dir, batching, tmp, args.precision)
                 try:
                     server.wait_ready()
                     run = {"image_size": spec["size"],
@@ -183,11 +187,12 @@ def main() -> None:
                      f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms")
     figures["comparison"] = comparison
     figures["summary"] = "; ".join(parts)
-    figures["summary"] += f"; {figures['torch_threads']} torch threads, max batch {figures['max_batch_size']}"
+    figures["summary"] += (f"; {figures['torch_threads']} torch threads, max batch {figures['max_batch_size']}, "
+                           f"{args.precision}")
     figures["targets"] = {"batching_speedup_at_32": 2.0, "resnet18_p50_png_ms": 80}
     figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
     figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
-    write_result("serving", figures)
+    write_result("serving" if args.precision == "fp32" else f"serving_{args.precision}", figures)
 
 
 if __name__ == "__main__":

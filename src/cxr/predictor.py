@@ -31,10 +31,23 @@ class ModelLoadError(UserError):
     """No usable model at the given location."""
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Predictor:
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu") -> None:
+    """``precision="bf16"`` runs the forward pass under bfloat16 autocast: several times the images/s on
+    a GPU or a CPU with AMX (Intel Xeon 4th gen+), probabilities within ~1e-2 of fp32's; slower on a CPU
+    without native bf16. Grad-CAM (``cxr.explain``) always runs in fp32."""
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # channels_last like the inputs (and like training): oneDNN's fast convolutions need both; measured on
+        # 2 Xeon cores, resnet18 224 px: 1.3x the images/s in fp32, 2.5x in bf16 at batch 8, than NCHW weights
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.info = info
         self.spec = PreprocessSpec.from_dict(info["preprocess"])
         self.task: str = info["task"]
@@ -46,7 +59,7 @@ class Predictor:
     # --- loading and saving -------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+    def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
         from cxr.models import build_from_spec
 
         path = Path(path)
@@ -59,13 +72,13 @@ class Predictor:
         model = build_from_spec(info["architecture"])
         state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
         model.load_state_dict(state)
-        return cls(model, info, device)
+        return cls(model, info, device, precision)
 
     @classmethod
-    def from_uri(cls, uri: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+    def from_uri(cls, uri: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
         """A local model directory, or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``)."""
         if Path(uri).is_dir():
-            return cls.from_dir(uri, device)
+            return cls.from_dir(uri, device, precision)
         if "://" not in str(uri) and ":/" not in str(uri):
             raise ModelLoadError(f"{uri} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS)")
         import mlflow
@@ -77,7 +90,7 @@ class Predictor:
         found = sorted(p.parent for p in local.rglob(INFO_FILE))
         if not found:
             raise ModelLoadError(f"{uri} holds no {INFO_FILE}: it was not logged by cxr")
-        return cls.from_dir(found[0], device)
+        return cls.from_dir(found[0], device, precision)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -111,7 +124,8 @@ class Predictor:
                 if tabular is None:
                     tabular = np.zeros((len(images), self.info["architecture"]["n_tabular"]), np.float32)
                 t = torch.from_numpy(np.asarray(tabular[start : start + batch_size], np.float32)).to(self.device)
-            logits = self.model(x, t).float()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                logits = self.model(x, t).float()
             outs.append(self.activate(logits).cpu().numpy())
         probs = np.concatenate(outs) if outs else np.zeros((0, len(self.labels)), np.float32)
         return probs[:, 0] if self.task == "binary" else probs

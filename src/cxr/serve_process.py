@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 # Taken from the caller's environment only when given explicitly: a stray one would serve another model.
-_NOT_INHERITED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CXR_MODEL_URI", "CXR_BATCHING", "CXR_PARAMS")
+_NOT_INHERITED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CXR_MODEL_URI", "CXR_BATCHING", "CXR_PARAMS",
+                  "CXR_PRECISION")
 
 
 class ServiceNotReady(RuntimeError):

@@ -157,24 +157,26 @@ class ServedModel:
         self.metrics = metrics or {}
 
     @classmethod
-    def load(cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu") -> "ServedModel":
+    def load(cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu",
+             precision: str = "fp32") -> "ServedModel":
         """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg."""
         from cxr.predictor import ModelLoadError, Predictor
 
         cfg = cfg or service_config()
         ref, load_uri = resolve(cfg, str(uri) if uri else None)
         try:
-            predictor = Predictor.from_uri(load_uri, device=device)
+            predictor = Predictor.from_uri(load_uri, device=device, precision=precision)
         except ModelLoadError as exc:
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
         served = cls(predictor, ref, _metrics(load_uri, predictor.info))
-        log.info("serving %s version %s (%s): %s, labels %s", ref.name, ref.version, ref.uri,
-                 predictor.info["architecture"].get("arch"), predictor.labels)
+        log.info("serving %s version %s (%s): %s, labels %s, %s", ref.name, ref.version, ref.uri,
+                 predictor.info["architecture"].get("arch"), predictor.labels, precision)
         return served
 
     def card(self) -> dict[str, Any]:
         """Everything but the weights: enough for ``without_weights`` to prepare inputs and answer."""
-        return {"info": self.predictor.info, "ref": self.ref.to_dict(), "metrics": self.metrics}
+        return {"info": self.predictor.info, "ref": self.ref.to_dict(), "metrics": self.metrics,
+                "precision": self.predictor.precision}
 
     @classmethod
     def without_weights(cls, card: dict[str, Any]) -> "ServedModel":
@@ -183,7 +185,8 @@ class ServedModel:
         card, it can never disagree with it about version, labels or threshold."""
         from cxr.predictor import Predictor
 
-        return cls(Predictor(WeightsElsewhere(), card["info"]), ModelRef(**card["ref"]), card["metrics"])
+        return cls(Predictor(WeightsElsewhere(), card["info"], precision=card["precision"]), ModelRef(**card["ref"]),
+                   card["metrics"])
 
     def metadata(self) -> dict[str, Any]:
         info = self.predictor.info
@@ -197,6 +200,7 @@ class ServedModel:
             "architecture": info["architecture"],
             "preprocess": info["preprocess"],
             "read_limits": info.get("read_limits"),
+            "precision": self.predictor.precision,
             "training": {k: training.get(k) for k in ("dataset_hash", "source", "synthetic", "run_id", "best_epoch",
                                                       "epochs_trained", "git_commit")},
             "metrics": self.metrics,

@@ -247,7 +247,7 @@ def test_metadata_health_and_readiness(server: Server, project: Path):
     assert meta["training"]["dataset_hash"] == info["training"]["dataset_hash"]
     assert meta["training"]["run_id"] == info["training"]["run_id"]
     assert meta["labels"] == info["labels"] and meta["threshold"] == info["threshold"]
-    assert meta["preprocess"] == info["preprocess"]
+    assert meta["preprocess"] == info["preprocess"] and meta["precision"] == "fp32"  # CXR_PRECISION unset
     assert meta["metrics"]["best_val_auroc"] == pytest.approx(info["training"]["val_auroc"])
     assert httpx.post(f"{server.url}/healthz", json={}, timeout=10).json() == {"status": "ok"}
     ready = httpx.post(f"{server.url}/readyz", json={}, timeout=10).json()

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image as PILImage
 
 from cxr.config import Config
+from cxr.errors import UserError
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.serving import NoModelToServe, ServedModel, resolve
 
@@ -78,3 +79,21 @@ def test_no_champion_is_one_clear_error_and_creates_no_store(tmp_path, monkeypat
     monkeypatch.setenv("CXR_MODEL_URI", "no/such/dir")
     with pytest.raises(NoModelToServe, match="neither a model directory nor an MLflow URI"):
         resolve(Config())
+
+
+def test_bf16_serving_stays_close_to_fp32_and_says_so(tmp_path, monkeypatch, tiny_predictor):
+    """CXR_PRECISION=bf16 runs the forward pass in bfloat16: other numbers than fp32, but close, and declared."""
+    tiny_predictor(32, seed=1).save(tmp_path / "model")
+    monkeypatch.setenv("CXR_MODEL_URI", str(tmp_path / "model"))
+    monkeypatch.chdir(tmp_path)
+    fp32, bf16 = (ServedModel.load(Config(), precision=p) for p in ("fp32", "bf16"))
+    uploads = [dicom(i) for i in range(4)]
+    a = [r["probabilities"]["pneumonia"] for r in fp32.predict(uploads)]
+    b = [r["probabilities"]["pneumonia"] for r in bf16.predict(uploads)]
+    assert a != b  # the autocast really ran
+    assert b == pytest.approx(a, abs=0.03)
+    assert (fp32.metadata()["precision"], bf16.metadata()["precision"]) == ("fp32", "bf16")
+    # the entry service rebuilds the model from the model service's card: it must say the same
+    assert ServedModel.without_weights(bf16.card()).metadata()["precision"] == "bf16"
+    with pytest.raises(UserError, match="unknown precision 'fp16'; use one of fp32, bf16"):
+        ServedModel.load(Config(), precision="fp16")
