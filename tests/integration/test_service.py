@@ -152,6 +152,18 @@ BAD_INPUTS: list[tuple[str, str, Callable[[pytest.FixtureRequest], bytes], int, 
 ]
 
 
+def assert_answers_like(server: Server, other: Server, uploads: list[bytes]) -> None:
+    """``other`` becomes ready, answers every upload exactly as ``server`` does, and is stopped."""
+    try:
+        other.wait_ready()
+        for data in uploads:
+            a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            b = httpx.post(f"{other.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+            assert a == b
+    finally:
+        other.stop()
+
+
 # --- tests ----------------------------------------------------------------------------------------------
 
 
@@ -302,15 +314,8 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
 
 def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
     """CXR_BATCHING=0: no batcher, one request per forward pass, the same answers."""
-    direct = Server(project, tmp_path / "direct.log", CXR_BATCHING="0")
-    try:
-        direct.wait_ready()
-        for data in (synthetic_dicom(11), film_png(2)):
-            a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
-            b = httpx.post(f"{direct.url}/predict", files={"file": ("x", data)}, timeout=60).json()
-            assert a == b
-    finally:
-        direct.stop()
+    assert_answers_like(server, Server(project, tmp_path / "direct.log", CXR_BATCHING="0"),
+                        [synthetic_dicom(11), film_png(2)])
 
 
 def test_no_champion_stops_the_service_with_one_clear_message(project: Path, tmp_path: Path):
@@ -342,11 +347,4 @@ def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_
     # a bento runs in its own folder, so the registry is named the way a deployment names it
     bento = Server(project, tmp_path / "bento.log", home=home, target=tag,
                    MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
-    try:
-        bento.wait_ready()
-        for data in (synthetic_dicom(12), film_png(3)):
-            a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
-            b = httpx.post(f"{bento.url}/predict", files={"file": ("x", data)}, timeout=60).json()
-            assert a == b
-    finally:
-        bento.stop()
+    assert_answers_like(server, bento, [synthetic_dicom(12), film_png(3)])
