@@ -173,21 +173,21 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: i
 
 @torch.inference_mode()
 def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray, batch_size: int,
-                  device: torch.device, task: str) -> np.ndarray:
+                  device: torch.device, task: str, precision: str = "auto") -> np.ndarray:
     model.eval()
     outs = []
     for x, _, t, _ in data.batches(index, batch_size, device=device):
-        with _autocast(device):
+        with _autocast(device, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last), t if model.n_tabular else None).float()
         outs.append((torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
     probs = np.concatenate(outs)
     return probs[:, 0] if task == "binary" else probs
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``train.precision`` bf16, or auto on CUDA; fp32 otherwise."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
@@ -288,7 +288,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                     if i >= steps:
                         break
                     x = augment(x, cfg.train.augment, gen).contiguous(memory_format=torch.channels_last)
-                    with _autocast(device):
+                    with _autocast(device, cfg.train.precision):
                         logits = model(x, t if n_tab else None)
                     loss = loss_fn(logits.float(), y)
                     opt.zero_grad(set_to_none=True)
@@ -306,7 +306,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
-            val_probs = predict_split(scored, data, val_idx, bs * 2, device, data.task)
+            val_probs = predict_split(scored, data, val_idx, bs * 2, device, data.task, cfg.train.precision)
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
             if sched_kind == "epoch":
                 sched.step()

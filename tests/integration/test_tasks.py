@@ -106,3 +106,15 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     cfg_b, res_b, _ = run(b, labels, "binary", **{"train.epochs": 2})
     assert [h["val_auroc"] for h in res_a.history] == [h["val_auroc"] for h in res_b.history]
     assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
+
+
+def test_bf16_training_on_cpu_is_used_and_deterministic(tmp_path):
+    """train.precision=bf16 runs the forward passes in bfloat16 on a CPU too, still reproducibly."""
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    weights = {}
+    for name, precision in (("fp32", "fp32"), ("bf16_a", "bf16"), ("bf16_b", "bf16")):
+        (tmp_path / name).mkdir()
+        run(tmp_path / name, labels, "binary", **{"train.epochs": 2, "train.precision": precision})
+        weights[name] = (tmp_path / name / "model" / "model.safetensors").read_bytes()
+    assert weights["bf16_a"] == weights["bf16_b"]
+    assert weights["bf16_a"] != weights["fp32"]
