@@ -18,7 +18,6 @@ import time
 import numpy as np
 import yaml
 from common import RESULTS, WORK, require_shared, write_result
-
 from sklearn.metrics import roc_curve
 
 from cxr.config import load_config

@@ -186,9 +186,8 @@ def main() -> None:
                      f"{comparison[name]['bare_forward_batching_ceiling']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
                      f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms")
     figures["comparison"] = comparison
-    figures["summary"] = "; ".join(parts)
-    figures["summary"] += (f"; {figures['torch_threads']} torch threads, max batch {figures['max_batch_size']}, "
-                           f"{args.precision}")
+    figures["summary"] = "; ".join([*parts, f"{figures['torch_threads']} torch threads, max batch "
+                                             f"{figures['max_batch_size']}, {args.precision}"])
     figures["targets"] = {"batching_speedup_at_32": 2.0, "resnet18_p50_png_ms": 80}
     figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
     figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}

@@ -102,7 +102,6 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)")
     args = ap.parse_args()
-    pruned_arms = args.pruners
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
     if not (args.resume or args.report_only):
@@ -124,7 +123,7 @@ def main() -> None:
     import optuna
 
     arms, results, configs = {}, {}, {}
-    for label, pruner, warmup in [*pruned_arms, ("none", "none", 3)]:
+    for label, pruner, warmup in [*args.pruners, ("none", "none", 3)]:
         configs[label] = cfg = base.override({"tune.pruner": pruner, "tune.warmup_epochs": warmup})
         study_name = f"bench-{label.replace('@', '-w')}"
         if args.report_only:  # as many trials as the study has finished: tune() then only summarises
@@ -149,7 +148,7 @@ def main() -> None:
         print(f"== {label}: {arms[label]['epochs']} epochs, {seconds:.0f} s, best val {result.best_value:.4f}",
               flush=True)
     full = arms["none"]
-    first = pruned_arms[0][0]
+    first = args.pruners[0][0]
 
     # The first pruned arm's best trial, registered and promoted the way a team would do it.
     # A resumed run registers another version; the gate may then keep an earlier, better champion.
@@ -172,7 +171,7 @@ def main() -> None:
         return "n/a" if x is None else f"{float(x):.4f}"
 
     comparison, parts = {}, []
-    for label, _, _ in pruned_arms:
+    for label, _, _ in args.pruners:
         arm = arms[label]
         comparison[label] = {
             "epochs_ratio_none_vs_pruned": round(full["epochs"] / max(arm["epochs"], 1), 2),

@@ -173,7 +173,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: i
 
 @torch.inference_mode()
 def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray, batch_size: int,
-                  device: torch.device, task: str, precision: str = "auto") -> np.ndarray:
+                  device: torch.device, task: str, precision: str) -> np.ndarray:
     model.eval()
     outs = []
     for x, _, t, _ in data.batches(index, batch_size, device=device):
