@@ -184,10 +184,13 @@ def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray,
     return probs[:, 0] if task == "binary" else probs
 
 
+def _uses_bf16(device: torch.device, precision: str) -> bool:
+    """``train.precision`` bf16, or auto on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str):
-    """bf16 autocast for ``train.precision`` bf16, or auto on CUDA; fp32 otherwise."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(device, precision))
 
 
 def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
@@ -345,7 +348,12 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
                 break
 
         model.load_state_dict(best["state"])
-        threshold = choose_thresholds(data.task, data.targets[val_idx], best["val_probs"], cfg)
+        val_probs = best["val_probs"]
+        if _uses_bf16(device, cfg.train.precision):
+            # The saved Predictor scores in fp32 (evaluation, serving): choose the threshold on fp32 scores too,
+            # or a validation film near it could land on the other side there.
+            val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task, "fp32")
+        threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
         info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best["epoch"],
                           val_auroc=best["auroc"], epochs_trained=len(history), git_commit=tags.get("git_commit"))
         predictor = Predictor(model.cpu().float(), info)

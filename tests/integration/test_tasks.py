@@ -11,8 +11,10 @@ from PIL import Image as PILImage
 
 from cxr.config import Config
 from cxr.data.ingest import ingest
+from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
-from cxr.evaluate import evaluate
+from cxr.evaluate import evaluate, score_split
+from cxr.metrics import choose_threshold
 from cxr.predictor import Predictor
 from cxr.train import fit
 
@@ -109,12 +111,17 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 
 
 def test_bf16_training_on_cpu_is_used_and_deterministic(tmp_path):
-    """train.precision=bf16 runs the forward passes in bfloat16 on a CPU too, still reproducibly."""
+    """train.precision=bf16 runs the forward passes in bfloat16 on a CPU too, reproducibly; the threshold is fp32's."""
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
-    weights = {}
+    weights, cfgs = {}, {}
     for name, precision in (("fp32", "fp32"), ("bf16_a", "bf16"), ("bf16_b", "bf16")):
         (tmp_path / name).mkdir()
-        run(tmp_path / name, labels, "binary", **{"train.epochs": 2, "train.precision": precision})
+        cfgs[name], _, _ = run(tmp_path / name, labels, "binary", **{"train.epochs": 2, "train.precision": precision})
         weights[name] = (tmp_path / name / "model" / "model.safetensors").read_bytes()
     assert weights["bf16_a"] == weights["bf16_b"]
     assert weights["bf16_a"] != weights["fp32"]
+    # The threshold is chosen on the scores the saved (fp32) Predictor gives, as evaluation and serving use it.
+    cfg = cfgs["bf16_a"]
+    predictor = Predictor.from_dir(cfg.paths.model)
+    _, y, probs = score_split(predictor, PreparedData(cfg.paths.prepared, 32), "val")
+    assert predictor.threshold == pytest.approx(choose_threshold(y, probs), rel=1e-6)
