@@ -38,9 +38,12 @@ FULL_ONLY = [
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def hindsight(f: dict) -> str:
-    best = f.get("test_hindsight_best_threshold")
-    return "" if best is None else f" (hindsight-best threshold: accuracy {best['accuracy']:.4f})"
+def threshold_rules(f: dict) -> str:
+    rules = f.get("threshold_rules")
+    if rules is None:
+        return ""
+    return " (test accuracy by threshold: " + ", ".join(
+        f"{rule} {r['test_accuracy']:.4f}" for rule, r in rules.items()) + ")"
 
 
 def figures_cell(f: dict) -> str:
@@ -52,7 +55,7 @@ def figures_cell(f: dict) -> str:
         return (f"test AUROC {t['auroc']['value']:.4f} [{t['auroc']['ci_low']:.3f}, {t['auroc']['ci_high']:.3f}], "
                 f"accuracy {t['accuracy']['value']:.4f}, sens {t['sensitivity']['value']:.3f}, "
                 f"spec {t['specificity']['value']:.3f}; {f['arch']} {f['image_size']} px, "
-                f"{f['epochs_trained']} epochs, train {f['train_seconds']} s" + hindsight(f))
+                f"{f['epochs_trained']} epochs, train {f['train_seconds']} s" + threshold_rules(f))
     return json.dumps(f)[:300]
 
 

@@ -147,7 +147,9 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    threshold: Literal["youden", "sensitivity"] = "youden"
+    # youden_kernel: Youden's J on kernel-smoothed validation scores (cut-off less decided by a few films);
+    # youden: on the empirical ROC curve; sensitivity: the highest threshold reaching target_sensitivity.
+    threshold: Literal["youden_kernel", "youden", "sensitivity"] = "youden_kernel"
     target_sensitivity: float = Field(0.9, gt=0, lt=1)
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -330,6 +331,35 @@ def test_youden_threshold_maximises_j():
 
     best = max(j(t) for t in np.unique(s))
     assert j(thr) == pytest.approx(best)
+
+
+def _binormal(rng, n_neg, n_pos):
+    """Logits of negatives ~ N(-1.5, 1) and positives ~ N(1.5, 1): the population's Youden cut-off is 0."""
+    y = np.r_[np.zeros(n_neg, int), np.ones(n_pos, int)]
+    return y, np.where(y == 1, rng.normal(1.5, 1, y.size), rng.normal(-1.5, 1, y.size))
+
+
+def test_kernel_youden_estimates_the_population_cut_off_with_less_spread_than_the_empirical_one():
+    rng = np.random.default_rng(0)
+    errors = {"youden": [], "youden_kernel": []}
+    for _ in range(40):  # validation-sized samples: 60 negatives, 180 positives
+        y, z = _binormal(rng, 60, 180)
+        for method, errs in errors.items():
+            errs.append(logit(M.choose_threshold(y, expit(z), method)))
+    rms = {method: float(np.sqrt(np.mean(np.square(e)))) for method, e in errors.items()}
+    assert rms["youden_kernel"] < 0.8 * rms["youden"]
+    y, z = _binormal(rng, 3000, 3000)
+    assert abs(logit(M.choose_threshold(y, expit(z), "youden_kernel"))) < 0.1
+    # Scores that are not probabilities are smoothed as they are: the cut-off is in their units.
+    assert abs(M.choose_threshold(y, 3 * z, "youden_kernel")) < 0.3
+
+
+def test_kernel_youden_separates_separable_classes():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], [40, 120])
+    s = np.where(y == 1, rng.uniform(0.6, 1.0, y.size), rng.uniform(0.0, 0.4, y.size))
+    thr = M.choose_threshold(y, s, "youden_kernel")
+    assert s[y == 1].min() >= thr > s[y == 0].max()
 
 
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 1.0])
