@@ -65,10 +65,13 @@ def _use_store(cfg: "Config") -> str:
     from cxr.tracking import tracking_uri, use_store
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
-        # mlflow would silently create an empty store here
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():
+        # mlflow would silently create an empty store here. A relative path is relative to the working
+        # directory, which for a built bento is the bento's own folder: say where it looked.
         source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
-        raise NoModelToServe(f"no MLflow store at {uri} (from {source}). {WHAT_TO_DO}.")
+        where = "" if db.is_absolute() else f", i.e. {db.resolve()}; use an absolute path"
+        raise NoModelToServe(f"no MLflow store at {uri} (from {source}{where}). {WHAT_TO_DO}.")
     use_store(uri)
     return uri
 

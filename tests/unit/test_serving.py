@@ -73,8 +73,9 @@ def test_no_champion_is_one_clear_error_and_creates_no_store(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CXR_MODEL_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(NoModelToServe, match="no MLflow store at sqlite:///mlflow.db.*cxr promote"):
+    with pytest.raises(NoModelToServe, match="no MLflow store at sqlite:///mlflow.db.*cxr promote") as err:
         resolve(Config())
+    assert f"i.e. {tmp_path.resolve() / 'mlflow.db'}; use an absolute path" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
     monkeypatch.setenv("CXR_MODEL_URI", "no/such/dir")
     with pytest.raises(NoModelToServe, match="neither a model directory nor an MLflow URI"):
