@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import sparse
 from scipy.special import expit, logit, ndtr
+from scipy.stats import iqr as interquartile_range
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -264,7 +265,7 @@ def _kernel_youden(y: np.ndarray, s: np.ndarray, grid_points: int = 2001) -> flo
 
 def _smoothed_cdf(grid: np.ndarray, x: np.ndarray, chunk: int = 256) -> np.ndarray:
     """The Gaussian-kernel estimate of P(X < g) for every grid point g, in chunks to bound memory."""
-    iqr = float(np.subtract(*np.percentile(x, [75, 25])))
+    iqr = float(interquartile_range(x))
     sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
     spread = min(sd, iqr / 1.34) if iqr > 0 else sd
     h = max(0.9 * spread * x.size ** -0.2, 1e-6)  # Silverman's rule; a floor for a class of one value

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image as PILImage
 
 from cxr.config import Config
-from cxr.errors import UserError
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.errors import UserError
 from cxr.serving import NoModelToServe, ServedModel, resolve
 
 
