@@ -59,6 +59,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def code_dirty() -> bool | None:
+    """True when the code a benchmark runs (src/, benchmarks/, params.yaml) differs from the recorded commit."""
+    try:
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks", ":!benchmarks/results",
+                               "params.yaml"], cwd=REPO, capture_output=True)
+    except OSError:
+        return None
+    return {0: False, 1: True}.get(diff.returncode)
+
+
 def write_result(name: str, figures: dict[str, Any], command: str | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
@@ -67,6 +77,7 @@ def write_result(name: str, figures: dict[str, Any], command: str | None = None)
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": git_commit(),
+        "code_dirty": code_dirty(),  # then the figures come from uncommitted changes on top of git_commit
         "machine": machine(),
         "figures": figures,
     }

@@ -40,23 +40,37 @@ MEDMNIST_V2 = {  # Table 3 of the MedMNIST v2 paper, PneumoniaMNIST test AUC / A
 def threshold_diagnostics(cfg) -> dict:
     """Diagnostics only, never used to choose anything: how each validation threshold rule fares.
 
-    For ``youden`` and ``youden_kernel``: the threshold on validation, its spread over 200 bootstrap
-    resamples of validation (SD of the logit: how much a few films decide it) and the test accuracy at
-    it. Plus the test accuracy at the best threshold in hindsight, which tells a ranking problem (this
-    is low too) from a threshold that does not carry over to the shifted test split (this is high).
+    For ``youden`` and ``youden_kernel``, each on the clean validation films and on
+    ``evaluate.threshold_augmented_copies`` augmented copies of them (``+aug``; the default uses
+    ``youden_kernel+aug``): the threshold, its spread over 200 bootstrap resamples of the validation films
+    (SD of the logit: how much a few films decide it) and the test accuracy at it. Plus the test accuracy
+    at the best threshold in hindsight, which tells a ranking problem (this is low too) from a threshold
+    that does not carry over to the shifted test split (this is high).
     """
+    import torch
+
+    from cxr.train import threshold_scores
+
     predictor = Predictor.from_uri(cfg.paths.model)
     data = PreparedData(cfg.paths.prepared, predictor.spec.size)
-    (_, yv, pv), (_, yt, pt) = (score_split(predictor, data, split) for split in ("val", "test"))
-    yv, pv, yt, pt = (np.asarray(a).ravel() for a in (yv, pv, yt, pt))  # binary task: (N,) probabilities
+    (iv, yv, pv), (_, yt, pt) = (score_split(predictor, data, split) for split in ("val", "test"))
+    yt, pt = np.asarray(yt).ravel(), np.asarray(pt).ravel()  # binary task: (N,) probabilities
+    k = max(1, cfg.evaluate.threshold_augmented_copies)
+    views = {"": (np.asarray(yv).ravel(), np.asarray(pv).ravel(), 1)}
+    ya, pa = threshold_scores(predictor.model, data, iv, pv, cfg.override({"evaluate.threshold_augmented_copies": k}),
+                              torch.device("cpu"))
+    views["+aug"] = (ya, pa, k)
+    n = len(iv)
     rng = np.random.default_rng(0)
-    resamples = [rng.integers(0, yv.size, yv.size) for _ in range(200)]
+    resamples = [rng.integers(0, n, n) for _ in range(200)]
     rules = {}
-    for rule in ("youden", "youden_kernel"):
-        t = choose_threshold(yv, pv, rule)
-        spread = np.std([logit(choose_threshold(yv[i], pv[i], rule)) for i in resamples])
-        rules[rule] = {"threshold": round(t, 4), "val_bootstrap_sd_logit": round(float(spread), 3),
-                       "test_accuracy": round(float(np.mean((pt >= t) == yt)), 4)}
+    for suffix, (y, p, copies) in views.items():
+        for rule in ("youden", "youden_kernel"):
+            t = choose_threshold(y, p, rule)
+            rows = [np.concatenate([i + c * n for c in range(copies)]) for i in resamples]  # a film with its copies
+            spread = np.std([logit(choose_threshold(y[r], p[r], rule)) for r in rows])
+            rules[rule + suffix] = {"threshold": round(t, 4), "val_bootstrap_sd_logit": round(float(spread), 3),
+                                    "test_accuracy": round(float(np.mean((pt >= t) == yt)), 4)}
     fpr, tpr, thresholds = roc_curve(yt, pt)
     pos, neg = int(yt.sum()), int(yt.size - yt.sum())
     accuracy = (tpr * pos + (1 - fpr) * neg) / yt.size
@@ -122,7 +136,8 @@ def main() -> None:
     ingest(cfg)
     prepare(cfg)
     t_prep = time.perf_counter() - t0
-    figures = {"dataset": args.dataset, "image_size": size, "arch": cfg.model.arch, "overrides": args.set,
+    figures = {"dataset": args.dataset, "image_size": size, "arch": cfg.model.arch, "ensemble": cfg.train.ensemble,
+               "overrides": args.set,
                "ingest_prepare_seconds": round(t_prep, 1)}
     if args.seeds:
         # The same config under several seeds: is a target met reliably, or only by a lucky seed?
@@ -135,7 +150,7 @@ def main() -> None:
             figures[f"test_{metric}_min_mean_max"] = [round(min(values), 4), round(float(np.mean(values)), 4),
                                                       round(max(values), 4)]
             parts.append(f"{metric} " + " / ".join(f"{v:.4f}" for v in values))
-        for rule in ("youden", "youden_kernel", "hindsight_best_on_test"):
+        for rule in ("youden", "youden_kernel", "youden+aug", "youden_kernel+aug", "hindsight_best_on_test"):
             parts.append(f"accuracy at {rule} " + " / ".join(
                 f"{r['threshold_rules'][rule]['test_accuracy']:.4f}" for r in runs.values()))
         train_s = [r["train_seconds"] for r in runs.values()]

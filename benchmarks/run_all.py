@@ -65,7 +65,7 @@ def table() -> str:
         r = json.loads(path.read_text())
         m = r["machine"]
         cell = figures_cell(r["figures"]).replace("|", "/")
-        rows.append(f"| {r['benchmark']} | {cell} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']} | {r['when']} |")
+        rows.append(f"| {r['benchmark']} | {cell} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']}{' + changes' if r.get('code_dirty') else ''} | {r['when']} |")
     return "\n".join(rows)
 
 

@@ -53,6 +53,7 @@ def make_config(args: argparse.Namespace, work: Path) -> Config:
         "train.epochs": args.epochs, "train.device": args.device, "train.batch_size": args.batch_size,
         "train.early_stopping.patience": args.epochs + 1,  # every run trains exactly --epochs epochs
         "train.max_train_batches": args.max_batches,
+        "train.ensemble": 1,  # the overhead of fit per network, against one bare loop
         "paths.raw": str(work / "raw"), "paths.prepared": str(work / "prepared"),
         "paths.model": str(work / "model"), "paths.reports": str(work / "reports"),
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.artifact_location": str(work / "mlartifacts"),

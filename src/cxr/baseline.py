@@ -71,6 +71,8 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
     from cxr.predictor import Predictor
     from cxr.train import FitResult, choose_thresholds, model_info, task_auroc
 
+    # Fitted without augmentation, so there is no trained-for variation to choose its threshold under.
+    cfg = cfg.override({"evaluate.threshold_augmented_copies": 0})
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     train_idx, val_idx = data.split("train"), data.split("val")
     model = LinearBaseline(data.n_outputs)

@@ -86,10 +86,12 @@ def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None)
 
     cfg = _config(params, overrides)
     result = fit(cfg)
-    console.print(
-        f"trained {cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} "
-        f"of {result.epochs_trained}; model in {result.model_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else "")
-    )
+    what = (f"{cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} of "
+            f"{result.epochs_trained}" if cfg.train.ensemble == 1 else
+            f"an ensemble of {cfg.train.ensemble} {cfg.model.arch}: val AUROC {result.best_val_auroc:.4f} "
+            f"(best epochs {result.best_epoch}, {result.epochs_trained} epochs in all)")
+    console.print(f"trained {what}; model in {result.model_dir}"
+                  + (f"; MLflow run {result.run_id}" if result.run_id else ""))
 
 
 @app.command()

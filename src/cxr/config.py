@@ -135,6 +135,8 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Exponential moving average of the weights, used for validation and the saved model (0 = off).
     ema_decay: float = Field(0.995, ge=0, lt=1)
+    # Networks trained with seeds seed, seed+1, ...; the saved model averages their logits (1 = one network).
+    ensemble: int = Field(1, ge=1)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     augment: AugmentConfig = AugmentConfig()
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -150,6 +152,10 @@ class EvaluateConfig(Section):
     # youden_kernel: Youden's J on kernel-smoothed validation scores (cut-off less decided by a few films);
     # youden: on the empirical ROC curve; sensitivity: the highest threshold reaching target_sensitivity.
     threshold: Literal["youden_kernel", "youden", "sensitivity"] = "youden_kernel"
+    # The rule runs on this many copies of the validation split seen through train.augment (as in training):
+    # scores under the acquisition variation the model was trained to tolerate, not only on clean in-distribution
+    # films, where normals score near 0. 0: on the validation films as they are.
+    threshold_augmented_copies: int = Field(10, ge=0)
     target_sensitivity: float = Field(0.9, gt=0, lt=1)
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)

@@ -106,7 +106,9 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
     reports = Path(cfg.paths.reports)
     report: dict[str, Any] = {
         "model": {"task": predictor.task, "labels": predictor.labels, "threshold": predictor.threshold,
-                  "threshold_method": predictor.info.get("threshold_method"), **predictor.info.get("training", {})},
+                  "threshold_method": predictor.info.get("threshold_method"),
+                  "threshold_augmented_copies": predictor.info.get("threshold_augmented_copies", 0),
+                  **predictor.info.get("training", {})},
         "data": {"source": data.card["source"], "synthetic": data.card.get("synthetic", False),
                  "dataset_hash": data.card["dataset_hash"], "same_data_as_training": same_data},
         "splits": {},

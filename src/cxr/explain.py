@@ -172,8 +172,9 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     from cxr.errors import UserError
     from cxr.preprocess import preprocess
 
-    model = predictor.model
-    if not hasattr(model, "gradcam_module"):
+    # An ensemble is explained by the mean of its members' maps (each member has its own feature map).
+    networks = list(getattr(predictor.model, "members", [predictor.model]))
+    if not hasattr(networks[0], "gradcam_module"):
         arch = predictor.info["architecture"].get("arch")
         raise UserError(f"a {arch} model has no convolutional feature map, so there is no Grad-CAM to show")
     x_u8 = predictor.prepare_input(image)
@@ -191,7 +192,8 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
         index = names.index(label)
     else:
         raise UserError(f"cannot explain label {label!r}: this model explains {', '.join(names)}")
-    heat = gradcam(model, x, index, tabular)
+    heat = np.mean([gradcam(net, x, index, tabular) for net in networks], axis=0)
+    heat = heat / heat.max() if heat.max() > 0 else heat
     # The mask is estimated on a finer copy of the same preprocessing (same crop/pad geometry).
     fine = preprocess(image, replace(predictor.spec, size=ANALYSIS_SIZE))
     mask = lung_mask(fine)

@@ -685,10 +685,38 @@ def build_model(
     return model
 
 
+class Ensemble(nn.Module):
+    """Several networks trained on the same data with different seeds, used as one model.
+
+    ``forward`` averages the members' logits (for sigmoid outputs, the mean log-odds; for softmax, the
+    normalised geometric mean of the probabilities), so the threshold is chosen, saved, evaluated and
+    served for the ensemble exactly as for one network. Weights live under ``members.<i>.``.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ModelError(f"an ensemble needs at least 2 members, got {len(members)}")
+        shapes = {(m.spec["n_outputs"], m.spec.get("n_tabular", 0)) for m in members}
+        if len(shapes) > 1:
+            raise ModelError(f"ensemble members disagree on (n_outputs, n_tabular): {sorted(shapes)}")
+        self.members = nn.ModuleList(members)
+        self.n_tabular = int(members[0].spec.get("n_tabular", 0))
+
+    def forward(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
+        return torch.stack([m(x, tabular) for m in self.members]).mean(dim=0)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"arch": "ensemble", "n_tabular": self.n_tabular, "members": [m.spec for m in self.members]}
+
+
 def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
     """Rebuild a randomly initialised :class:`CXRNet` from :attr:`CXRNet.spec` (load its weights afterwards)."""
     if not isinstance(spec, Mapping):
         raise ModelError(f"model spec must be a mapping, got {type(spec).__name__}")
+    if spec.get("arch") == "ensemble":
+        return Ensemble([build_from_spec(member) for member in spec.get("members", [])])  # type: ignore[return-value]
     if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
         from cxr.baseline import LinearBaseline
 
@@ -715,6 +743,7 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
 __all__ = [
     "ARCHS",
     "CXRNet",
+    "Ensemble",
     "ModelError",
     "SimpleCNN",
     "build_from_spec",

@@ -200,6 +200,7 @@ class ServedModel:
             "labels": self.predictor.labels,
             "threshold": self.predictor.threshold,
             "threshold_method": info.get("threshold_method"),
+            "threshold_augmented_copies": info.get("threshold_augmented_copies", 0),
             "architecture": info["architecture"],
             "preprocess": info["preprocess"],
             "read_limits": info.get("read_limits"),

@@ -1,8 +1,10 @@
 """fit(cfg, trial=None): the one training function behind `cxr train`, DVC's train stage and `cxr tune`.
 
 Trains on the prepared arrays, early-stops on validation AUROC keeping the best epoch, chooses the
-decision threshold on validation, writes a self-contained model directory and tracks everything in
-MLflow. With an Optuna trial it reports validation AUROC after every epoch and stops when pruned.
+decision threshold on validation (seen through the training augmentation), writes a self-contained model
+directory and tracks everything in MLflow. ``train.ensemble`` > 1 trains that many seeded networks and
+saves them as one averaging model. With an Optuna trial it reports validation AUROC after every epoch
+and stops when pruned.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 class FitResult:
     model_dir: Path
     run_id: str | None
-    best_epoch: int
+    best_epoch: int | list[int]  # a list for an ensemble: each member's
     best_val_auroc: float
     epochs_trained: int
     images_per_second: float
@@ -173,10 +176,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: i
 
 @torch.inference_mode()
 def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray, batch_size: int,
-                  device: torch.device, task: str, precision: str) -> np.ndarray:
+                  device: torch.device, task: str, precision: str,
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     model.eval()
     outs = []
     for x, _, t, _ in data.batches(index, batch_size, device=device):
+        if transform is not None:
+            x = transform(x)
         with _autocast(device, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last), t if model.n_tabular else None).float()
         outs.append((torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
@@ -191,6 +197,26 @@ def _uses_bf16(device: torch.device, precision: str) -> bool:
 
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(device, precision))
+
+
+def threshold_scores(model: torch.nn.Module, data: PreparedData, val_idx: np.ndarray, val_probs: np.ndarray,
+                     cfg: "Config", device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The validation targets and scores the threshold is chosen on.
+
+    With ``evaluate.threshold_augmented_copies`` = k > 0: k copies of the validation split seen through the
+    training augmentation (seeded), scored in fp32 like the saved Predictor. Clean validation films are
+    in-distribution (normals score near 0), so a cut-off chosen on them alone sits lower than the scores
+    that films from another scanner or site get; the augmentation stands for that variation. Else the
+    validation films as they are (``val_probs``).
+    """
+    k = cfg.evaluate.threshold_augmented_copies
+    y = data.targets[val_idx]
+    if k == 0 or data.task == "multiclass" or cfg.train.augment.strength <= 0:
+        return y, val_probs
+    gen = torch.Generator().manual_seed(cfg.project.seed)
+    copies = [predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32",
+                            transform=lambda x: augment(x, cfg.train.augment, gen)) for _ in range(k)]
+    return np.concatenate([y] * k), np.concatenate(copies)
 
 
 def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
@@ -226,6 +252,7 @@ def model_info(cfg: "Config", architecture: dict[str, Any], data: PreparedData, 
         "labels": data.classes,
         "threshold": threshold,
         "threshold_method": cfg.evaluate.threshold,
+        "threshold_augmented_copies": cfg.evaluate.threshold_augmented_copies,
         "training": {
             "dataset_hash": data.card["dataset_hash"],
             "source": data.card["source"],
@@ -235,23 +262,29 @@ def model_info(cfg: "Config", architecture: dict[str, Any], data: PreparedData, 
     }
 
 
-def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
-        run_name: str | None = None, nested: bool = False, log_model: bool = True,
-        extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> FitResult:
-    """Train, choose the threshold, save the model; ``run_id`` continues an existing MLflow run (a tuning trial's)."""
-    if cfg.model.arch == "logistic_regression":
-        from cxr.baseline import fit_baseline
+@dataclass
+class Member:
+    """One trained network: its best weights (loaded), where they were found and what it cost."""
 
-        return fit_baseline(cfg, model_dir=model_dir, run_name=run_name, nested=nested, log_model=log_model,
-                            extra_tags=extra_tags, run_id=run_id)
-    device = resolve_device(cfg.train.device)
-    gen = seed_everything(cfg.project.seed, cfg.train.deterministic, device)
-    data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
+    model: torch.nn.Module
+    seed: int
+    best_epoch: int
+    best_val_auroc: float
+    val_probs: np.ndarray
+    history: list[dict[str, float]]
+    images_seen: int
+    train_seconds: float
+
+
+def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.device, *, active: bool,
+                 trial: "optuna.Trial | None" = None, member: tuple[int, int] = (1, 1), step0: int = 0) -> Member:
+    """Train one network from ``seed``; early-stops on validation AUROC and returns the best epoch's weights.
+
+    ``member`` = (i, n) of an ensemble: with n > 1 the MLflow metrics are named ``member<i>/...``.
+    ``step0``: epochs trained before this member, so an Optuna trial sees one increasing step.
+    """
+    gen = seed_everything(seed, cfg.train.deterministic, device)
     train_idx, val_idx = data.split("train"), data.split("val")
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        from cxr.errors import UserError
-
-        raise UserError(f"the prepared data needs train and val images (train={len(train_idx)}, val={len(val_idx)})")
     n_tab = N_TABULAR if cfg.model.tabular else 0
     model = build_model(cfg.model.arch, data.n_outputs, weights=cfg.model.weights, dropout=cfg.model.dropout,
                         width=cfg.model.width, n_tabular=n_tab)
@@ -266,13 +299,105 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
     ema = make_ema(model, cfg.train.ema_decay)
     scored = ema.module if ema is not None else model  # what is validated and saved
     weights = sample_weights(data, cfg)
-    model_dir = Path(model_dir or cfg.paths.model)
-
-    tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
+    i, n = member
+    prefix, label = (f"member{i}/", f"member {i}/{n} ") if n > 1 else ("", "")
     history: list[dict[str, float]] = []
     best = {"auroc": -1.0, "epoch": 0, "state": None}
     since_best = 0
     seen, train_time = 0, 0.0
+    for epoch in range(1, cfg.train.epochs + 1):
+        model.train()
+        t0, n_batches = time.perf_counter(), 0
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+        batches = data.batches(train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
+        with progress_bar(f"{label}epoch {epoch}/{cfg.train.epochs}", total=steps) as advance:
+            for b, (x, y, t, _) in enumerate(batches):
+                if b >= steps:
+                    break
+                x = augment(x, cfg.train.augment, gen).contiguous(memory_format=torch.channels_last)
+                with _autocast(device, cfg.train.precision):
+                    logits = model(x, t if n_tab else None)
+                loss = loss_fn(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched_kind == "step":
+                    sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                total_loss += loss.detach()
+                n_batches += 1
+                seen += len(x)
+                advance(**({"loss": float(total_loss) / n_batches} if n_batches % 20 == 0 else {}))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        val_probs = predict_split(scored, data, val_idx, bs * 2, device, data.task, cfg.train.precision)
+        val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+        if sched_kind == "epoch":
+            sched.step()
+        elif sched_kind == "plateau":
+            sched.step(val_auroc)
+        row = {
+            "train_loss": float(total_loss) / max(1, n_batches),
+            "val_auroc": val_auroc,
+            "lr": opt.param_groups[0]["lr"],
+            "epoch_seconds": epoch_time,
+            "train_images_per_second": min(steps * bs, len(train_idx)) / max(epoch_time, 1e-9),
+        }
+        history.append(row if n == 1 else {"member": i, **row})
+        if active:
+            import mlflow
+
+            mlflow.log_metrics({prefix + k: v for k, v in row.items()}, step=epoch)
+        log.info("%sepoch %d: loss %.4f val AUROC %.4f (%.1fs)", label, epoch, row["train_loss"], val_auroc, epoch_time)
+        if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
+            # val_probs kept: the threshold is chosen on them, with no second validation pass
+            best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
+                    "val_probs": val_probs}
+            since_best = 0
+        else:
+            since_best += 1
+        if trial is not None:
+            trial.report(val_auroc, step0 + epoch)
+            if trial.should_prune():
+                if active:
+                    import mlflow
+
+                    mlflow.set_tags({"trial_state": "PRUNED", "epochs_trained": str(step0 + epoch)})
+                raise TrialPrunedSignal(step0 + epoch, val_auroc)
+        if since_best >= cfg.train.early_stopping.patience:
+            log.info("%searly stopping at epoch %d; best epoch %d", label, epoch, best["epoch"])
+            break
+    model.load_state_dict(best["state"])
+    return Member(model=model, seed=seed, best_epoch=best["epoch"], best_val_auroc=best["auroc"],
+                  val_probs=best["val_probs"], history=history, images_seen=seen, train_seconds=train_time)
+
+
+def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
+        run_name: str | None = None, nested: bool = False, log_model: bool = True,
+        extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> FitResult:
+    """Train, choose the threshold, save the model; ``run_id`` continues an existing MLflow run (a tuning trial's).
+
+    With ``train.ensemble`` = n > 1, n networks are trained with seeds seed .. seed+n-1 and saved as one
+    :class:`~cxr.models.Ensemble`; the threshold is chosen on the ensemble's validation scores.
+    """
+    if cfg.model.arch == "logistic_regression":
+        from cxr.baseline import fit_baseline
+
+        return fit_baseline(cfg, model_dir=model_dir, run_name=run_name, nested=nested, log_model=log_model,
+                            extra_tags=extra_tags, run_id=run_id)
+    device = resolve_device(cfg.train.device)
+    data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
+    train_idx, val_idx = data.split("train"), data.split("val")
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        from cxr.errors import UserError
+
+        raise UserError(f"the prepared data needs train and val images (train={len(train_idx)}, val={len(val_idx)})")
+    model_dir = Path(model_dir or cfg.paths.model)
+    n = cfg.train.ensemble
+    tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
     with tracking.run(cfg, name=run_name, nested=nested, tags=tags, run_id=run_id) as active:
         run_id = active.info.run_id if active else None
         if active:
@@ -281,91 +406,41 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             mlflow.log_params(cfg.flat())
             mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
             tracking.log_dict_artifact(data.card, "data/card.json")
-        for epoch in range(1, cfg.train.epochs + 1):
-            model.train()
-            t0, n_batches = time.perf_counter(), 0
-            total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
-            batches = data.batches(train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
-            with progress_bar(f"epoch {epoch}/{cfg.train.epochs}", total=steps) as advance:
-                for i, (x, y, t, _) in enumerate(batches):
-                    if i >= steps:
-                        break
-                    x = augment(x, cfg.train.augment, gen).contiguous(memory_format=torch.channels_last)
-                    with _autocast(device, cfg.train.precision):
-                        logits = model(x, t if n_tab else None)
-                    loss = loss_fn(logits.float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched_kind == "step":
-                        sched.step()
-                    if ema is not None:
-                        ema.update_parameters(model)
-                    total_loss += loss.detach()
-                    n_batches += 1
-                    seen += len(x)
-                    advance(**({"loss": float(total_loss) / n_batches} if n_batches % 20 == 0 else {}))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_time = time.perf_counter() - t0
-            train_time += epoch_time
-            val_probs = predict_split(scored, data, val_idx, bs * 2, device, data.task, cfg.train.precision)
-            val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
-            if sched_kind == "epoch":
-                sched.step()
-            elif sched_kind == "plateau":
-                sched.step(val_auroc)
-            row = {
-                "train_loss": float(total_loss) / max(1, n_batches),
-                "val_auroc": val_auroc,
-                "lr": opt.param_groups[0]["lr"],
-                "epoch_seconds": epoch_time,
-                "train_images_per_second": min(steps * bs, len(train_idx)) / max(epoch_time, 1e-9),
-            }
-            history.append(row)
-            if active:
-                import mlflow
+        members: list[Member] = []
+        for i in range(n):
+            members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
+                                        member=(i + 1, n), step0=sum(len(m.history) for m in members)))
+        if n == 1:
+            model, val_probs, val_auroc = members[0].model, members[0].val_probs, members[0].best_val_auroc
+        else:
+            from cxr.models import Ensemble
 
-                mlflow.log_metrics(row, step=epoch)
-            log.info("epoch %d: loss %.4f val AUROC %.4f (%.1fs)", epoch, row["train_loss"], val_auroc, epoch_time)
-            if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
-                # val_probs kept: the threshold is chosen on them, with no second validation pass
-                best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
-                        "val_probs": val_probs}
-                since_best = 0
-            else:
-                since_best += 1
-            if trial is not None:
-                trial.report(val_auroc, epoch)
-                if trial.should_prune():
-                    if active:
-                        import mlflow
-
-                        mlflow.set_tags({"trial_state": "PRUNED", "epochs_trained": str(epoch)})
-                    raise TrialPrunedSignal(epoch, val_auroc)
-            if since_best >= cfg.train.early_stopping.patience:
-                log.info("early stopping at epoch %d; best epoch %d", epoch, best["epoch"])
-                break
-
-        model.load_state_dict(best["state"])
-        val_probs = best["val_probs"]
-        if _uses_bf16(device, cfg.train.precision):
+            model, val_probs = Ensemble([m.model for m in members]), None
+        if n > 1 or _uses_bf16(device, cfg.train.precision):
             # The saved Predictor scores in fp32 (evaluation, serving): choose the threshold on fp32 scores too,
             # or a validation film near it could land on the other side there.
-            val_probs = predict_split(model, data, val_idx, bs * 2, device, data.task, "fp32")
-        threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
-        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best["epoch"],
-                          val_auroc=best["auroc"], epochs_trained=len(history), git_commit=tags.get("git_commit"))
+            val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
+        if n > 1:
+            val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+        threshold = choose_thresholds(data.task, *threshold_scores(model, data, val_idx, val_probs, cfg, device), cfg)
+        history = [row for m in members for row in m.history]
+        best_epoch = members[0].best_epoch if n == 1 else [m.best_epoch for m in members]
+        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best_epoch,
+                          val_auroc=val_auroc, epochs_trained=len(history), git_commit=tags.get("git_commit"),
+                          **({"members": [{"seed": m.seed, "best_epoch": m.best_epoch, "val_auroc": m.best_val_auroc}
+                                          for m in members]} if n > 1 else {}))
         predictor = Predictor(model.cpu().float(), info)
         predictor.save(model_dir)
-        ips = seen / max(train_time, 1e-9)
+        ips = sum(m.images_seen for m in members) / max(sum(m.train_seconds for m in members), 1e-9)
         if active:
             import mlflow
 
-            mlflow.log_metrics({"best_val_auroc": best["auroc"], "best_epoch": best["epoch"],
-                                "epochs_trained": len(history), "train_images_per_second_mean": ips})
+            mlflow.log_metrics({"best_val_auroc": val_auroc, "epochs_trained": len(history),
+                                "train_images_per_second_mean": ips,
+                                **({"best_epoch": best_epoch} if n == 1 else
+                                   {f"member{i + 1}/best_val_auroc": m.best_val_auroc for i, m in enumerate(members)})})
             mlflow.set_tags({"trial_state": "COMPLETE"} if trial is not None else {})
             if log_model:
                 tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
-    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=best["epoch"], best_val_auroc=best["auroc"],
+    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=best_epoch, best_val_auroc=val_auroc,
                      epochs_trained=len(history), images_per_second=ips, history=history, threshold=threshold)

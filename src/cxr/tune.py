@@ -285,7 +285,8 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, cfg.tune.space)
-        trial_cfg = cfg.override(params)
+        # A trial trains one network (n times cheaper than the configured ensemble) unless the space searches it.
+        trial_cfg = cfg.override({"train.ensemble": 1, **params})
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         run_id = None
         if parent_id is not None:

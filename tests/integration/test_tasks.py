@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image as PILImage
 
 from cxr.config import Config
@@ -16,7 +17,7 @@ from cxr.data.prepare import prepare
 from cxr.evaluate import evaluate, score_split
 from cxr.metrics import choose_threshold
 from cxr.predictor import Predictor
-from cxr.train import fit
+from cxr.train import fit, threshold_scores
 
 pytestmark = pytest.mark.slow
 CLASSES = ["covid", "lung_opacity", "normal", "viral_pneumonia"]
@@ -118,7 +119,8 @@ def test_bf16_training_on_cpu_is_used_and_deterministic(tmp_path):
         (tmp_path / name).mkdir()
         # the empirical Youden threshold is one of the validation scores: it shows which scores it was chosen on
         cfgs[name], _, _ = run(tmp_path / name, labels, "binary", **{"train.epochs": 2, "train.precision": precision,
-                                                                      "evaluate.threshold": "youden"})
+                                                                      "evaluate.threshold": "youden",
+                                                                      "evaluate.threshold_augmented_copies": 0})
         weights[name] = (tmp_path / name / "model" / "model.safetensors").read_bytes()
     assert weights["bf16_a"] == weights["bf16_b"]
     assert weights["bf16_a"] != weights["fp32"]
@@ -127,3 +129,55 @@ def test_bf16_training_on_cpu_is_used_and_deterministic(tmp_path):
     predictor = Predictor.from_dir(cfg.paths.model)
     _, y, probs = score_split(predictor, PreparedData(cfg.paths.prepared, 32), "val")
     assert predictor.threshold == pytest.approx(choose_threshold(y, probs), rel=1e-6)
+
+
+def test_ensemble_trains_seeded_members_and_saves_them_as_one_model(tmp_path):
+    """train.ensemble=2: members trained from seeds 7 and 8, the first being the network seed 7 trains alone
+    (the split depends on the seed too, so only that one is comparable); the threshold is the ensemble's own."""
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    (tmp_path / "alone").mkdir(), (tmp_path / "ensemble").mkdir()
+    cfg_alone, _, _ = run(tmp_path / "alone", labels, "binary", **{"train.epochs": 2, "project.seed": 7})
+    cfg, result, report = run(tmp_path / "ensemble", labels, "binary",
+                              **{"train.epochs": 2, "project.seed": 7, "train.ensemble": 2,
+                                 "evaluate.threshold": "youden", "evaluate.threshold_augmented_copies": 0,
+                                 "mlflow.enabled": True,
+                                 "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                 "mlflow.artifact_location": str(tmp_path / "mlartifacts")})
+    predictor = Predictor.from_dir(cfg.paths.model)
+    assert predictor.info["architecture"]["arch"] == "ensemble" and len(predictor.model.members) == 2
+    alone = Predictor.from_dir(cfg_alone.paths.model).model.state_dict()
+    first, second = (m.state_dict() for m in predictor.model.members)
+    assert alone.keys() == first.keys() and all(torch.equal(alone[k], first[k]) for k in alone)
+    assert not torch.equal(first["head.weight"], second["head.weight"])
+    assert [m["seed"] for m in predictor.info["training"]["members"]] == [7, 8]
+    assert len(result.best_epoch) == 2 and result.epochs_trained == 4
+    # the threshold and the validation AUROC are the saved ensemble's, as evaluation and serving score it
+    _, y, probs = score_split(predictor, PreparedData(cfg.paths.prepared, 32), "val")
+    assert predictor.threshold == pytest.approx(choose_threshold(y, probs), rel=1e-6)
+    from sklearn.metrics import roc_auc_score
+
+    assert result.best_val_auroc == pytest.approx(roc_auc_score(y, probs), abs=1e-6)
+    assert report["model"]["threshold"] == predictor.threshold
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    metrics = mlflow.get_run(result.run_id).data.metrics
+    assert {"member1/val_auroc", "member2/val_auroc", "best_val_auroc"} <= set(metrics)
+
+
+def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
+    """evaluate.threshold_augmented_copies=3: the saved threshold is the rule applied to 3 seeded augmented
+    copies of the validation split, scored like the saved Predictor scores; not the clean films' cut-off."""
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(160)]
+    cfg, _, report = run(tmp_path, labels, "binary", **{"evaluate.threshold": "youden",
+                                                        "evaluate.threshold_augmented_copies": 3})
+    predictor = Predictor.from_dir(cfg.paths.model)
+    assert predictor.info["threshold_augmented_copies"] == 3
+    data = PreparedData(cfg.paths.prepared, 32)
+    idx, y, clean = score_split(predictor, data, "val")
+    y3, p3 = threshold_scores(predictor.model, data, idx, clean, cfg, torch.device("cpu"))
+    assert len(y3) == len(p3) == 3 * len(idx) and np.array_equal(y3[: len(idx)], y)
+    assert not np.allclose(p3[: len(idx)], clean) and not np.allclose(p3[: len(idx)], p3[len(idx) : 2 * len(idx)])
+    assert predictor.threshold == pytest.approx(choose_threshold(y3, p3), rel=1e-6)
+    assert predictor.threshold != pytest.approx(choose_threshold(y, clean), rel=1e-3)
+    assert report["model"]["threshold_augmented_copies"] == 3

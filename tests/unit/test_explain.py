@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from cxr.data.sources.synthetic import render_layers
 from cxr.explain import explain, gradcam, lung_mask, lung_share
 from cxr.imaging import Image
-from cxr.models import build_model
+from cxr.models import Ensemble, build_model
 from cxr.preprocess import PreprocessSpec, preprocess
 
 
@@ -97,6 +97,17 @@ def test_explain_returns_a_png_over_the_image_and_the_lung_share(tiny_predictor)
     assert 0.05 < result.lung_area < 0.6
     png = PILImage.open(io.BytesIO(result.png))
     assert png.format == "PNG" and png.mode == "RGB" and png.size == (384, 384)
+
+
+def test_explain_an_ensemble_shows_the_mean_of_its_members_maps(tiny_predictor):
+    members = [tiny_predictor(32, seed=seed) for seed in (1, 2)]
+    ensemble = tiny_predictor(32)
+    ensemble.model = Ensemble([m.model for m in members]).eval()
+    image = Image(render_layers(np.random.default_rng(3), 1, 0.3, 256).image.astype(np.float32))
+    maps = [explain(m, image).heatmap for m in members]
+    assert not np.allclose(maps[0], maps[1])
+    mean = (maps[0] + maps[1]) / 2
+    np.testing.assert_allclose(explain(ensemble, image).heatmap, mean / mean.max(), atol=1e-5)
 
 
 def test_explain_multiclass_defaults_to_the_top_label_and_refuses_unknown_labels(tiny_predictor):

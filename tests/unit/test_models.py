@@ -17,6 +17,7 @@ from cxr.models import (
     PRETRAINED_MEAN,
     PRETRAINED_STD,
     CXRNet,
+    Ensemble,
     ModelError,
     build_from_spec,
     build_model,
@@ -341,6 +342,29 @@ def test_build_from_spec_rejects_bad_specs() -> None:
         build_from_spec({**spec, "colour": "red"})
     with pytest.raises(ModelError, match="valid names"):
         build_from_spec({**spec, "arch": "alexnet"})
+
+
+def test_ensemble_averages_member_logits_and_rebuilds_from_its_spec() -> None:
+    torch.manual_seed(0)
+    members = [build_model("simple_cnn", 3, width=8, n_tabular=2).eval() for _ in range(3)]
+    ensemble = Ensemble(members).eval()
+    tab = torch.rand(2, 2)
+    with torch.no_grad():
+        expected = torch.stack([m(X64, tab) for m in members]).mean(0)
+        torch.testing.assert_close(ensemble(X64, tab), expected)
+    spec = json.loads(json.dumps(ensemble.spec))
+    assert spec["arch"] == "ensemble" and spec["n_tabular"] == 2 and spec["members"] == [m.spec for m in members]
+    rebuilt = build_from_spec(spec)
+    rebuilt.load_state_dict(ensemble.state_dict())  # strict: the same parameter names, members.<i>.*
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(X64, tab), ensemble(X64, tab), rtol=0, atol=0)
+
+
+def test_ensemble_refuses_members_that_do_not_fit_together() -> None:
+    with pytest.raises(ModelError, match="at least 2"):
+        Ensemble([build_model("simple_cnn", 1, width=8)])
+    with pytest.raises(ModelError, match="disagree"):
+        Ensemble([build_model("simple_cnn", 1, width=8), build_model("simple_cnn", 2, width=8)])
 
 
 class _Evil:
