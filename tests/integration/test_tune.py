@@ -64,7 +64,8 @@ def study_trials(url: str, name: str):
 
 
 def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
-    res = cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args(TUNE))
+    # train.ensemble=2 configured: a trial still trains one network (its metrics are val_auroc, not member<i>/...)
+    res = cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args([*TUNE, "train.ensemble=2"]))
     assert "Traceback" not in res.stderr
     trials = study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")
     states = [t.state.name for t in trials]
