@@ -62,8 +62,7 @@ def git_commit() -> str:
 def code_dirty() -> bool | None:
     """True when the code a benchmark runs (src/, benchmarks/, params.yaml) differs from the recorded commit."""
     try:
-        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks", ":!benchmarks/results",
-                               "params.yaml"], cwd=REPO, capture_output=True)
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/*.py", "params.yaml"], cwd=REPO, capture_output=True)
     except OSError:
         return None
     return {0: False, 1: True}.get(diff.returncode)
