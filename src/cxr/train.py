@@ -353,7 +353,7 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
             mlflow.log_metrics({prefix + k: v for k, v in row.items()}, step=epoch)
         log.info("%sepoch %d: loss %.4f val AUROC %.4f (%.1fs)", label, epoch, row["train_loss"], val_auroc, epoch_time)
         if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
-            # val_probs kept: the threshold is chosen on them, with no second validation pass
+            # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
             best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
                     "val_probs": val_probs}
             since_best = 0
