@@ -65,9 +65,9 @@ def threshold_diagnostics(cfg) -> dict:
     resamples = [rng.integers(0, n, n) for _ in range(200)]
     rules = {}
     for suffix, (y, p, copies) in views.items():
+        rows = [np.concatenate([i + c * n for c in range(copies)]) for i in resamples]  # a film with its copies
         for rule in ("youden", "youden_kernel"):
             t = choose_threshold(y, p, rule)
-            rows = [np.concatenate([i + c * n for c in range(copies)]) for i in resamples]  # a film with its copies
             spread = np.std([logit(choose_threshold(y[r], p[r], rule)) for r in rows])
             rules[rule + suffix] = {"threshold": round(t, 4), "val_bootstrap_sd_logit": round(float(spread), 3),
                                     "test_accuracy": round(float(np.mean((pt >= t) == yt)), 4)}

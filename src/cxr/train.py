@@ -199,19 +199,23 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(device, precision))
 
 
-def threshold_scores(model: torch.nn.Module, data: PreparedData, val_idx: np.ndarray, val_probs: np.ndarray,
+def threshold_scores(model: torch.nn.Module, data: PreparedData, val_idx: np.ndarray, val_probs: np.ndarray | None,
                      cfg: "Config", device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """The validation targets and scores the threshold is chosen on.
+    """The validation targets and scores the threshold is chosen on, scored in fp32 as the saved Predictor
+    (evaluation, serving) scores them: a threshold chosen on bf16 scores could put a film near it on the
+    other side there.
 
     With ``evaluate.threshold_augmented_copies`` = k > 0: k copies of the validation split seen through the
-    training augmentation (seeded), scored in fp32 like the saved Predictor. Clean validation films are
-    in-distribution (normals score near 0), so a cut-off chosen on them alone sits lower than the scores
-    that films from another scanner or site get; the augmentation stands for that variation. Else the
-    validation films as they are (``val_probs``).
+    training augmentation (seeded). Clean validation films are in-distribution (normals score near 0), so a
+    cut-off chosen on them alone sits lower than the scores that films from another scanner or site get; the
+    augmentation stands for that variation. Else the validation films as they are: ``val_probs`` when the
+    caller has their fp32 scores at hand, otherwise scored here.
     """
     k = cfg.evaluate.threshold_augmented_copies
     y = data.targets[val_idx]
     if k == 0 or data.task == "multiclass" or cfg.train.augment.strength <= 0:
+        if val_probs is None:
+            val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
         return y, val_probs
     gen = torch.Generator().manual_seed(cfg.project.seed)
     copies = [predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32",
@@ -411,16 +415,14 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
                                         member=(i + 1, n), step0=sum(len(m.history) for m in members)))
         if n == 1:
-            model, val_probs, val_auroc = members[0].model, members[0].val_probs, members[0].best_val_auroc
+            model, val_auroc = members[0].model, members[0].best_val_auroc
+            # the epoch's validation scores, unless they were bf16 (threshold_scores re-scores when it needs them)
+            val_probs = None if _uses_bf16(device, cfg.train.precision) else members[0].val_probs
         else:
             from cxr.models import Ensemble
 
-            model, val_probs = Ensemble([m.model for m in members]), None
-        if n > 1 or _uses_bf16(device, cfg.train.precision):
-            # The saved Predictor scores in fp32 (evaluation, serving): choose the threshold on fp32 scores too,
-            # or a validation film near it could land on the other side there.
+            model = Ensemble([m.model for m in members])
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
-        if n > 1:
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
         threshold = choose_thresholds(data.task, *threshold_scores(model, data, val_idx, val_probs, cfg, device), cfg)
         history = [row for m in members for row in m.history]
