@@ -209,6 +209,10 @@ class TuneConfig(Section):
     storage: str = "sqlite:///optuna.db"
     direction: Literal["maximize", "minimize"] = "maximize"
     sampler_seed: int = 0
+    # What a trial is judged on (and the pruner is fed every epoch): AUROC on `objective_copies` copies of validation
+    # seen through the configured train.augment, one fixed yardstick for all trials; or plain validation AUROC.
+    objective: Literal["augmented_val_auroc", "val_auroc"] = "augmented_val_auroc"
+    objective_copies: int = Field(5, ge=1)
     pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
     # percentile pruner: a trial must stay within the top `keep_percentile` % of earlier trials at each epoch
     keep_percentile: float = Field(25.0, gt=0, lt=100)

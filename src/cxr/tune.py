@@ -1,6 +1,7 @@
 """`cxr tune`: an Optuna study whose objective is the one training function, ``fit(cfg.override(params), trial)``.
 
-Seeded multivariate TPE, a median, percentile or hyperband pruner fed validation AUROC after every epoch, RDB storage
+Seeded multivariate TPE, a median, percentile or hyperband pruner fed the trial's objective after every epoch
+(by default AUROC on augmented copies of validation, see ``cxr.train.Yardstick``), RDB storage
 (SQLite by default, PostgreSQL for many workers) with heartbeats so a killed worker's trial is marked failed,
 and `--trials N` meaning N finished (complete or pruned) trials in the study. MLflow gets one parent run per
 study and one child run per trial; we log them ourselves (optuna's MLflowCallback is deprecated and its
@@ -281,7 +282,11 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
     import optuna
     from optuna.trial import TrialState
 
-    from cxr.train import TrialPrunedSignal, fit
+    from cxr.train import TrialPrunedSignal, Yardstick, fit
+
+    # the configured augmentation, not the trial's own: every trial is measured on the same films
+    yardstick = (Yardstick(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
+                 if cfg.tune.objective == "augmented_val_auroc" else None)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, cfg.tune.space)
@@ -306,7 +311,7 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
         model_dir = Path(tempfile.mkdtemp(prefix=f"cxr-trial-{trial.number}-"))
         try:
             result = fit(trial_cfg, trial, model_dir=model_dir / "model", run_id=run_id,
-                         log_model=cfg.tune.log_models and run_id is not None,
+                         log_model=cfg.tune.log_models and run_id is not None, yardstick=yardstick,
                          extra_tags={"optuna.trial_number": str(trial.number)})
         except TrialPrunedSignal as signal:
             trial.set_user_attr("epochs_trained", signal.epoch)
@@ -327,8 +332,9 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
             shutil.rmtree(model_dir, ignore_errors=True)
         trial.set_user_attr("epochs_trained", result.epochs_trained)
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("val_auroc", result.best_val_auroc)
         _close(client, run_id, "COMPLETE", "FINISHED")
-        return result.best_val_auroc
+        return result.objective
 
     return objective
 

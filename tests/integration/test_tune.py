@@ -14,10 +14,14 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 
-from cxr.tracking import use_store
 from cxr.config import load_config
+from cxr.data.loader import PreparedData
+from cxr.predictor import Predictor
+from cxr.tracking import use_store
+from cxr.train import Yardstick
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +92,24 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
         assert len(epochs) == t.user_attrs["epochs_trained"] >= 1
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert all(t.user_attrs["epochs_trained"] < 4 for t in pruned)
+
+    # the pruner was fed, and a trial is judged on, AUROC on augmented validation copies (the configured
+    # augmentation, strength 2.0, not the trial's own), logged beside the clean validation AUROC
+    client = mlflow.MlflowClient()
+    for t in trials:
+        logged = [m.value for m in client.get_metric_history(by_number[t.number].info.run_id, "val_auroc_augmented")]
+        assert list(t.intermediate_values.values()) == pytest.approx(logged)
+    cfg = load_config(overrides=TINY)
+    data = PreparedData(prepared / cfg.paths.prepared, 32)
+    yardstick = Yardstick(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    for t in complete:
+        run = by_number[t.number]
+        model = Predictor.from_uri(f"runs:/{run.info.run_id}/model").model
+        rescored = yardstick.auroc(model, data, data.split("val"), 32, torch.device("cpu"), "fp32")
+        assert t.value == pytest.approx(rescored, abs=1e-6) == run.data.metrics["best_val_auroc_augmented"]
+        assert t.user_attrs["val_auroc"] == pytest.approx(run.data.metrics["best_val_auroc"])
+    assert any(abs(t.value - t.user_attrs["val_auroc"]) > 1e-3 for t in complete)
 
     # the parent holds the study summary
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
