@@ -28,6 +28,7 @@ HISTORY_PREFIX = "promotion."
 # Run metrics copied onto the version as tags, so `cxr models` and the UI show them without the run.
 METRIC_TAGS = {
     "val_auroc": ("eval_val_auroc", "best_val_auroc"),
+    "val_auroc_augmented": ("best_val_auroc_augmented",),  # a tuning trial's objective
     "test_auroc": ("test_auroc",),
     "test_accuracy": ("test_accuracy",),
     "test_sensitivity": ("test_sensitivity",),

@@ -147,7 +147,30 @@ def load_study(cfg: "Config", name: str, storage: "optuna.storages.RDBStorage", 
                                 direction=cfg.tune.direction, load_if_exists=True)
     if study.direction.name.lower() != cfg.tune.direction:
         raise TuneError(f"study {name!r} exists with direction {study.direction.name.lower()}; use another --study")
+    _same_objective(cfg, study, existing)
     return study
+
+
+def objective_spec(cfg: "Config") -> dict[str, Any]:
+    """What a trial's value means; trials are only comparable within one of these."""
+    if cfg.tune.objective == "val_auroc":
+        return {"objective": "val_auroc"}
+    return {"objective": cfg.tune.objective, "copies": cfg.tune.objective_copies, "seed": cfg.project.seed,
+            "augment": cfg.train.augment.model_dump(mode="json")}
+
+
+def _same_objective(cfg: "Config", study: "optuna.Study", existing: int) -> None:
+    """Record the study's objective when it is made; refuse to add trials judged another way to it."""
+    mine = objective_spec(cfg)
+    recorded = study.user_attrs.get("objective")
+    if recorded is None and not existing:
+        study.set_user_attr("objective", mine)
+        return
+    recorded = recorded or {"objective": "val_auroc"}  # a study made before objectives were recorded
+    if recorded != mine:
+        raise TuneError(f"study {study.study_name!r} judges its trials on {json.dumps(recorded, sort_keys=True)}, this "
+                        f"run would judge on {json.dumps(mine, sort_keys=True)}; use another --study, or the study's "
+                        "settings (tune.objective, tune.objective_copies, train.augment, project.seed)")
 
 
 def _count_existing(storage: "optuna.storages.RDBStorage", name: str) -> int:
