@@ -244,11 +244,14 @@ class Yardstick:
     augment: "AugmentConfig"
     copies: int
     seed: int
+    # fixed, not the trial's batch size: augment draws per batch, so another batch size would be other films
+    batch_size: int = 256
 
-    def auroc(self, model: torch.nn.Module, data: PreparedData, idx: np.ndarray, batch_size: int,
-              device: torch.device, precision: str) -> float:
+    def auroc(self, model: torch.nn.Module, data: PreparedData, idx: np.ndarray, device: torch.device,
+              precision: str) -> float:
         copies = self.copies if self.augment.strength > 0 else 1  # no augmentation: every copy is the same
-        y, probs = augmented_scores(model, data, idx, self.augment, copies, self.seed, batch_size, device, precision)
+        y, probs = augmented_scores(model, data, idx, self.augment, copies, self.seed, self.batch_size, device,
+                                    precision)
         return task_auroc(y, probs, data.task)
 
 
@@ -384,8 +387,7 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
         }
         objective = val_auroc
         if yardstick is not None:
-            objective = row["val_auroc_augmented"] = yardstick.auroc(scored, data, val_idx, bs * 2, device,
-                                                                     cfg.train.precision)
+            objective = row["val_auroc_augmented"] = yardstick.auroc(scored, data, val_idx, device, cfg.train.precision)
         history.append(row if n == 1 else {"member": i, **row})
         if active:
             import mlflow
@@ -452,7 +454,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
         members: list[Member] = []
         for i in range(n):
             members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
-                                        yardstick=yardstick, member=(i + 1, n), step0=sum(len(m.history) for m in members)))
+                                        yardstick=yardstick, member=(i + 1, n),
+                                        step0=sum(len(m.history) for m in members)))
         if n == 1:
             model, val_auroc, objective = members[0].model, members[0].best_val_auroc, members[0].best_objective
             # the epoch's validation scores, unless they were bf16 (threshold_scores re-scores when it needs them)
@@ -463,8 +466,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             model = Ensemble([m.model for m in members])
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
-            objective = val_auroc if yardstick is None else yardstick.auroc(
-                model, data, val_idx, cfg.train.batch_size * 2, device, cfg.train.precision)
+            objective = val_auroc if yardstick is None else yardstick.auroc(model, data, val_idx, device,
+                                                                            cfg.train.precision)
         threshold = choose_thresholds(data.task, *threshold_scores(model, data, val_idx, val_probs, cfg, device), cfg)
         history = [row for m in members for row in m.history]
         best_epoch = members[0].best_epoch if n == 1 else [m.best_epoch for m in members]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from cxr.config import Config, SpaceParam
+    from cxr.train import Yardstick
 
 log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"
@@ -151,12 +152,22 @@ def load_study(cfg: "Config", name: str, storage: "optuna.storages.RDBStorage", 
     return study
 
 
+def make_yardstick(cfg: "Config") -> "Yardstick | None":
+    """The configured augmentation, not a trial's own: every trial is measured on the same films."""
+    from cxr.train import Yardstick
+
+    if cfg.tune.objective != "augmented_val_auroc":
+        return None
+    return Yardstick(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
+
+
 def objective_spec(cfg: "Config") -> dict[str, Any]:
     """What a trial's value means; trials are only comparable within one of these."""
-    if cfg.tune.objective == "val_auroc":
+    yardstick = make_yardstick(cfg)
+    if yardstick is None:
         return {"objective": "val_auroc"}
-    return {"objective": cfg.tune.objective, "copies": cfg.tune.objective_copies, "seed": cfg.project.seed,
-            "augment": cfg.train.augment.model_dump(mode="json")}
+    return {"objective": cfg.tune.objective, "copies": yardstick.copies, "seed": yardstick.seed,
+            "batch_size": yardstick.batch_size, "augment": yardstick.augment.model_dump(mode="json")}
 
 
 def _same_objective(cfg: "Config", study: "optuna.Study", existing: int) -> None:
@@ -305,11 +316,9 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
     import optuna
     from optuna.trial import TrialState
 
-    from cxr.train import TrialPrunedSignal, Yardstick, fit
+    from cxr.train import TrialPrunedSignal, fit
 
-    # the configured augmentation, not the trial's own: every trial is measured on the same films
-    yardstick = (Yardstick(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
-                 if cfg.tune.objective == "augmented_val_auroc" else None)
+    yardstick = make_yardstick(cfg)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, cfg.tune.space)

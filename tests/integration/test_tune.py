@@ -106,7 +106,7 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     for t in complete:
         run = by_number[t.number]
         model = Predictor.from_uri(f"runs:/{run.info.run_id}/model").model
-        rescored = yardstick.auroc(model, data, data.split("val"), 32, torch.device("cpu"), "fp32")
+        rescored = yardstick.auroc(model, data, data.split("val"), torch.device("cpu"), "fp32")
         assert t.value == pytest.approx(rescored, abs=1e-6) == run.data.metrics["best_val_auroc_augmented"]
         assert t.user_attrs["val_auroc"] == pytest.approx(run.data.metrics["best_val_auroc"])
     assert any(abs(t.value - t.user_attrs["val_auroc"]) > 1e-3 for t in complete)
