@@ -134,7 +134,7 @@ def tune(
         raise typer.Exit(130) from None
     console.print(f"study {result.study}: {result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed")
     if result.best_value is not None:
-        console.print(f"best val AUROC {result.best_value:.4f} with {json.dumps(result.best_params)}")
+        console.print(f"best {cfg.tune.objective} {result.best_value:.4f} with {json.dumps(result.best_params)}")
         console.print(f"best params in {result.best_params_file} (use with `-s` or `dvc exp run -S`)")
     if result.registered_version:
         console.print(f"registered version {result.registered_version}; promote it with "
