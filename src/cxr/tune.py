@@ -256,6 +256,9 @@ def log_summary(cfg: "Config", client: "MlflowClient", parent_id: str, study: "o
     n = counts(study)
     best = _best(study)
     summary: dict[str, Any] = {"study": study.study_name, **{f"n_{k.lower()}": v for k, v in n.items()}}
+    objective = study.user_attrs.get("objective", {"objective": "val_auroc"})
+    summary["objective"] = objective  # what best_value means
+    client.set_tag(parent_id, "objective", objective["objective"])
     for k in ("COMPLETE", "PRUNED", "FAIL"):
         client.log_metric(parent_id, f"n_{k.lower()}", n[k])
     if best is not None:

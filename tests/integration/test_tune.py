@@ -114,6 +114,7 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     # the parent holds the study summary
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["objective"] == "augmented_val_auroc"
     assert parent.data.metrics["n_pruned"] == len(pruned)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
     assert {"study/trials.csv", "study/summary.json", "study/optimization_history.png"} <= arts
