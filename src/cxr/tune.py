@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"
+# The objective of a study that records none: studies made before objectives were recorded judged on this.
+CLEAN_VALIDATION = {"objective": "val_auroc"}
 
 
 class TuneError(UserError):
@@ -165,7 +167,7 @@ def objective_spec(cfg: "Config") -> dict[str, Any]:
     """What a trial's value means; trials are only comparable within one of these."""
     yardstick = make_yardstick(cfg)
     if yardstick is None:
-        return {"objective": "val_auroc"}
+        return dict(CLEAN_VALIDATION)
     return {"objective": cfg.tune.objective, "copies": yardstick.copies, "seed": yardstick.seed,
             "batch_size": yardstick.batch_size, "augment": yardstick.augment.model_dump(mode="json")}
 
@@ -177,7 +179,7 @@ def _same_objective(cfg: "Config", study: "optuna.Study", existing: int) -> None
     if recorded is None and not existing:
         study.set_user_attr("objective", mine)
         return
-    recorded = recorded or {"objective": "val_auroc"}  # a study made before objectives were recorded
+    recorded = recorded or CLEAN_VALIDATION
     if recorded != mine:
         raise TuneError(f"study {study.study_name!r} judges its trials on {json.dumps(recorded, sort_keys=True)}, this "
                         f"run would judge on {json.dumps(mine, sort_keys=True)}; use another --study, or the study's "
@@ -256,7 +258,7 @@ def log_summary(cfg: "Config", client: "MlflowClient", parent_id: str, study: "o
     n = counts(study)
     best = _best(study)
     summary: dict[str, Any] = {"study": study.study_name, **{f"n_{k.lower()}": v for k, v in n.items()}}
-    objective = study.user_attrs.get("objective", {"objective": "val_auroc"})
+    objective = study.user_attrs.get("objective", CLEAN_VALIDATION)
     summary["objective"] = objective  # what best_value means
     client.set_tag(parent_id, "objective", objective["objective"])
     for k in ("COMPLETE", "PRUNED", "FAIL"):
