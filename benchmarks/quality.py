@@ -4,6 +4,8 @@
     python benchmarks/quality.py kermany [--size 64]  # Kermany train set, patient-level split cut by prepare
     python benchmarks/quality.py pneumoniamnist --tuned  # with the params tuning.py found
     python benchmarks/quality.py pneumoniamnist --seeds 1,2,3,4,5  # the same config under 5 seeds (reliability)
+    python benchmarks/quality.py pneumoniamnist --seeds 42,1,2 -s model.tta_views=8 --name quality_pneumoniamnist_tta
+        # any overrides; with test-time views, each network's test AUROC is also reported without them
 
 Writes benchmarks/results/quality_<dataset>.json with test metrics, wall times and the MedMNIST v2 table.
 """
@@ -86,6 +88,17 @@ def train_and_score(cfg) -> dict:
     result = fit(cfg, log_model=False)
     t_train = time.perf_counter() - t0
     test = evaluate(cfg)["splits"]["test"]
+    extra = {}
+    if cfg.model.tta_views:  # paired: the same network scored without its test-time views
+        from sklearn.metrics import roc_auc_score
+
+        predictor = Predictor.from_uri(cfg.paths.model)
+        data = PreparedData(cfg.paths.prepared, predictor.spec.size)
+        _, y, with_views = score_split(predictor, data, "test")
+        predictor.model = predictor.model.network
+        without = score_split(predictor, data, "test")[2]
+        extra["test_auroc_without_tta"] = round(float(roc_auc_score(y, without)), 4)
+        extra["test_auroc_with_tta"] = round(float(roc_auc_score(y, with_views)), 4)
     return {
         "seed": cfg.project.seed,
         "train_seconds": round(t_train, 1),
@@ -97,6 +110,7 @@ def train_and_score(cfg) -> dict:
         "test": {k: test[k] for k in ("auroc", "accuracy", "sensitivity", "specificity", "f1")},
         "test_n": test["n"],
         "threshold_rules": threshold_diagnostics(cfg),
+        **extra,
     }
 
 
@@ -108,6 +122,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)")
     ap.add_argument("--tuned", action="store_true", help="train with results/tuned_<dataset>.yaml (from tuning.py)")
+    ap.add_argument("--name", default=None, help="result name (default quality_<dataset>[_tuned][_seeds])")
     args = ap.parse_args()
     name = f"quality_{args.dataset}" + ("_tuned" if args.tuned else "")
     if args.tuned:
@@ -115,7 +130,7 @@ def main() -> None:
         if not tuned.exists():
             sys.exit(f"{tuned} missing: run benchmarks/tuning.py first")
         args.set = [f"{k}={v}" for k, v in yaml.safe_load(tuned.read_text()).items()] + args.set
-    work = WORK / name
+    work = WORK / (args.name or name)
     work.mkdir(parents=True, exist_ok=True)
     if args.dataset == "pneumoniamnist":
         size = args.size or 28
@@ -150,6 +165,9 @@ def main() -> None:
             figures[f"test_{metric}_min_mean_max"] = [round(min(values), 4), round(float(np.mean(values)), 4),
                                                       round(max(values), 4)]
             parts.append(f"{metric} " + " / ".join(f"{v:.4f}" for v in values))
+        if cfg.model.tta_views:
+            parts.append("auroc of the same networks without test-time views " + " / ".join(
+                f"{r['test_auroc_without_tta']:.4f}" for r in runs.values()))
         for rule in ("youden", "youden_kernel", "youden+aug", "youden_kernel+aug", "hindsight_best_on_test"):
             parts.append(f"accuracy at {rule} " + " / ".join(
                 f"{r['threshold_rules'][rule]['test_accuracy']:.4f}" for r in runs.values()))
@@ -161,7 +179,7 @@ def main() -> None:
     if args.dataset == "pneumoniamnist":
         figures["medmnist_v2_table_auc_acc"] = MEDMNIST_V2
         figures["targets"] = {"auroc": 0.98, "accuracy": 0.93, "train_seconds": 300}
-    write_result(name, figures)
+    write_result(args.name or name, figures)
 
 
 if __name__ == "__main__":

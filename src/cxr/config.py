@@ -116,6 +116,8 @@ class ModelConfig(Section):
     dropout: float = Field(0.3, ge=0, lt=1)
     width: int = Field(32, ge=4)
     tabular: bool = False
+    tta_views: int = Field(0, ge=0)  # K > 0: the saved model averages K fixed views drawn from train.augment
+    tta_strength: float = Field(1.0, gt=0)  # the views' augmentation strength (instead of train.augment's)
 
 
 class EarlyStoppingConfig(Section):

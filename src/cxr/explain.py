@@ -172,8 +172,10 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     from cxr.errors import UserError
     from cxr.preprocess import preprocess
 
-    # An ensemble is explained by the mean of its members' maps (each member has its own feature map).
-    networks = list(getattr(predictor.model, "members", [predictor.model]))
+    # The network explains the film as given (test-time views are averaged for the score only); an ensemble
+    # by the mean of its members' maps (each member has its own feature map).
+    network = getattr(predictor.model, "network", predictor.model)
+    networks = list(getattr(network, "members", [network]))
     if not hasattr(networks[0], "gradcam_module"):
         arch = predictor.info["architecture"].get("arch")
         raise UserError(f"a {arch} model has no convolutional feature map, so there is no Grad-CAM to show")

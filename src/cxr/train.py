@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 from cxr import tracking
-from cxr.data.augment import augment
+from cxr.data.augment import augment, draw_augment
 from cxr.data.loader import N_TABULAR, PreparedData
 from cxr.data.prepare import spec_for
 from cxr.metrics import choose_threshold
@@ -418,6 +418,20 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
                   train_seconds=train_time)
 
 
+def saved_model(cfg: "Config", networks: list[torch.nn.Module]) -> torch.nn.Module:
+    """What is saved: the network, or an :class:`~cxr.models.Ensemble` of them, averaged over
+    ``model.tta_views`` fixed views drawn from ``train.augment`` at ``model.tta_strength`` when that is > 0."""
+    from cxr.models import Ensemble, TestTimeAugmentation
+
+    model = networks[0] if len(networks) == 1 else Ensemble(networks)
+    k = cfg.model.tta_views
+    if k == 0:
+        return model
+    views_of = cfg.train.augment.model_copy(update={"strength": cfg.model.tta_strength})
+    views = draw_augment(k, views_of, torch.Generator().manual_seed(cfg.project.seed))
+    return TestTimeAugmentation(model, views).to(next(model.parameters()).device)
+
+
 def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
         run_name: str | None = None, nested: bool = False, log_model: bool = True,
         extra_tags: dict[str, str] | None = None, run_id: str | None = None,
@@ -456,14 +470,12 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
                                         yardstick=yardstick, member=(i + 1, n),
                                         step0=sum(len(m.history) for m in members)))
-        if n == 1:
+        if n == 1 and cfg.model.tta_views == 0:
             model, val_auroc, objective = members[0].model, members[0].best_val_auroc, members[0].best_objective
             # the epoch's validation scores, unless they were bf16 (threshold_scores re-scores when it needs them)
             val_probs = None if _uses_bf16(device, cfg.train.precision) else members[0].val_probs
-        else:
-            from cxr.models import Ensemble
-
-            model = Ensemble([m.model for m in members])
+        else:  # the saved model is not the network one epoch scored: score validation as it will be used
+            model = saved_model(cfg, [m.model for m in members])
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
             objective = val_auroc if yardstick is None else yardstick.auroc(model, data, val_idx, device,

@@ -165,6 +165,46 @@ def test_ensemble_trains_seeded_members_and_saves_them_as_one_model(tmp_path):
     assert {"member1/val_auroc", "member2/val_auroc", "best_val_auroc"} <= set(metrics)
 
 
+def test_test_time_augmentation_is_saved_with_the_network_and_scored_as_served(tmp_path):
+    """model.tta_views=3: the network trains exactly as without it; the saved model averages 3 fixed views
+    drawn from train.augment at model.tta_strength, and the threshold, validation AUROC, evaluation, the
+    MLflow model and Grad-CAM all use that saved model."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.data.augment import draw_augment
+    from cxr.explain import explain
+
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    (tmp_path / "plain").mkdir(), (tmp_path / "tta").mkdir()
+    cfg_plain, _, _ = run(tmp_path / "plain", labels, "binary", **{"train.epochs": 2})
+    cfg, result, report = run(tmp_path / "tta", labels, "binary",
+                              **{"train.epochs": 2, "model.tta_views": 3, "model.tta_strength": 1.5,
+                                 "mlflow.enabled": True, "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                 "mlflow.artifact_location": str(tmp_path / "mlartifacts")})
+    predictor = Predictor.from_dir(cfg.paths.model)
+    assert predictor.info["architecture"]["arch"] == "tta"
+    plain = Predictor.from_dir(cfg_plain.paths.model).model.state_dict()
+    network = predictor.model.network.state_dict()
+    assert plain.keys() == network.keys() and all(torch.equal(plain[k], network[k]) for k in plain)
+    views = draw_augment(3, cfg.train.augment.model_copy(update={"strength": 1.5}), torch.Generator().manual_seed(42))
+    torch.testing.assert_close(predictor.model.views, views)
+    data = PreparedData(cfg.paths.prepared, 32)
+    idx, y, probs = score_split(predictor, data, "val")
+    assert result.best_val_auroc == pytest.approx(roc_auc_score(y, probs), abs=1e-6)
+    y_aug, p_aug = threshold_scores(predictor.model, data, idx, probs, cfg, torch.device("cpu"))
+    assert predictor.threshold == pytest.approx(choose_threshold(y_aug, p_aug, cfg.evaluate.threshold), rel=1e-6)
+    _, yt, pt = score_split(predictor, data, "test")
+    assert report["splits"]["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(yt, pt), abs=1e-9)
+    plain_scores = score_split(Predictor.from_dir(cfg_plain.paths.model), data, "test")[2]
+    assert not np.allclose(pt, plain_scores, rtol=0, atol=1e-7)  # 2 epochs: the scores are still close together
+    served = Predictor.from_uri(f"runs:/{result.run_id}/model")  # the logged MLflow model rebuilds it too
+    np.testing.assert_allclose(served.predict_proba(data.images[idx[:8]]), probs[:8], rtol=1e-5, atol=1e-6)
+    image = predictor.read(tmp_path / "tta" / "src" / "0.png")
+    shown = explain(predictor, image)  # the network's map, beside the saved model's probability
+    assert shown.probability == pytest.approx(float(predictor.predict_proba(predictor.prepare_input(image))[0]))
+    assert shown.heatmap.max() > 0
+
+
 def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
     """evaluate.threshold_augmented_copies=3: the saved threshold is the rule applied to 3 seeded augmented
     copies of the validation split, scored like the saved Predictor scores; not the clean films' cut-off."""

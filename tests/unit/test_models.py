@@ -19,6 +19,7 @@ from cxr.models import (
     CXRNet,
     Ensemble,
     ModelError,
+    TestTimeAugmentation,
     build_from_spec,
     build_model,
     imagenet_weights_path,
@@ -365,6 +366,33 @@ def test_ensemble_refuses_members_that_do_not_fit_together() -> None:
         Ensemble([build_model("simple_cnn", 1, width=8)])
     with pytest.raises(ModelError, match="disagree"):
         Ensemble([build_model("simple_cnn", 1, width=8), build_model("simple_cnn", 2, width=8)])
+
+
+def test_test_time_augmentation_averages_fixed_views_and_rebuilds_from_its_spec() -> None:
+    from cxr.config import AugmentConfig
+    from cxr.data.augment import apply_augment, draw_augment
+
+    torch.manual_seed(0)
+    net = build_model("simple_cnn", 1, width=8, n_tabular=2).eval()
+    views = draw_augment(3, AugmentConfig(strength=1.0), torch.Generator().manual_seed(0))
+    tta = TestTimeAugmentation(net, views).eval()
+    x = torch.rand(5, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    tab = torch.rand(5, 2)
+    with torch.no_grad():
+        expected = torch.stack([net(apply_augment(x, v.expand(5, -1)), tab) for v in views]).mean(0)
+        out = tta(x, tab)
+        torch.testing.assert_close(out, expected)
+        assert not torch.allclose(out, net(x, tab))  # the views are not the film itself
+        # every film sees the same views whatever it is batched with: its score alone is its score in the batch
+        torch.testing.assert_close(tta(x[3:4], tab[3:4]), out[3:4], rtol=1e-5, atol=1e-6)
+    spec = json.loads(json.dumps(tta.spec))
+    assert spec["arch"] == "tta" and spec["n_tabular"] == 2 and spec["network"] == net.spec
+    rebuilt = build_from_spec(spec)
+    rebuilt.load_state_dict(tta.state_dict())  # strict: network.* only, the views travel in the spec
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x, tab), out, rtol=0, atol=0)
+    with pytest.raises(ModelError, match="views"):
+        TestTimeAugmentation(net, torch.zeros(2, 5))
 
 
 class _Evil:

@@ -16,28 +16,38 @@ from cxr.config import AugmentConfig
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """x: (B, 1, H, W) float in [0, 1] -> augmented batch, same shape and range."""
-    s = cfg.strength
-    if s <= 0:
+    if cfg.strength <= 0:
         return x
-    b = x.shape[0]
+    return apply_augment(x, draw_augment(x.shape[0], cfg, generator))
+
+
+def draw_augment(n: int, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 7) draws, one row per image: angle (radians), zoom, shift x, shift y, flip (0/1), brightness, contrast."""
+    s = cfg.strength
 
     def uniform(scale: float) -> torch.Tensor:
-        r = torch.rand(b, generator=generator) * 2 - 1
-        return (r * scale * s).to(x.device)
+        return (torch.rand(n, generator=generator) * 2 - 1) * scale * s
 
     angle = uniform(math.radians(cfg.rotation_deg))
     zoom = 1 + uniform(cfg.scale)
     tx, ty = uniform(cfg.shift) * 2, uniform(cfg.shift) * 2  # affine_grid units span [-1, 1]
+    flip = (torch.rand(n, generator=generator) < 0.5).float() if cfg.hflip else torch.zeros(n)
+    brightness, contrast = uniform(cfg.brightness), 1 + uniform(cfg.contrast)
+    return torch.stack([angle, zoom, tx, ty, flip, brightness, contrast], 1)
+
+
+def apply_augment(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Apply :func:`draw_augment`'s (B, 7) draws to x (B, 1, H, W): one affine resampling, then intensity."""
+    b = x.shape[0]
+    angle, zoom, tx, ty, flip, brightness, contrast = draws.to(x.device).unbind(1)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    if cfg.hflip:
-        flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])
-        theta[:, 0, 1] = torch.where(flip, -theta[:, 0, 1], theta[:, 0, 1])
+    mirror = torch.where(flip > 0, -1.0, 1.0)
+    theta[:, 0, :2] *= mirror[:, None]
     grid = affine_grid(theta.to(x.dtype), x.shape[-2], x.shape[-1])
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    brightness = uniform(cfg.brightness).view(b, 1, 1, 1).to(x.dtype)
-    contrast = (1 + uniform(cfg.contrast)).view(b, 1, 1, 1).to(x.dtype)
+    brightness = brightness.view(b, 1, 1, 1).to(x.dtype)
+    contrast = contrast.view(b, 1, 1, 1).to(x.dtype)
     mean = out.mean(dim=(2, 3), keepdim=True)
     # (out - mean) * contrast + mean + brightness, in place: fewer passes over a large batch
     return out.mul_(contrast).add_(mean * (1 - contrast) + brightness).clamp_(0.0, 1.0)
