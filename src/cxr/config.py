@@ -219,6 +219,7 @@ class TuneConfig(Section):
     # percentile pruner: a trial must stay within the top `keep_percentile` % of earlier trials at each epoch
     keep_percentile: float = Field(25.0, gt=0, lt=100)
     startup_trials: int = Field(5, ge=0)  # random trials before TPE, and trials before the median/percentile pruner acts
+    pruner_startup_trials: int | None = Field(None, ge=0)  # finished trials before the pruner acts, if not startup_trials
     warmup_epochs: int = Field(2, ge=0)  # epochs before a trial may be pruned
     # A worker that dies (kill -9) stops its heartbeat; its trial is marked failed after the grace period.
     heartbeat_interval: int = Field(10, ge=1)

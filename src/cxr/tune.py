@@ -104,7 +104,8 @@ def make_pruner(cfg: "Config") -> "optuna.pruners.BasePruner":
 
     if cfg.tune.pruner in ("median", "percentile"):  # the median pruner is optuna's PercentilePruner(50)
         keep = 50.0 if cfg.tune.pruner == "median" else cfg.tune.keep_percentile
-        return optuna.pruners.PercentilePruner(keep, n_startup_trials=cfg.tune.startup_trials,
+        startup = cfg.tune.startup_trials if cfg.tune.pruner_startup_trials is None else cfg.tune.pruner_startup_trials
+        return optuna.pruners.PercentilePruner(keep, n_startup_trials=startup,
                                                n_warmup_steps=cfg.tune.warmup_epochs)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs)

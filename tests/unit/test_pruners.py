@@ -37,6 +37,19 @@ def test_pruners_keep_the_configured_share(pruner, value, pruned):
     assert decide(pruner, value) is pruned
 
 
+def test_pruner_startup_trials_apart_from_the_samplers():
+    """Four finished trials: with tune.startup_trials=5 nothing is pruned yet, unless the pruner's own start-up
+    (tune.pruner_startup_trials) is shorter."""
+    for extra, pruned in (([], False), (["tune.pruner_startup_trials=3"], True)):
+        cfg = Config().override(["tune.pruner=median", "tune.startup_trials=5", "tune.warmup_epochs=0", *extra])
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+        for v in (0.90, 0.92, 0.94, 0.96):
+            study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={1: v}, distributions={}, params={}))
+        trial = study.ask()
+        trial.report(0.5, 1)
+        assert bool(trial.should_prune()) is pruned
+
+
 def test_warmup_epochs_protect_early_epochs():
     cfg = Config().override(["tune.pruner=percentile", "tune.startup_trials=0", "tune.warmup_epochs=5"])
     study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
