@@ -470,12 +470,12 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
                                         yardstick=yardstick, member=(i + 1, n),
                                         step0=sum(len(m.history) for m in members)))
-        if n == 1 and cfg.model.tta_views == 0:
-            model, val_auroc, objective = members[0].model, members[0].best_val_auroc, members[0].best_objective
+        model = saved_model(cfg, [m.model for m in members])
+        if model is members[0].model:  # the network itself, as its best epoch scored it
+            val_auroc, objective = members[0].best_val_auroc, members[0].best_objective
             # the epoch's validation scores, unless they were bf16 (threshold_scores re-scores when it needs them)
             val_probs = None if _uses_bf16(device, cfg.train.precision) else members[0].val_probs
-        else:  # the saved model is not the network one epoch scored: score validation as it will be used
-            model = saved_model(cfg, [m.model for m in members])
+        else:  # an ensemble or test-time views: score validation as the saved model will be used
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
             objective = val_auroc if yardstick is None else yardstick.auroc(model, data, val_idx, device,
