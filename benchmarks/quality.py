@@ -6,6 +6,8 @@
     python benchmarks/quality.py pneumoniamnist --seeds 1,2,3,4,5  # the same config under 5 seeds (reliability)
     python benchmarks/quality.py pneumoniamnist --seeds 42,1,2 -s model.tta_views=8 --name quality_pneumoniamnist_tta
         # any overrides; with test-time views, each network's test AUROC is also reported without them
+    python benchmarks/quality.py pneumoniamnist --tuned --trace --name quality_pneumoniamnist_tuned_trace
+        # also every epoch's test AUROC: would another epoch have carried over better? (diagnostic only)
 
 Writes benchmarks/results/quality_<dataset>.json with test metrics, wall times and the MedMNIST v2 table.
 """
@@ -82,10 +84,45 @@ def threshold_diagnostics(cfg) -> dict:
     return rules
 
 
-def train_and_score(cfg) -> dict:
-    """Train with ``cfg``, evaluate on the test split: wall time, epochs and the test metrics."""
+def epoch_trace(cfg, base_cfg) -> dict:
+    """fit's arguments for a per-epoch trace (diagnostic only, never used to choose anything): the tuning
+    objective's yardstick (augmented validation, as ``cxr tune`` builds it from the untuned config) and a hook
+    scoring the validated model on the test split after every epoch."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.train import predict_split
+    from cxr.tune import make_yardstick
+
+    data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
+    test = data.split("test")
+
+    def test_auroc(model) -> dict[str, float]:
+        probs = predict_split(model, data, test, 256, torch.device("cpu"), data.task, cfg.train.precision)
+        return {"test_auroc_diagnostic": float(roc_auc_score(data.targets[test], probs))}
+
+    return {"yardstick": make_yardstick(base_cfg), "epoch_hook": test_auroc}
+
+
+def trace_figures(history: list[dict], best_epoch: int) -> dict:
+    """Each epoch's clean and augmented validation AUROC and test AUROC, and the test AUROC of the epoch
+    each validation would pick, beside the best epoch in hindsight."""
+    keys = {"val_auroc": "val_auroc", "val_auroc_augmented": "val_auroc_augmented", "test_auroc": "test_auroc_diagnostic"}
+    rows = [{"epoch": e} | {k: round(r[v], 4) for k, v in keys.items() if v in r} for e, r in enumerate(history, 1)]
+    chosen = {"val_auroc (the saved epoch)": rows[best_epoch - 1]}
+    if "val_auroc_augmented" in rows[0]:  # absent with tune.objective=val_auroc
+        chosen["val_auroc_augmented"] = max(rows, key=lambda r: r["val_auroc_augmented"])
+    chosen["hindsight_best_on_test"] = max(rows, key=lambda r: r["test_auroc"])
+    return {"per_epoch": rows,
+            "test_auroc_at_epoch_chosen_by": {k: [r["epoch"], r["test_auroc"]] for k, r in chosen.items()}}
+
+
+def train_and_score(cfg, trace_of=None) -> dict:
+    """Train with ``cfg``, evaluate on the test split: wall time, epochs and the test metrics. With
+    ``trace_of`` (the untuned config), also the per-epoch trace of :func:`trace_figures`."""
+    traced = epoch_trace(cfg, trace_of) if trace_of is not None else {}
     t0 = time.perf_counter()
-    result = fit(cfg, log_model=False)
+    result = fit(cfg, log_model=False, **traced)
     t_train = time.perf_counter() - t0
     test = evaluate(cfg)["splits"]["test"]
     extra = {}
@@ -98,6 +135,8 @@ def train_and_score(cfg) -> dict:
         _, y, without = score_split(predictor, data, "test")
         extra["test_auroc_without_tta"] = round(float(roc_auc_score(y, without)), 4)
         extra["test_auroc_with_tta"] = round(test["auroc"]["value"], 4)  # evaluate's figure, the saved model
+    if traced:
+        extra |= trace_figures(result.history, result.best_epoch)
     return {
         "seed": cfg.project.seed,
         "train_seconds": round(t_train, 1),
@@ -122,8 +161,11 @@ def main() -> None:
                     help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)")
     ap.add_argument("--tuned", action="store_true", help="train with results/tuned_<dataset>.yaml (from tuning.py)")
     ap.add_argument("--name", default=None, help="result name (default quality_<dataset>[_tuned][_seeds])")
+    ap.add_argument("--trace", action="store_true",
+                    help="also score every epoch's model on validation (clean, augmented) and test (diagnostic)")
     args = ap.parse_args()
     name = f"quality_{args.dataset}" + ("_tuned" if args.tuned else "")
+    own_sets = args.set
     if args.tuned:
         tuned = RESULTS / f"tuned_{args.dataset}.yaml"
         if not tuned.exists():
@@ -145,6 +187,10 @@ def main() -> None:
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.artifact_location": str(work / "mlartifacts"),
     }
     cfg = load_config(overrides=overrides).override(args.set)
+    # the yardstick as `cxr tune` builds it: from the config without the tuned parameters
+    trace_of = load_config(overrides=overrides).override(own_sets) if args.trace else None
+    if trace_of is not None and cfg.train.ensemble > 1:
+        sys.exit("--trace follows one network: not with train.ensemble > 1")
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     t0 = time.perf_counter()
     ingest(cfg)
@@ -156,7 +202,7 @@ def main() -> None:
     if args.seeds:
         # The same config under several seeds: is a target met reliably, or only by a lucky seed?
         name += "_seeds"
-        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}"])) for seed in args.seeds}
+        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}"]), trace_of) for seed in args.seeds}
         figures["runs"] = runs
         parts = []
         for metric in ("auroc", "accuracy", "sensitivity", "specificity"):
@@ -174,7 +220,7 @@ def main() -> None:
         figures["summary"] = (f"{cfg.model.arch} {size} px, seeds {', '.join(map(str, args.seeds))}: test "
                               + "; ".join(parts) + f"; train {min(train_s):.0f}-{max(train_s):.0f} s")
     else:
-        figures |= train_and_score(cfg)
+        figures |= train_and_score(cfg, trace_of)
     if args.dataset == "pneumoniamnist":
         figures["medmnist_v2_table_auc_acc"] = MEDMNIST_V2
         figures["targets"] = {"auroc": 0.98, "accuracy": 0.93, "train_seconds": 300}

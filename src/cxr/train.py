@@ -315,12 +315,14 @@ class Member:
 
 def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.device, *, active: bool,
                  trial: "optuna.Trial | None" = None, yardstick: Yardstick | None = None,
-                 member: tuple[int, int] = (1, 1), step0: int = 0) -> Member:
+                 member: tuple[int, int] = (1, 1), step0: int = 0,
+                 epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> Member:
     """Train one network from ``seed``; early-stops on validation AUROC and returns the best epoch's weights.
 
     With a ``yardstick`` its AUROC is logged every epoch and is what the Optuna ``trial`` is told (else the
     validation AUROC). ``member`` = (i, n) of an ensemble: with n > 1 the MLflow metrics are named
     ``member<i>/...``. ``step0``: epochs trained before this member, so an Optuna trial sees one increasing step.
+    ``epoch_hook(model)``: figures of the validated model, added to each epoch's history row and MLflow metrics.
     """
     gen = seed_everything(seed, cfg.train.deterministic, device)
     train_idx, val_idx = data.split("train"), data.split("val")
@@ -388,6 +390,8 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
         objective = val_auroc
         if yardstick is not None:
             objective = row["val_auroc_augmented"] = yardstick.auroc(scored, data, val_idx, device, cfg.train.precision)
+        if epoch_hook is not None:
+            row |= epoch_hook(scored)
         history.append(row if n == 1 else {"member": i, **row})
         if active:
             import mlflow
@@ -435,9 +439,10 @@ def saved_model(cfg: "Config", networks: list[torch.nn.Module]) -> torch.nn.Modu
 def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
         run_name: str | None = None, nested: bool = False, log_model: bool = True,
         extra_tags: dict[str, str] | None = None, run_id: str | None = None,
-        yardstick: Yardstick | None = None) -> FitResult:
+        yardstick: Yardstick | None = None,
+        epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> FitResult:
     """Train, choose the threshold, save the model; ``run_id`` continues an existing MLflow run (a tuning trial's),
-    ``yardstick`` is what that trial is judged on (see :class:`Yardstick`).
+    ``yardstick`` is what that trial is judged on (see :class:`Yardstick`); ``epoch_hook``: see :func:`train_member`.
 
     With ``train.ensemble`` = n > 1, n networks are trained with seeds seed .. seed+n-1 and saved as one
     :class:`~cxr.models.Ensemble`; the threshold is chosen on the ensemble's validation scores.
@@ -468,7 +473,7 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
         members: list[Member] = []
         for i in range(n):
             members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
-                                        yardstick=yardstick, member=(i + 1, n),
+                                        yardstick=yardstick, member=(i + 1, n), epoch_hook=epoch_hook,
                                         step0=sum(len(m.history) for m in members)))
         model = saved_model(cfg, [m.model for m in members])
         if model is members[0].model:  # the network itself, as its best epoch scored it

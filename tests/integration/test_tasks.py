@@ -39,7 +39,7 @@ def write_images(root, labels, seed=0):
     return root / "labels.csv"
 
 
-def run(tmp_path, labels, task, **extra):
+def run(tmp_path, labels, task, fit_kwargs=None, **extra):
     src = tmp_path / "src"
     src.mkdir()
     cfg = Config().override({
@@ -51,7 +51,7 @@ def run(tmp_path, labels, task, **extra):
     })
     ingest(cfg)
     prepare(cfg)
-    result = fit(cfg)
+    result = fit(cfg, **(fit_kwargs or {}))
     return cfg, result, evaluate(cfg)
 
 
@@ -221,3 +221,29 @@ def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
     assert predictor.threshold == pytest.approx(choose_threshold(y3, p3), rel=1e-6)
     assert predictor.threshold != pytest.approx(choose_threshold(y, clean), rel=1e-3)
     assert report["model"]["threshold_augmented_copies"] == 3
+
+
+def test_epoch_hook_sees_the_validated_model_after_every_epoch_and_changes_nothing(tmp_path):
+    """fit(epoch_hook=...) (quality.py --trace scores the test split with it): called after every epoch with
+    the model validation scored (the hook's own validation AUROC equals the epoch's), its figures join that
+    epoch's history row, and training is the same as without it."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.train import predict_split
+
+    def hook(model):
+        data = PreparedData(tmp_path / "hook" / "prepared", 32)
+        val = data.split("val")
+        probs = predict_split(model, data, val, 64, torch.device("cpu"), data.task, "fp32")
+        return {"hook_val_auroc": roc_auc_score(data.targets[val], probs)}
+
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    (tmp_path / "plain").mkdir(), (tmp_path / "hook").mkdir()
+    _, plain, _ = run(tmp_path / "plain", labels, "binary", **{"train.epochs": 3})
+    _, hooked, _ = run(tmp_path / "hook", labels, "binary", fit_kwargs={"epoch_hook": hook}, **{"train.epochs": 3})
+    assert len(hooked.history) == 3
+    val = [row["val_auroc"] for row in hooked.history]
+    assert [row["hook_val_auroc"] for row in hooked.history] == pytest.approx(val, abs=1e-6)
+    assert len(set(val)) > 1  # the model changed between epochs, and the hook followed it
+    assert val == [row["val_auroc"] for row in plain.history]
+    assert "hook_val_auroc" not in plain.history[0]
