@@ -123,6 +123,10 @@ class ModelConfig(Section):
 class EarlyStoppingConfig(Section):
     patience: int = Field(10, ge=1)
     min_delta: float = 0.0
+    # What picks the saved epoch and stops training. val_auroc: the clean validation films.
+    # augmented_val_auroc: validation seen through train.augment (tune.objective_copies seeded copies,
+    # the tuning yardstick), which follows films from elsewhere better than in-distribution validation does.
+    monitor: Literal["val_auroc", "augmented_val_auroc"] = "val_auroc"
 
 
 class TrainConfig(Section):

@@ -247,6 +247,11 @@ class Yardstick:
     # fixed, not the trial's batch size: augment draws per batch, so another batch size would be other films
     batch_size: int = 256
 
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Yardstick":
+        """``train.augment``, ``tune.objective_copies`` copies drawn from ``project.seed``."""
+        return cls(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
+
     def auroc(self, model: torch.nn.Module, data: PreparedData, idx: np.ndarray, device: torch.device,
               precision: str) -> float:
         copies = self.copies if self.augment.strength > 0 else 1  # no augmentation: every copy is the same
@@ -317,7 +322,8 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
                  trial: "optuna.Trial | None" = None, yardstick: Yardstick | None = None,
                  member: tuple[int, int] = (1, 1), step0: int = 0,
                  epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> Member:
-    """Train one network from ``seed``; early-stops on validation AUROC and returns the best epoch's weights.
+    """Train one network from ``seed``; early-stops on ``train.early_stopping.monitor`` (clean validation AUROC, or
+    the yardstick's) and returns the best epoch's weights.
 
     With a ``yardstick`` its AUROC is logged every epoch and is what the Optuna ``trial`` is told (else the
     validation AUROC). ``member`` = (i, n) of an ensemble: with n > 1 the MLflow metrics are named
@@ -343,7 +349,7 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
     i, n = member
     prefix, label = (f"member{i}/", f"member {i}/{n} ") if n > 1 else ("", "")
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"auroc": -1.0, "epoch": 0, "state": None}
+    best: dict[str, Any] = {"score": -1.0, "auroc": -1.0, "epoch": 0, "state": None}
     since_best = 0
     seen, train_time = 0, 0.0
     for epoch in range(1, cfg.train.epochs + 1):
@@ -398,9 +404,10 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
 
             mlflow.log_metrics({prefix + k: v for k, v in row.items()}, step=epoch)
         log.info("%sepoch %d: loss %.4f val AUROC %.4f (%.1fs)", label, epoch, row["train_loss"], val_auroc, epoch_time)
-        if val_auroc > best["auroc"] + cfg.train.early_stopping.min_delta:
+        score = objective if cfg.train.early_stopping.monitor == "augmented_val_auroc" else val_auroc
+        if score > best["score"] + cfg.train.early_stopping.min_delta:
             # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
-            best = {"auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
+            best = {"score": score, "auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
                     "val_probs": val_probs, "objective": objective}
             since_best = 0
         else:
@@ -460,6 +467,8 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
 
         raise UserError(f"the prepared data needs train and val images (train={len(train_idx)}, val={len(val_idx)})")
     model_dir = Path(model_dir or cfg.paths.model)
+    if yardstick is None and cfg.train.early_stopping.monitor == "augmented_val_auroc":
+        yardstick = Yardstick.from_config(cfg)  # a tuning trial's comes from the study's config instead
     n = cfg.train.ensemble
     tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
     with tracking.run(cfg, name=run_name, nested=nested, tags=tags, run_id=run_id) as active:

@@ -160,8 +160,11 @@ def make_yardstick(cfg: "Config") -> "Yardstick | None":
     from cxr.train import Yardstick
 
     if cfg.tune.objective != "augmented_val_auroc":
+        if cfg.train.early_stopping.monitor == "augmented_val_auroc":
+            raise UserError("train.early_stopping.monitor=augmented_val_auroc picks each trial's epoch on the tuning "
+                            "yardstick, which the trial is then judged on: use it with tune.objective=augmented_val_auroc")
         return None
-    return Yardstick(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
+    return Yardstick.from_config(cfg)
 
 
 def objective_spec(cfg: "Config") -> dict[str, Any]:

@@ -247,3 +247,24 @@ def test_epoch_hook_sees_the_validated_model_after_every_epoch_and_changes_nothi
     assert len(set(val)) > 1  # the model changed between epochs, and the hook followed it
     assert val == [row["val_auroc"] for row in plain.history]
     assert "hook_val_auroc" not in plain.history[0]
+
+
+def test_early_stopping_can_monitor_augmented_validation(tmp_path, monkeypatch):
+    """train.early_stopping.monitor=augmented_val_auroc: the epoch saved, and when training stops, follow the
+    yardstick's AUROC (made to peak at epoch 1 here), not the clean validation AUROC (which peaks later)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.train import Yardstick
+
+    told = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    monkeypatch.setattr(Yardstick, "auroc", lambda self, *args: next(told))
+    labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
+    cfg, result, _ = run(tmp_path, labels, "binary",
+                         **{"train.epochs": 6, "train.early_stopping.patience": 2,
+                            "train.early_stopping.monitor": "augmented_val_auroc"})
+    clean = [row["val_auroc"] for row in result.history]
+    assert max(clean) > clean[0]  # clean validation alone would have kept a later epoch
+    assert [row["val_auroc_augmented"] for row in result.history] == [0.9, 0.8, 0.7]  # stopped after 2 worse epochs
+    assert result.best_epoch == 1 and result.best_val_auroc == clean[0]
+    _, y, probs = score_split(Predictor.from_dir(cfg.paths.model), PreparedData(cfg.paths.prepared, 32), "val")
+    assert roc_auc_score(y, probs) == pytest.approx(clean[0], abs=1e-6)  # the saved weights are epoch 1's

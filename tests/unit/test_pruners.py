@@ -52,3 +52,17 @@ def test_warmup_epochs_protect_early_epochs():
     trial = study.ask()
     trial.report(0.5, 2)
     assert not trial.should_prune()
+
+
+def test_trials_are_judged_on_the_yardstick_their_epochs_were_picked_on():
+    """The yardstick is the study's (same films for every trial); picking each trial's epoch on it while the
+    study is judged on clean validation would mix two objectives, so that combination is refused."""
+    from cxr.errors import UserError
+    from cxr.train import Yardstick
+    from cxr.tune import make_yardstick
+
+    cfg = Config().override({"tune.objective_copies": 3})
+    assert make_yardstick(cfg) == Yardstick(cfg.train.augment, 3, cfg.project.seed)
+    assert make_yardstick(cfg.override({"tune.objective": "val_auroc"})) is None
+    with pytest.raises(UserError, match="tune.objective=augmented_val_auroc"):
+        make_yardstick(cfg.override({"tune.objective": "val_auroc", "train.early_stopping.monitor": "augmented_val_auroc"}))
