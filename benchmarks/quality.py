@@ -109,7 +109,7 @@ def trace_figures(history: list[dict], best_epoch: int) -> dict:
     each validation would pick, beside the best epoch in hindsight."""
     keys = {"val_auroc": "val_auroc", "val_auroc_augmented": "val_auroc_augmented", "test_auroc": "test_auroc_diagnostic"}
     rows = [{"epoch": e} | {k: round(r[v], 4) for k, v in keys.items() if v in r} for e, r in enumerate(history, 1)]
-    chosen = {"val_auroc (the saved epoch)": rows[best_epoch - 1]}
+    chosen = {"saved epoch (train.early_stopping.monitor)": rows[best_epoch - 1]}
     if "val_auroc_augmented" in rows[0]:  # absent with tune.objective=val_auroc
         chosen["val_auroc_augmented"] = max(rows, key=lambda r: r["val_auroc_augmented"])
     chosen["hindsight_best_on_test"] = max(rows, key=lambda r: r["test_auroc"])
