@@ -10,12 +10,15 @@ nested mode makes no parent run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -321,7 +324,8 @@ def _plots(study: "optuna.Study", out: Path) -> list[Path]:
 
 # --- the objective -------------------------------------------------------------------------------
 
-def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, parent_id: str | None, n_trials: int):
+def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, parent_id: str | None, n_trials: int,
+                   interrupted: threading.Event | None = None):
     import optuna
     from optuna.trial import TrialState
 
@@ -329,7 +333,13 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
 
     yardstick = make_yardstick(cfg)
 
+    def stop_if_interrupted(_model: Any = None) -> dict[str, float]:
+        if interrupted is not None and interrupted.is_set():
+            raise KeyboardInterrupt
+        return {}
+
     def objective(trial: optuna.Trial) -> float:
+        stop_if_interrupted()
         params = suggest(trial, cfg.tune.space)
         # A trial trains one network (n times cheaper than the configured ensemble) unless the space searches it.
         trial_cfg = cfg.override({"train.ensemble": 1, **params})
@@ -353,7 +363,7 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
         try:
             result = fit(trial_cfg, trial, model_dir=model_dir / "model", run_id=run_id,
                          log_model=cfg.tune.log_models and run_id is not None, yardstick=yardstick,
-                         extra_tags={"optuna.trial_number": str(trial.number)})
+                         extra_tags={"optuna.trial_number": str(trial.number)}, epoch_hook=stop_if_interrupted)
         except TrialPrunedSignal as signal:
             trial.set_user_attr("epochs_trained", signal.epoch)
             _close(client, run_id, "PRUNED", "KILLED")
@@ -416,7 +426,55 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
         client = MlflowClient()
         parent_id = parent_run(cfg, client, experiment_id, study, url)
         sync_failed_runs(client, study)
-    objective = make_objective(cfg, client, experiment_id, parent_id, n_trials)
+    with remembered_interrupt() as interrupted:
+        objective = make_objective(cfg, client, experiment_id, parent_id, n_trials, interrupted)
+        _optimize(cfg, study, objective, name, n_trials, timeout, interrupted)
+
+    optuna.storages.fail_stale_trials(study)
+    summary = {}
+    if client is not None:
+        sync_failed_runs(client, study)
+        summary = log_summary(cfg, client, parent_id, study)
+        client.set_terminated(parent_id, "FINISHED")
+    n = counts(study)
+    best = _best(study)
+    result = TuneResult(study=name, n_complete=n["COMPLETE"], n_pruned=n["PRUNED"], n_failed=n["FAIL"],
+                        best_value=best.value if best else None, best_params=dict(best.params) if best else {},
+                        best_run_id=best.user_attrs.get(RUN_ID_ATTR) if best else None, parent_run_id=parent_id,
+                        best_params_file=None)
+    if best is not None:
+        result.best_params_file = write_best_params(cfg, best.params)
+    if register:
+        result.registered_version = register_best(cfg, result)
+    log.info("study summary: %s", json.dumps(summary, default=str)[:500])
+    return result
+
+
+@contextlib.contextmanager
+def remembered_interrupt():
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is; raised inside a finaliser (a SQLAlchemy weakref
+    callback, seen in CI) Python prints it and carries on. The event remembers it, so that the running trial stops
+    at its next epoch and the study before its next trial anyway."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _optimize(cfg: "Config", study: Any, objective: Any, name: str, n_trials: int, timeout: float | None,
+              interrupted: threading.Event) -> None:
+    """Run trials one at a time until the study has ``n_trials`` finished ones (other workers' count too)."""
+    import optuna
 
     start, failures = time.monotonic(), 0
     done = counts(study)["finished"]
@@ -424,6 +482,8 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
     with progress_bar(f"study {name}", total=n_trials) as advance:
         advance(done)
         while done < n_trials:
+            if interrupted.is_set():  # a Ctrl-C that a finaliser swallowed
+                raise KeyboardInterrupt
             if timeout is not None and time.monotonic() - start >= timeout:
                 log.info("timeout reached after %d trials", done)
                 break
@@ -445,25 +505,6 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
             now, best = counts(study), _best(study)
             advance(now["finished"] - done, best=best.value if best else float("nan"), pruned=now["PRUNED"])
             done = now["finished"]
-
-    optuna.storages.fail_stale_trials(study)
-    summary = {}
-    if client is not None:
-        sync_failed_runs(client, study)
-        summary = log_summary(cfg, client, parent_id, study)
-        client.set_terminated(parent_id, "FINISHED")
-    n = counts(study)
-    best = _best(study)
-    result = TuneResult(study=name, n_complete=n["COMPLETE"], n_pruned=n["PRUNED"], n_failed=n["FAIL"],
-                        best_value=best.value if best else None, best_params=dict(best.params) if best else {},
-                        best_run_id=best.user_attrs.get(RUN_ID_ATTR) if best else None, parent_run_id=parent_id,
-                        best_params_file=None)
-    if best is not None:
-        result.best_params_file = write_best_params(cfg, best.params)
-    if register:
-        result.registered_version = register_best(cfg, result)
-    log.info("study summary: %s", json.dumps(summary, default=str)[:500])
-    return result
 
 
 def write_best_params(cfg: "Config", params: dict[str, Any]) -> Path:
