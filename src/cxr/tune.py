@@ -364,10 +364,10 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
             result = fit(trial_cfg, trial, model_dir=model_dir / "model", run_id=run_id,
                          log_model=cfg.tune.log_models and run_id is not None, yardstick=yardstick,
                          extra_tags={"optuna.trial_number": str(trial.number)}, epoch_hook=stop_if_interrupted)
-        except TrialPrunedSignal as signal:
-            trial.set_user_attr("epochs_trained", signal.epoch)
+        except TrialPrunedSignal as pruned:
+            trial.set_user_attr("epochs_trained", pruned.epoch)
             _close(client, run_id, "PRUNED", "KILLED")
-            raise optuna.TrialPruned(str(signal)) from None
+            raise optuna.TrialPruned(str(pruned)) from None
         except UserError:
             _close(client, run_id, "FAIL", "FAILED")
             raise
