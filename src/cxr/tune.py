@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -454,7 +455,8 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
 def remembered_interrupt():
     """Ctrl-C raises KeyboardInterrupt wherever the main thread is; raised inside a finaliser (a SQLAlchemy weakref
     callback, seen in CI) Python prints it and carries on. The event remembers it, so that the running trial stops
-    at its next epoch and the study before its next trial anyway."""
+    at its next epoch and the study before its next trial anyway, and the unraisable-exception hook keeps that
+    remembered interrupt from printing a traceback (any other unraisable exception is reported as before)."""
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield interrupted
@@ -464,11 +466,17 @@ def remembered_interrupt():
         interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def on_unraisable(unraisable: Any) -> None:
+        if not (interrupted.is_set() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            previous_hook(unraisable)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, on_sigint), sys.unraisablehook
+    sys.unraisablehook = on_unraisable
     try:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _optimize(cfg: "Config", study: Any, objective: Any, name: str, n_trials: int, timeout: float | None,

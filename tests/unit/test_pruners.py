@@ -87,3 +87,46 @@ def test_a_swallowed_ctrl_c_is_remembered_and_the_old_handler_restored():
             pass  # what a finaliser would have swallowed
         assert interrupted.is_set()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_inside_a_finaliser_is_remembered_without_a_traceback_and_other_errors_still_reported(monkeypatch):
+    """The CI case itself: SIGINT arrives while a weakref callback runs. Python cannot raise from there and hands
+    the KeyboardInterrupt to sys.unraisablehook (which prints a traceback); `cxr tune` has remembered it, so it is
+    dropped, while an unrelated error in a finaliser still reaches the hook that was there before."""
+    import os
+    import signal
+    import sys
+    import weakref
+
+    from cxr.tune import remembered_interrupt
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))
+
+    class Mapped:
+        pass
+
+    def callback_hit_by_ctrl_c(ref):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs between bytecodes, inside this callback
+            pass
+
+    def callback_with_a_bug(ref):
+        raise ValueError("a real finaliser bug")
+
+    with remembered_interrupt() as interrupted:
+        obj = Mapped()
+        ref = weakref.ref(obj, callback_hit_by_ctrl_c)
+        del obj  # CPython runs the callback now; its KeyboardInterrupt cannot propagate
+        assert interrupted.is_set() and ref() is None
+        assert reported == []
+
+        obj = Mapped()
+        ref = weakref.ref(obj, callback_with_a_bug)
+        del obj
+        assert reported == [ValueError]
+
+    obj = Mapped()
+    ref = weakref.ref(obj, callback_with_a_bug)
+    del obj
+    assert reported == [ValueError, ValueError]  # the hook is restored
