@@ -3,6 +3,8 @@
     python benchmarks/quality.py pneumoniamnist      # default config at 28 px (MedMNIST's resolution)
     python benchmarks/quality.py kermany [--size 64]  # Kermany train set, patient-level split cut by prepare
     python benchmarks/quality.py pneumoniamnist --tuned  # with the params tuning.py found
+    python benchmarks/quality.py pneumoniamnist --tuned benchmarks/work/tuning_amd/tuned_pneumoniamnist.yaml --name ...
+        # the params a named tuning run found (tuning.py --name tuning_amd)
     python benchmarks/quality.py pneumoniamnist --seeds 1,2,3,4,5  # the same config under 5 seeds (reliability)
     python benchmarks/quality.py pneumoniamnist --seeds 42,1,2 -s model.tta_views=8 --name quality_pneumoniamnist_tta
         # any overrides; with test-time views, each network's test AUROC is also reported without them
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -159,15 +162,17 @@ def main() -> None:
     ap.add_argument("-s", "--set", action="append", default=[], help="extra dotted overrides")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                     help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)")
-    ap.add_argument("--tuned", action="store_true", help="train with results/tuned_<dataset>.yaml (from tuning.py)")
+    ap.add_argument("--tuned", nargs="?", const="", default=None, metavar="YAML",
+                    help="train with the parameters tuning.py found: results/tuned_<dataset>.yaml, or the file "
+                         "given (a named run writes benchmarks/work/<name>/tuned_<dataset>.yaml)")
     ap.add_argument("--name", default=None, help="result name (default quality_<dataset>[_tuned][_seeds])")
     ap.add_argument("--trace", action="store_true",
                     help="also score every epoch's model on validation (clean, augmented) and test (diagnostic)")
     args = ap.parse_args()
-    name = f"quality_{args.dataset}" + ("_tuned" if args.tuned else "")
+    name = f"quality_{args.dataset}" + ("_tuned" if args.tuned is not None else "")
     own_sets = args.set
-    if args.tuned:
-        tuned = RESULTS / f"tuned_{args.dataset}.yaml"
+    if args.tuned is not None:
+        tuned = Path(args.tuned) if args.tuned else RESULTS / f"tuned_{args.dataset}.yaml"
         if not tuned.exists():
             sys.exit(f"{tuned} missing: run benchmarks/tuning.py first")
         args.set = [f"{k}={v}" for k, v in yaml.safe_load(tuned.read_text()).items()] + args.set
