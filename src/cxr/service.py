@@ -42,6 +42,7 @@ Environment (read when the module is imported, i.e. at `bentoml serve` start):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -106,9 +107,14 @@ class CxrModel:
         return self.served.card()
 
 
+EXIT_CANNOT_START = 3  # the exit status of `bentoml serve` when the model cannot be loaded
+
+
 def _stop_server(message: str) -> None:
     """Without its model the service is useless, and BentoML's process manager would restart this
-    worker forever, each time with a traceback: say why once, then stop `bentoml serve` (our parent)."""
+    worker forever, each time with a traceback: say why once, then stop `bentoml serve` (our parent),
+    leaving it a mark so that it exits with EXIT_CANNOT_START rather than 0 (supervisors, Docker restart
+    policies and scripts read the status)."""
     import signal
 
     import psutil
@@ -116,8 +122,37 @@ def _stop_server(message: str) -> None:
     log.critical("the cxr service cannot start: %s", message)
     parent = psutil.Process().parent()
     if parent is not None and any("bentoml" in part for part in parent.cmdline()):
+        try:
+            _cannot_start_mark(parent).write_text(message)
+        except OSError:  # no writable temp dir: stop anyway, with status 0
+            pass
         parent.send_signal(signal.SIGTERM)
-        os._exit(3)
+        os._exit(EXIT_CANNOT_START)
+
+
+def _cannot_start_mark(process: Any) -> Path:
+    """Named by pid and start time, so that a later process given the same pid never reads it."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"cxr-serve-cannot-start-{process.pid}-{int(process.create_time())}"
+
+
+def _exit_cannot_start_if_marked() -> None:
+    """Runs at exit in every process that imported this module; in `bentoml serve` itself, after the
+    graceful stop our SIGTERM began (status 0), it turns a worker's mark into EXIT_CANNOT_START."""
+    import sys
+
+    import psutil
+
+    mark = _cannot_start_mark(psutil.Process())
+    if mark.exists():
+        mark.unlink(missing_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CANNOT_START)  # sys.exit is ignored inside an atexit handler
+
+
+atexit.register(_exit_cannot_start_if_marked)
 
 
 def _refused(result: dict[str, Any]) -> JSONResponse:

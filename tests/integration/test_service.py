@@ -318,15 +318,20 @@ def test_without_batching_answers_the_same(project: Path, server: Server, tmp_pa
                         [synthetic_dicom(11), film_png(2)])
 
 
-def test_no_champion_stops_the_service_with_one_clear_message(project: Path, tmp_path: Path):
+def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_status(project: Path, tmp_path: Path):
+    """Supervisors (systemd, Docker restart policies, Kubernetes) and scripts read the exit status: without
+    a model `bentoml serve` must not report success."""
+    from cxr.service import EXIT_CANNOT_START
+
     srv = Server(project, tmp_path / "fail.log", CXR_MODEL_URI="models:/cxr@nobody")
     try:
-        srv.proc.wait(timeout=120)
+        status = srv.proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the service kept running without a model:\n{srv.text()[-3000:]}")
     finally:
         srv.stop()
     log = srv.text()
+    assert status == EXIT_CANNOT_START != 0, log[-3000:]
     lines = [line for line in log.splitlines() if "cannot start" in line]
     assert len(lines) == 1, log[-3000:]
     assert "models:/cxr@nobody" in lines[0] and "cxr promote" in lines[0]
