@@ -63,13 +63,14 @@ def main() -> None:
 
     members = [{"run": r, "arch": scores[r]["arch"], "size": scores[r]["size"],
                 "val_auroc": auroc((r,), "val"), "test_auroc": auroc((r,), "test")} for r in runs]
+    largest = min(args.max_members, len(runs))
     combos = [{"runs": list(c), "val_auroc": auroc(c, "val"), "test_auroc": auroc(c, "test")}
-              for k in range(2, min(args.max_members, len(runs)) + 1) for c in itertools.combinations(runs, k)]
+              for k in range(2, largest + 1) for c in itertools.combinations(runs, k)]
     by_val = max(combos, key=lambda c: c["val_auroc"])
     hindsight = max(combos, key=lambda c: c["test_auroc"])
     singles, averaged = [m["test_auroc"] for m in members], [c["test_auroc"] for c in combos]
     summary = (f"{len(runs)} networks alone: test AUROC {min(singles):.4f}-{max(singles):.4f}; {len(combos)} averages of "
-               f"2-{min(args.max_members, len(runs))}: {min(averaged):.4f}-{max(averaged):.4f} (median "
+               f"2-{largest}: {min(averaged):.4f}-{max(averaged):.4f} (median "
                f"{np.median(averaged):.4f}); picked by validation {by_val['test_auroc']:.4f}; best in hindsight on test "
                f"{hindsight['test_auroc']:.4f} ({' + '.join(r.removeprefix(PREFIX + '_') for r in hindsight['runs'])})")
     write_result("ensemble_ceiling", {"summary": summary, "members": members, "picked_by_validation": by_val,
