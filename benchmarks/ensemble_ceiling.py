@@ -3,8 +3,9 @@
     python benchmarks/ensemble_ceiling.py                     # every quality_pneumoniamnist* run in benchmarks/work
     python benchmarks/ensemble_ceiling.py RUN RUN ... --max-members 3
 
-Loads the saved model of each named `quality.py` run (`benchmarks/work/<run>/model`: for a `--seeds` run
-the last seed's network), scores its own prepared validation and test films (each model carries its own
+Loads the saved models of each named `quality.py` run (`benchmarks/work/<run>/model`, and for a `--seeds`
+run each seed's `model_seed<N>`, named `<run>:seed<N>`; older `--seeds` runs kept only the last seed's
+network, as `model`), scores its own prepared validation and test films (each model carries its own
 preprocessing and input size, so networks of different sizes and architectures can be averaged), and
 averages the probabilities of every combination of 2 .. --max-members of them. Reports each combination's
 validation and test AUROC, the one validation would pick, and the best in hindsight on test. The
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -30,8 +32,14 @@ from cxr.predictor import Predictor
 PREFIX = "quality_pneumoniamnist"
 
 
-def member_scores(run: str) -> dict:
-    predictor = Predictor.from_uri(WORK / run / "model")
+def saved_networks(run: str) -> dict[str, Path]:
+    """The run's saved models by member name: ``run`` for model/, ``run:seed<N>`` for model_seed<N>/."""
+    dirs = sorted(p.parent for p in (WORK / run).glob("model*/model.json"))
+    return {run if d.name == "model" else f"{run}:{d.name.removeprefix('model_')}": d for d in dirs}
+
+
+def member_scores(run: str, model_dir: Path) -> dict:
+    predictor = Predictor.from_uri(model_dir)
     data = PreparedData(WORK / run / "prepared", predictor.spec.size)
     arch = predictor.info["architecture"]
     if arch["arch"] == "ensemble":  # a train.ensemble run's model
@@ -48,10 +56,12 @@ def main() -> None:
     ap.add_argument("runs", nargs="*", help=f"quality.py run names (default: every {PREFIX}* with a saved model)")
     ap.add_argument("--max-members", type=int, default=3)
     args = ap.parse_args()
-    runs = args.runs or sorted(p.parents[1].name for p in WORK.glob(f"{PREFIX}*/model/model.json"))
+    named = args.runs or sorted({p.parents[1].name for p in WORK.glob(f"{PREFIX}*/model*/model.json")})
+    networks = {member: (run, d) for run in named for member, d in saved_networks(run).items()}
+    runs = list(networks)  # one member per saved network
     if len(runs) < 2:
-        sys.exit(f"need at least 2 runs with a saved model under {WORK}; run benchmarks/quality.py first")
-    scores = {run: member_scores(run) for run in runs}
+        sys.exit(f"need at least 2 saved models under {WORK}; run benchmarks/quality.py first")
+    scores = {member: member_scores(run, d) for member, (run, d) in networks.items()}
     for split in ("val", "test"):  # every run prepared the same official split, film for film
         y = scores[runs[0]][split][0]
         if any(not np.array_equal(scores[r][split][0], y) for r in runs):

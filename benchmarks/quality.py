@@ -207,7 +207,9 @@ def main() -> None:
     if args.seeds:
         # The same config under several seeds: is a target met reliably, or only by a lucky seed?
         name += "_seeds"
-        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}"]), trace_of) for seed in args.seeds}
+        # each seed keeps its own network (model_seed<N>/), so ensemble_ceiling.py can average them
+        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}", f"paths.model={work / f'model_seed{seed}'}"]),
+                                      trace_of) for seed in args.seeds}
         figures["runs"] = runs
         parts = []
         for metric in ("auroc", "accuracy", "sensitivity", "specificity"):
