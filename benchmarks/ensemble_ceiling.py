@@ -58,13 +58,13 @@ def main() -> None:
     args = ap.parse_args()
     named = args.runs or sorted({p.parents[1].name for p in WORK.glob(f"{PREFIX}*/model*/model.json")})
     networks = {member: (run, d) for run in named for member, d in saved_networks(run).items()}
-    runs = list(networks)  # one member per saved network
-    if len(runs) < 2:
+    names = list(networks)  # one member per saved network
+    if len(names) < 2:
         sys.exit(f"need at least 2 saved models under {WORK}; run benchmarks/quality.py first")
     scores = {member: member_scores(run, d) for member, (run, d) in networks.items()}
     for split in ("val", "test"):  # every run prepared the same official split, film for film
-        y = scores[runs[0]][split][0]
-        if any(not np.array_equal(scores[r][split][0], y) for r in runs):
+        y = scores[names[0]][split][0]
+        if any(not np.array_equal(scores[n][split][0], y) for n in names):
             sys.exit(f"the runs' {split} films differ: not the same dataset")
 
     def auroc(combo: tuple[str, ...], split: str) -> float:
@@ -72,14 +72,14 @@ def main() -> None:
         return round(float(roc_auc_score(y, np.mean([scores[r][split][1] for r in combo], axis=0))), 4)
 
     members = [{"run": r, "arch": scores[r]["arch"], "size": scores[r]["size"],
-                "val_auroc": auroc((r,), "val"), "test_auroc": auroc((r,), "test")} for r in runs]
-    largest = min(args.max_members, len(runs))
+                "val_auroc": auroc((r,), "val"), "test_auroc": auroc((r,), "test")} for r in names]
+    largest = min(args.max_members, len(names))
     combos = [{"runs": list(c), "val_auroc": auroc(c, "val"), "test_auroc": auroc(c, "test")}
-              for k in range(2, largest + 1) for c in itertools.combinations(runs, k)]
+              for k in range(2, largest + 1) for c in itertools.combinations(names, k)]
     by_val = max(combos, key=lambda c: c["val_auroc"])
     hindsight = max(combos, key=lambda c: c["test_auroc"])
     singles, averaged = [m["test_auroc"] for m in members], [c["test_auroc"] for c in combos]
-    summary = (f"{len(runs)} networks alone: test AUROC {min(singles):.4f}-{max(singles):.4f}; {len(combos)} averages of "
+    summary = (f"{len(names)} networks alone: test AUROC {min(singles):.4f}-{max(singles):.4f}; {len(combos)} averages of "
                f"2-{largest}: {min(averaged):.4f}-{max(averaged):.4f} (median "
                f"{np.median(averaged):.4f}); picked by validation {by_val['test_auroc']:.4f}; best in hindsight on test "
                f"{hindsight['test_auroc']:.4f} ({' + '.join(r.removeprefix(PREFIX + '_') for r in hindsight['runs'])})")
