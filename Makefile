@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: venv demo test bench clean-data
+.PHONY: venv demo test lint bench clean-data
 
 # The venv is (re)installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -20,9 +20,15 @@ venv: $(VENV)/.installed
 demo: venv
 	dvc repro
 
-test: venv
+test: venv lint
 	@tests/system_packages.sh
 	pytest
+
+# Style and structure: ruff, and import-linter's contracts in pyproject.toml (the layers, no cycles).
+lint: venv
+	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
+	lint-imports
 
 # `make bench` runs the default set (< 20 min on 2 CPU cores); `make bench BENCH_ARGS=--full` adds the long ones.
 BENCH_ARGS ?=

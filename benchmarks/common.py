@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / "work"
+sys.path.insert(0, str(REPO / "tests"))  # the test helpers (support/) that benchmarks share, e.g. serve_process
 
 
 def require_shared(*parts: str) -> Path:
@@ -54,7 +55,9 @@ def _cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -62,7 +65,11 @@ def git_commit() -> str:
 def code_dirty() -> bool | None:
     """True when the code a benchmark runs (src/, benchmarks/, params.yaml) differs from the recorded commit."""
     try:
-        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/*.py", "params.yaml"], cwd=REPO, capture_output=True)
+        diff = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/*.py", "params.yaml"],
+            cwd=REPO,
+            capture_output=True,
+        )
     except OSError:
         return None
     return {0: False, 1: True}.get(diff.returncode)

@@ -34,7 +34,6 @@ from torchvision.transforms import v2
 
 import fullres_dicom
 from common import WORK, require_shared, write_result
-
 from cxr.config import AugmentConfig, load_config
 from cxr.data.augment import augment
 from cxr.data.ingest import ingest
@@ -50,15 +49,18 @@ TARGETS = {"dicom_fullres": 10.0, "kermany224": 1.0}  # minimum speed-up, amorti
 
 def naive_transform(size: int, aug: AugmentConfig) -> v2.Compose:
     """Per-item PIL/torchvision transforms with the same augmentation ranges as cxr's batched one."""
-    return v2.Compose([
-        v2.Grayscale(1),
-        v2.Resize((size, size), antialias=True),
-        v2.RandomAffine(degrees=aug.rotation_deg, translate=(aug.shift, aug.shift),
-                        scale=(1 - aug.scale, 1 + aug.scale)),
-        v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.Grayscale(1),
+            v2.Resize((size, size), antialias=True),
+            v2.RandomAffine(
+                degrees=aug.rotation_deg, translate=(aug.shift, aug.shift), scale=(1 - aug.scale, 1 + aug.scale)
+            ),
+            v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 class NaiveDicom(Dataset):
@@ -96,11 +98,14 @@ def naive_epoch(loader: DataLoader, device: torch.device) -> float:
 
 def one_time(overrides: dict[str, Any], work: Path) -> tuple[Path, dict[str, float]]:
     """ingest (references, no copies) + prepare at every benchmarked size, timed."""
-    cfg = load_config(overrides={
-        **overrides,
-        "data.copy_images": False,
-        "paths.raw": str(work / "raw"), "paths.prepared": str(work / "prepared"),
-    })
+    cfg = load_config(
+        overrides={
+            **overrides,
+            "data.copy_images": False,
+            "paths.raw": str(work / "raw"),
+            "paths.prepared": str(work / "prepared"),
+        }
+    )
     t0 = time.perf_counter()
     ingest(cfg)
     t1 = time.perf_counter()
@@ -110,8 +115,14 @@ def one_time(overrides: dict[str, Any], work: Path) -> tuple[Path, dict[str, flo
     return work / "prepared", {"ingest_seconds": t1 - t0, "prepare_seconds": t2 - t1}
 
 
-def cxr_epoch(data: PreparedData, index: np.ndarray, batch_size: int, aug: AugmentConfig,
-              gen: torch.Generator, device: torch.device) -> float:
+def cxr_epoch(
+    data: PreparedData,
+    index: np.ndarray,
+    batch_size: int,
+    aug: AugmentConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> float:
     t0 = time.perf_counter()
     for x, _, _, _ in data.batches(index, batch_size, shuffle=True, generator=gen, device=device):
         x = augment(x, aug, gen)
@@ -122,8 +133,17 @@ def cxr_epoch(data: PreparedData, index: np.ndarray, batch_size: int, aug: Augme
 # --- measurement ----------------------------------------------------------------------------------
 
 
-def compare(name: str, loader: DataLoader, prepared: Path, size: int, naive_extra: list[float], reps: int,
-            args: argparse.Namespace, device: torch.device, aug: AugmentConfig) -> tuple[dict[str, Any], float]:
+def compare(
+    name: str,
+    loader: DataLoader,
+    prepared: Path,
+    size: int,
+    naive_extra: list[float],
+    reps: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    aug: AugmentConfig,
+) -> tuple[dict[str, Any], float]:
     """Alternate naive and cxr epochs; ratios per repetition, medians (``naive_extra``: naive epochs timed earlier).
 
     Returns the figures and the median naive epoch in seconds.
@@ -138,8 +158,11 @@ def compare(name: str, loader: DataLoader, prepared: Path, size: int, naive_extr
     for rep in range(reps):
         naive_t.append(naive_epoch(loader, device))
         # cxr epochs are short: average a few per repetition to steady the ratio
-        cxr_t.append(statistics.fmean(cxr_epoch(data, index, args.batch_size, aug, gen, device)
-                                      for _ in range(args.cxr_epochs_per_rep)))
+        cxr_t.append(
+            statistics.fmean(
+                cxr_epoch(data, index, args.batch_size, aug, gen, device) for _ in range(args.cxr_epochs_per_rep)
+            )
+        )
         log.info("%s %d px rep %d: naive %.2fs, cxr %.3fs", name, size, rep, naive_t[rep], cxr_t[-1])
     n_naive, n_cxr = len(loader.dataset), len(index)
     tn, tc = statistics.median(naive_t + naive_extra), statistics.median(cxr_t)
@@ -162,25 +185,36 @@ def amortise(f: dict[str, Any], fixed_in_epochs: float, n_ep: int) -> None:
 
 def run_set(name: str, naive_for_size, overrides: dict[str, Any], reps: int, args, device, aug) -> dict[str, Any]:
     """Naive epoch, prepare, naive epoch (so prepare is measured in adjacent naive epochs), then each size."""
-    loaders = {s: DataLoader(naive_for_size(s), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                             pin_memory=device.type == "cuda") for s in args.sizes}
+    loaders = {
+        s: DataLoader(
+            naive_for_size(s),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+        )
+        for s in args.sizes
+    }
     last = args.sizes[-1]
     before = naive_epoch(loaders[last], device)
-    prepared, fixed = one_time({**overrides, "prepare.sizes": args.sizes, "model.image_size": args.sizes[0]},
-                               WORK / "data_path" / name)
+    prepared, fixed = one_time(
+        {**overrides, "prepare.sizes": args.sizes, "model.image_size": args.sizes[0]}, WORK / "data_path" / name
+    )
     after = naive_epoch(loaders[last], device)
     fixed_in_epochs = sum(fixed.values()) / statistics.fmean([before, after])
     n = len(PreparedData(prepared, args.sizes[0]).manifest)
     out: dict[str, Any] = {
-        "n_images": n, **{k: round(v, 1) for k, v in fixed.items()},
+        "n_images": n,
+        **{k: round(v, 1) for k, v in fixed.items()},
         "prepare_images_per_s": round(n / fixed["prepare_seconds"], 1),
         "prepare_in_naive_epochs": round(fixed_in_epochs, 2),
     }
     naive_epoch_s = {}
     for size in args.sizes:
         timed = [before, after] if size == last else []
-        out[f"{size}px"], naive_epoch_s[size] = compare(name, loaders[size], prepared, size, timed, reps, args,
-                                                        device, aug)
+        out[f"{size}px"], naive_epoch_s[size] = compare(
+            name, loaders[size], prepared, size, timed, reps, args, device, aug
+        )
     for size in args.sizes:  # the one-time cost in this size's naive epochs, plus loading the arrays (every run)
         f = out[f"{size}px"]
         fixed = fixed_in_epochs * naive_epoch_s[last] / naive_epoch_s[size] + f["load_seconds"] / naive_epoch_s[size]
@@ -206,8 +240,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     ap.add_argument("--only", choices=["kermany", "dicom"], default=None)
     ap.add_argument("--reps", type=int, default=2, help="alternating naive/cxr repetitions per size, Kermany")
-    ap.add_argument("--dicom-reps", type=int, default=1,
-                    help="the same for the DICOM set, whose naive epochs are long (224 px adds the 2 around prepare)")
+    ap.add_argument(
+        "--dicom-reps",
+        type=int,
+        default=1,
+        help="the same for the DICOM set, whose naive epochs are long (224 px adds the 2 around prepare)",
+    )
     ap.add_argument("--cxr-epochs-per-rep", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30, help="N for the amortised figure (default train.epochs)")
     ap.add_argument("--workers", type=int, default=2, help="naive DataLoader workers, and cxr's prepare.workers")
@@ -220,8 +258,13 @@ def main() -> None:
     device, note = resolve(args.device)
     aug = load_config().train.augment
     figures: dict[str, Any] = {
-        "device_requested": args.device, "device": str(device), "note": note,
-        "workers": args.workers, "batch_size": args.batch_size, "reps": args.reps, "dicom_reps": args.dicom_reps,
+        "device_requested": args.device,
+        "device": str(device),
+        "note": note,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "dicom_reps": args.dicom_reps,
         "amortise_epochs": args.epochs,
         "torch_threads": torch.get_num_threads(),
         "load_average_1m_start": round(os.getloadavg()[0], 2),  # other users' work on a shared machine
@@ -231,8 +274,14 @@ def main() -> None:
         root = require_shared("kermany224")
         folder = root / "chest_xray" / "train"
         figures["kermany224"] = run_set(
-            "kermany224", lambda s: datasets.ImageFolder(str(folder), transform=naive_transform(s, aug)),
-            {**common, "data.source": "kermany", "data.path": str(root)}, args.reps, args, device, aug)
+            "kermany224",
+            lambda s: datasets.ImageFolder(str(folder), transform=naive_transform(s, aug)),
+            {**common, "data.source": "kermany", "data.path": str(root)},
+            args.reps,
+            args,
+            device,
+            aug,
+        )
     if args.only in (None, "dicom"):
         out = WORK / "data_path" / "dicom_fullres_files"
         labels = fullres_dicom.ensure(out, require_shared("dicom"), n=args.n_dicom)
@@ -242,9 +291,15 @@ def main() -> None:
         figures["dicom_fullres"] = {
             "set": fullres_dicom.describe(out),
             "naive_single_core_images_per_s": decode_rates(naive, labels["kind"].tolist()),
-            **run_set("dicom_fullres", lambda s: NaiveDicom(files, y, naive_transform(s, aug)),
-                      {**common, "data.source": "manifest", "data.path": str(out / "labels.csv")}, args.dicom_reps,
-                      args, device, aug),
+            **run_set(
+                "dicom_fullres",
+                lambda s: NaiveDicom(files, y, naive_transform(s, aug)),
+                {**common, "data.source": "manifest", "data.path": str(out / "labels.csv")},
+                args.dicom_reps,
+                args,
+                device,
+                aug,
+            ),
         }
     figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     figures["targets"] = targets(figures, args)
@@ -275,10 +330,13 @@ def summary(figures: dict[str, Any], args: argparse.Namespace) -> str:
         sizes = "; ".join(
             f"{s} px {_x(f[f'{s}px']['speedup_per_epoch'])}/epoch ({f[f'{s}px']['cxr_images_per_s']:.0f} vs "
             f"{f[f'{s}px']['naive_images_per_s']:.0f} img/s), {_x(f[f'{s}px'][key])} over {args.epochs} epochs"
-            for s in args.sizes)
-        parts.append(f"{label} (n={f['n_images']}, prepare {f['prepare_seconds']} s = "
-                     f"{f['prepare_in_naive_epochs']} naive epochs): {sizes}; "
-                     f"target >= {t['min_speedup']:g}x {'met' if t['met'] else 'MISSED'}")
+            for s in args.sizes
+        )
+        parts.append(
+            f"{label} (n={f['n_images']}, prepare {f['prepare_seconds']} s = "
+            f"{f['prepare_in_naive_epochs']} naive epochs): {sizes}; "
+            f"target >= {t['min_speedup']:g}x {'met' if t['met'] else 'MISSED'}"
+        )
     note = f" ({figures['note']})" if figures.get("note") else ""
     return f"[{figures['device']}]{note} " + " | ".join(parts)
 

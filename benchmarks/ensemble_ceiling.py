@@ -24,10 +24,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from common import WORK, write_result
-
 from cxr.data.loader import PreparedData
-from cxr.evaluate import score_split
-from cxr.predictor import Predictor
+from cxr.evaluation.evaluate import score_split
+from cxr.models.predictor import Predictor
 
 PREFIX = "quality_pneumoniamnist"
 
@@ -71,20 +70,41 @@ def main() -> None:
         y = scores[combo[0]][split][0]
         return round(float(roc_auc_score(y, np.mean([scores[r][split][1] for r in combo], axis=0))), 4)
 
-    members = [{"run": r, "arch": scores[r]["arch"], "size": scores[r]["size"],
-                "val_auroc": auroc((r,), "val"), "test_auroc": auroc((r,), "test")} for r in names]
+    members = [
+        {
+            "run": r,
+            "arch": scores[r]["arch"],
+            "size": scores[r]["size"],
+            "val_auroc": auroc((r,), "val"),
+            "test_auroc": auroc((r,), "test"),
+        }
+        for r in names
+    ]
     largest = min(args.max_members, len(names))
-    combos = [{"runs": list(c), "val_auroc": auroc(c, "val"), "test_auroc": auroc(c, "test")}
-              for k in range(2, largest + 1) for c in itertools.combinations(names, k)]
+    combos = [
+        {"runs": list(c), "val_auroc": auroc(c, "val"), "test_auroc": auroc(c, "test")}
+        for k in range(2, largest + 1)
+        for c in itertools.combinations(names, k)
+    ]
     by_val = max(combos, key=lambda c: c["val_auroc"])
     hindsight = max(combos, key=lambda c: c["test_auroc"])
     singles, averaged = [m["test_auroc"] for m in members], [c["test_auroc"] for c in combos]
-    summary = (f"{len(names)} networks alone: test AUROC {min(singles):.4f}-{max(singles):.4f}; {len(combos)} averages of "
-               f"2-{largest}: {min(averaged):.4f}-{max(averaged):.4f} (median "
-               f"{np.median(averaged):.4f}); picked by validation {by_val['test_auroc']:.4f}; best in hindsight on test "
-               f"{hindsight['test_auroc']:.4f} ({' + '.join(r.removeprefix(PREFIX + '_') for r in hindsight['runs'])})")
-    write_result("ensemble_ceiling", {"summary": summary, "members": members, "picked_by_validation": by_val,
-                                      "best_in_hindsight_on_test": hindsight, "combinations": combos})
+    summary = (
+        f"{len(names)} networks alone: test AUROC {min(singles):.4f}-{max(singles):.4f}; {len(combos)} averages of "
+        f"2-{largest}: {min(averaged):.4f}-{max(averaged):.4f} (median "
+        f"{np.median(averaged):.4f}); picked by validation {by_val['test_auroc']:.4f}; best in hindsight on test "
+        f"{hindsight['test_auroc']:.4f} ({' + '.join(r.removeprefix(PREFIX + '_') for r in hindsight['runs'])})"
+    )
+    write_result(
+        "ensemble_ceiling",
+        {
+            "summary": summary,
+            "members": members,
+            "picked_by_validation": by_val,
+            "best_in_hindsight_on_test": hindsight,
+            "combinations": combos,
+        },
+    )
 
 
 if __name__ == "__main__":

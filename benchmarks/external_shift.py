@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import WORK, require_shared, write_result
 from PIL import Image
 
-from cxr.serve_process import ServiceProcess
+from common import WORK, require_shared, write_result
+from support.serve_process import ServiceProcess
 
 METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 
@@ -55,8 +55,12 @@ def main() -> None:
     work = WORK / "external_shift"
     images = work / "pneumoniamnist_test"
     n = export_pngs(require_shared("pneumoniamnist", "pneumoniamnist.npz"), images)
-    store = {"mlflow": {"tracking_uri": f"sqlite:///{trained / 'mlflow.db'}",
-                        "artifact_location": str(trained / "mlartifacts")}}
+    store = {
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{trained / 'mlflow.db'}",
+            "artifact_location": str(trained / "mlartifacts"),
+        }
+    }
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(store))  # the service's MLflow store: the training run's internal metrics
 
@@ -64,10 +68,24 @@ def main() -> None:
     try:
         server.wait_ready()
         out = work / "out"
-        cmd = [sys.executable, "-m", "cxr", "evaluate-external", "--url", server.url, "--data", str(images),
-               "--out", str(out), "--concurrency", str(args.concurrency),
-               "-s", f"mlflow.tracking_uri={store['mlflow']['tracking_uri']}",
-               "-s", f"mlflow.artifact_location={store['mlflow']['artifact_location']}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cxr",
+            "evaluate-external",
+            "--url",
+            server.url,
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--concurrency",
+            str(args.concurrency),
+            "-s",
+            f"mlflow.tracking_uri={store['mlflow']['tracking_uri']}",
+            "-s",
+            f"mlflow.artifact_location={store['mlflow']['artifact_location']}",
+        ]
         for cached in (out / "responses.jsonl",):  # measure a cold run, not a resumed one
             cached.unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -87,18 +105,24 @@ def main() -> None:
         return f"{k} {c['internal']['value']:.3f} -> {e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
     figures = {
-        "model": {"trained_on": "kermany224 (patient-level split)", "arch": info["architecture"].get("arch"),
-                  "input_px": info["preprocess"]["size"], "threshold": info["threshold"]},
+        "model": {
+            "trained_on": "kermany224 (patient-level split)",
+            "arch": info["architecture"].get("arch"),
+            "input_px": info["preprocess"]["size"],
+            "threshold": info["threshold"],
+        },
         "external_set": f"PneumoniaMNIST official test split, {n} PNG files (28 px)",
         "endpoint": f"{server.url}/predict (bentoml serve, adaptive batching)",
         "concurrency": args.concurrency,
         "wall_seconds": round(seconds, 1),
         "images_per_second": round(n / seconds, 1),
         "report": {k: v for k, v in report.items() if k not in ("predictions",)},
-        "summary": (f"{info['architecture'].get('arch')} {info['preprocess']['size']} px trained on kermany224, served, "
-                    f"{n} PneumoniaMNIST test PNGs in {seconds:.1f} s at concurrency {args.concurrency} "
-                    f"({report['requests']['failed']} failed); internal test -> external: "
-                    + ", ".join(pair(k) for k in ("auroc", "accuracy", "sensitivity", "specificity"))),
+        "summary": (
+            f"{info['architecture'].get('arch')} {info['preprocess']['size']} px trained on kermany224, served, "
+            f"{n} PneumoniaMNIST test PNGs in {seconds:.1f} s at concurrency {args.concurrency} "
+            f"({report['requests']['failed']} failed); internal test -> external: "
+            + ", ".join(pair(k) for k in ("auroc", "accuracy", "sensitivity", "specificity"))
+        ),
     }
     write_result("external_shift", figures)
     print(json.dumps(list(report), indent=1))

@@ -112,8 +112,9 @@ def _jpeg2000(img: np.ndarray, rng: np.random.Generator, mono1: bool, lossless: 
 
     ds = syn.make_dataset(img, syn.Encoding(bits=12, monochrome1=mono1, jpeg2000=lossless), rng)
     if not lossless:
-        ds.compress(JPEG2000, ds.pixel_array, encoding_plugin="pylibjpeg", j2k_cr=[J2K_RATIO],
-                    generate_instance_uid=False)
+        ds.compress(
+            JPEG2000, ds.pixel_array, encoding_plugin="pylibjpeg", j2k_cr=[J2K_RATIO], generate_instance_uid=False
+        )
         ds.LossyImageCompression = "01"
     return syn.encode(ds)
 

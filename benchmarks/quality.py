@@ -24,22 +24,26 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import RESULTS, WORK, require_shared, write_result
 from scipy.special import logit
 from sklearn.metrics import roc_curve
 
+from common import RESULTS, WORK, require_shared, write_result
 from cxr.config import load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
-from cxr.evaluate import evaluate, score_split
-from cxr.metrics import choose_threshold
-from cxr.predictor import Predictor
-from cxr.train import fit
+from cxr.evaluation.evaluate import evaluate, score_split
+from cxr.evaluation.metrics import choose_threshold
+from cxr.models.predictor import Predictor
+from cxr.training.fit import fit
 
 MEDMNIST_V2 = {  # Table 3 of the MedMNIST v2 paper, PneumoniaMNIST test AUC / ACC
-    "ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864), "ResNet-50 (28)": (0.948, 0.854),
-    "ResNet-50 (224)": (0.962, 0.884), "auto-sklearn": (0.942, 0.855), "AutoKeras": (0.947, 0.878),
+    "ResNet-18 (28)": (0.944, 0.854),
+    "ResNet-18 (224)": (0.956, 0.864),
+    "ResNet-50 (28)": (0.948, 0.854),
+    "ResNet-50 (224)": (0.962, 0.884),
+    "auto-sklearn": (0.942, 0.855),
+    "AutoKeras": (0.947, 0.878),
     "Google AutoML Vision": (0.991, 0.946),
 }
 
@@ -56,7 +60,7 @@ def threshold_diagnostics(cfg) -> dict:
     """
     import torch
 
-    from cxr.train import threshold_scores
+    from cxr.training.fit import threshold_scores
 
     predictor = Predictor.from_uri(cfg.paths.model)
     data = PreparedData(cfg.paths.prepared, predictor.spec.size)
@@ -64,8 +68,9 @@ def threshold_diagnostics(cfg) -> dict:
     yt, pt = np.asarray(yt).ravel(), np.asarray(pt).ravel()  # binary task: (N,) probabilities
     k = max(1, cfg.evaluate.threshold_augmented_copies)
     views = {"": (np.asarray(yv).ravel(), np.asarray(pv).ravel(), 1)}
-    ya, pa = threshold_scores(predictor.model, data, iv, pv, cfg.override({"evaluate.threshold_augmented_copies": k}),
-                              torch.device("cpu"))
+    ya, pa = threshold_scores(
+        predictor.model, data, iv, pv, cfg.override({"evaluate.threshold_augmented_copies": k}), torch.device("cpu")
+    )
     views["+aug"] = (ya, pa, k)
     n = len(iv)
     rng = np.random.default_rng(0)
@@ -76,14 +81,19 @@ def threshold_diagnostics(cfg) -> dict:
         for rule in ("youden", "youden_kernel"):
             t = choose_threshold(y, p, rule)
             spread = np.std([logit(choose_threshold(y[r], p[r], rule)) for r in rows])
-            rules[rule + suffix] = {"threshold": round(t, 4), "val_bootstrap_sd_logit": round(float(spread), 3),
-                                    "test_accuracy": round(float(np.mean((pt >= t) == yt)), 4)}
+            rules[rule + suffix] = {
+                "threshold": round(t, 4),
+                "val_bootstrap_sd_logit": round(float(spread), 3),
+                "test_accuracy": round(float(np.mean((pt >= t) == yt)), 4),
+            }
     fpr, tpr, thresholds = roc_curve(yt, pt)
     pos, neg = int(yt.sum()), int(yt.size - yt.sum())
     accuracy = (tpr * pos + (1 - fpr) * neg) / yt.size
     best = int(np.argmax(accuracy))
-    rules["hindsight_best_on_test"] = {"threshold": round(float(thresholds[best]), 4),
-                                       "test_accuracy": round(float(accuracy[best]), 4)}
+    rules["hindsight_best_on_test"] = {
+        "threshold": round(float(thresholds[best]), 4),
+        "test_accuracy": round(float(accuracy[best]), 4),
+    }
     return rules
 
 
@@ -94,8 +104,8 @@ def epoch_trace(cfg, base_cfg) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from cxr.train import predict_split
-    from cxr.tune import make_yardstick
+    from cxr.training.fit import predict_split
+    from cxr.tuning.study import make_yardstick
 
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     test = data.split("test")
@@ -110,14 +120,20 @@ def epoch_trace(cfg, base_cfg) -> dict:
 def trace_figures(history: list[dict], best_epoch: int) -> dict:
     """Each epoch's clean and augmented validation AUROC and test AUROC, and the test AUROC of the epoch
     each validation would pick, beside the best epoch in hindsight."""
-    keys = {"val_auroc": "val_auroc", "val_auroc_augmented": "val_auroc_augmented", "test_auroc": "test_auroc_diagnostic"}
+    keys = {
+        "val_auroc": "val_auroc",
+        "val_auroc_augmented": "val_auroc_augmented",
+        "test_auroc": "test_auroc_diagnostic",
+    }
     rows = [{"epoch": e} | {k: round(r[v], 4) for k, v in keys.items() if v in r} for e, r in enumerate(history, 1)]
     chosen = {"saved epoch (train.early_stopping.monitor)": rows[best_epoch - 1]}
     if "val_auroc_augmented" in rows[0]:  # absent with tune.objective=val_auroc
         chosen["val_auroc_augmented"] = max(rows, key=lambda r: r["val_auroc_augmented"])
     chosen["hindsight_best_on_test"] = max(rows, key=lambda r: r["test_auroc"])
-    return {"per_epoch": rows,
-            "test_auroc_at_epoch_chosen_by": {k: [r["epoch"], r["test_auroc"]] for k, r in chosen.items()}}
+    return {
+        "per_epoch": rows,
+        "test_auroc_at_epoch_chosen_by": {k: [r["epoch"], r["test_auroc"]] for k, r in chosen.items()},
+    }
 
 
 def train_and_score(cfg, trace_of=None) -> dict:
@@ -160,14 +176,27 @@ def main() -> None:
     ap.add_argument("dataset", choices=["pneumoniamnist", "kermany"])
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("-s", "--set", action="append", default=[], help="extra dotted overrides")
-    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                    help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)")
-    ap.add_argument("--tuned", nargs="?", const="", default=None, metavar="YAML",
-                    help="train with the parameters tuning.py found: results/tuned_<dataset>.yaml, or the file "
-                         "given (a named run writes benchmarks/work/<name>/tuned_<dataset>.yaml)")
+    ap.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="comma-separated seeds: train and score once per seed (writes quality_<dataset>_seeds.json)",
+    )
+    ap.add_argument(
+        "--tuned",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="YAML",
+        help="train with the parameters tuning.py found: results/tuned_<dataset>.yaml, or the file "
+        "given (a named run writes benchmarks/work/<name>/tuned_<dataset>.yaml)",
+    )
     ap.add_argument("--name", default=None, help="result name (default quality_<dataset>[_tuned][_seeds])")
-    ap.add_argument("--trace", action="store_true",
-                    help="also score every epoch's model on validation (clean, augmented) and test (diagnostic)")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="also score every epoch's model on validation (clean, augmented) and test (diagnostic)",
+    )
     args = ap.parse_args()
     name = f"quality_{args.dataset}" + ("_tuned" if args.tuned is not None else "")
     own_sets = args.set
@@ -186,10 +215,14 @@ def main() -> None:
         data = {"data.source": "kermany", "data.path": str(require_shared("kermany224"))}
     overrides = {
         **data,
-        "prepare.sizes": [size], "model.image_size": size,
-        "paths.raw": str(work / "raw"), "paths.prepared": str(work / "prepared"),
-        "paths.model": str(work / "model"), "paths.reports": str(work / "reports"),
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.artifact_location": str(work / "mlartifacts"),
+        "prepare.sizes": [size],
+        "model.image_size": size,
+        "paths.raw": str(work / "raw"),
+        "paths.prepared": str(work / "prepared"),
+        "paths.model": str(work / "model"),
+        "paths.reports": str(work / "reports"),
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "mlflow.artifact_location": str(work / "mlartifacts"),
     }
     cfg = load_config(overrides=overrides).override(args.set)
     # the yardstick as `cxr tune` builds it: from the config without the tuned parameters
@@ -201,31 +234,50 @@ def main() -> None:
     ingest(cfg)
     prepare(cfg)
     t_prep = time.perf_counter() - t0
-    figures = {"dataset": args.dataset, "image_size": size, "arch": cfg.model.arch, "ensemble": cfg.train.ensemble,
-               "overrides": args.set,
-               "ingest_prepare_seconds": round(t_prep, 1)}
+    figures = {
+        "dataset": args.dataset,
+        "image_size": size,
+        "arch": cfg.model.arch,
+        "ensemble": cfg.train.ensemble,
+        "overrides": args.set,
+        "ingest_prepare_seconds": round(t_prep, 1),
+    }
     if args.seeds:
         # The same config under several seeds: is a target met reliably, or only by a lucky seed?
         name += "_seeds"
         # each seed keeps its own network (model_seed<N>/), so ensemble_ceiling.py can average them
-        runs = {seed: train_and_score(cfg.override([f"project.seed={seed}", f"paths.model={work / f'model_seed{seed}'}"]),
-                                      trace_of) for seed in args.seeds}
+        runs = {
+            seed: train_and_score(
+                cfg.override([f"project.seed={seed}", f"paths.model={work / f'model_seed{seed}'}"]), trace_of
+            )
+            for seed in args.seeds
+        }
         figures["runs"] = runs
         parts = []
         for metric in ("auroc", "accuracy", "sensitivity", "specificity"):
             values = [r["test"][metric]["value"] for r in runs.values()]
-            figures[f"test_{metric}_min_mean_max"] = [round(min(values), 4), round(float(np.mean(values)), 4),
-                                                      round(max(values), 4)]
+            figures[f"test_{metric}_min_mean_max"] = [
+                round(min(values), 4),
+                round(float(np.mean(values)), 4),
+                round(max(values), 4),
+            ]
             parts.append(f"{metric} " + " / ".join(f"{v:.4f}" for v in values))
         if cfg.model.tta_views:
-            parts.append("auroc of the same networks without test-time views " + " / ".join(
-                f"{r['test_auroc_without_tta']:.4f}" for r in runs.values()))
+            parts.append(
+                "auroc of the same networks without test-time views "
+                + " / ".join(f"{r['test_auroc_without_tta']:.4f}" for r in runs.values())
+            )
         for rule in ("youden", "youden_kernel", "youden+aug", "youden_kernel+aug", "hindsight_best_on_test"):
-            parts.append(f"accuracy at {rule} " + " / ".join(
-                f"{r['threshold_rules'][rule]['test_accuracy']:.4f}" for r in runs.values()))
+            parts.append(
+                f"accuracy at {rule} "
+                + " / ".join(f"{r['threshold_rules'][rule]['test_accuracy']:.4f}" for r in runs.values())
+            )
         train_s = [r["train_seconds"] for r in runs.values()]
-        figures["summary"] = (f"{cfg.model.arch} {size} px, seeds {', '.join(map(str, args.seeds))}: test "
-                              + "; ".join(parts) + f"; train {min(train_s):.0f}-{max(train_s):.0f} s")
+        figures["summary"] = (
+            f"{cfg.model.arch} {size} px, seeds {', '.join(map(str, args.seeds))}: test "
+            + "; ".join(parts)
+            + f"; train {min(train_s):.0f}-{max(train_s):.0f} s"
+        )
     else:
         figures |= train_and_score(cfg, trace_of)
     if args.dataset == "pneumoniamnist":

@@ -42,8 +42,11 @@ def threshold_rules(f: dict) -> str:
     rules = f.get("threshold_rules")
     if rules is None:
         return ""
-    return " (test accuracy by threshold: " + ", ".join(
-        f"{rule} {r['test_accuracy']:.4f}" for rule, r in rules.items()) + ")"
+    return (
+        " (test accuracy by threshold: "
+        + ", ".join(f"{rule} {r['test_accuracy']:.4f}" for rule, r in rules.items())
+        + ")"
+    )
 
 
 def figures_cell(f: dict) -> str:
@@ -52,10 +55,12 @@ def figures_cell(f: dict) -> str:
         return str(f["summary"])
     if "test" in f:
         t = f["test"]
-        return (f"test AUROC {t['auroc']['value']:.4f} [{t['auroc']['ci_low']:.3f}, {t['auroc']['ci_high']:.3f}], "
-                f"accuracy {t['accuracy']['value']:.4f}, sens {t['sensitivity']['value']:.3f}, "
-                f"spec {t['specificity']['value']:.3f}; {f['arch']} {f['image_size']} px, "
-                f"{f['epochs_trained']} epochs, train {f['train_seconds']} s" + threshold_rules(f))
+        return (
+            f"test AUROC {t['auroc']['value']:.4f} [{t['auroc']['ci_low']:.3f}, {t['auroc']['ci_high']:.3f}], "
+            f"accuracy {t['accuracy']['value']:.4f}, sens {t['sensitivity']['value']:.3f}, "
+            f"spec {t['specificity']['value']:.3f}; {f['arch']} {f['image_size']} px, "
+            f"{f['epochs_trained']} epochs, train {f['train_seconds']} s" + threshold_rules(f)
+        )
     return json.dumps(f)[:300]
 
 
@@ -65,7 +70,9 @@ def table() -> str:
         r = json.loads(path.read_text())
         m = r["machine"]
         cell = figures_cell(r["figures"]).replace("|", "/")
-        rows.append(f"| {r['benchmark']} | {cell} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']}{' + changes' if r.get('code_dirty') else ''} | {r['when']} |")
+        rows.append(
+            f"| {r['benchmark']} | {cell} | {m['cpu_count']}x {m['cpu']} | {r['git_commit']}{' + changes' if r.get('code_dirty') else ''} | {r['when']} |"
+        )
     return "\n".join(rows)
 
 
@@ -98,10 +105,16 @@ def main() -> None:
                 failed.append(label)
         total = time.perf_counter() - t_all
         print(f"== all benchmarks: {total:.0f} s", flush=True)
-        write_result("make_bench_full" if args.full else "make_bench", {
-            "summary": f"{len(scripts)} scripts in {total / 60:.1f} min ({len(failed)} failed; target for the default set: < 20 min)",
-            "total_seconds": round(total, 1), "seconds_per_script": seconds, "failed": failed,
-        }, command="make bench" + (" BENCH_ARGS=--full" if args.full else ""))
+        write_result(
+            "make_bench_full" if args.full else "make_bench",
+            {
+                "summary": f"{len(scripts)} scripts in {total / 60:.1f} min ({len(failed)} failed; target for the default set: < 20 min)",
+                "total_seconds": round(total, 1),
+                "seconds_per_script": seconds,
+                "failed": failed,
+            },
+            command="make bench" + (" BENCH_ARGS=--full" if args.full else ""),
+        )
     write_table()
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

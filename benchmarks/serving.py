@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import REPO, write_result
 
-from cxr.serve_process import ServiceProcess
+from common import REPO, write_result
+from support.serve_process import ServiceProcess
 
 MODELS = {"resnet18": {"arch": "resnet18", "size": 224}, "simple_cnn": {"arch": "simple_cnn", "size": 64}}
 CONCURRENCY = (1, 8, 32)
@@ -41,14 +41,20 @@ def make_model(arch: str, size: int, out: Path) -> Path:
     import torch
 
     from cxr.models import build_model
-    from cxr.predictor import FORMAT, Predictor
+    from cxr.models.predictor import FORMAT, Predictor
     from cxr.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     model = build_model(arch, 1)
-    info = {"format": FORMAT, "architecture": model.spec, "preprocess": PreprocessSpec(size=size).to_dict(),
-            "task": "binary", "labels": ["normal", "pneumonia"], "threshold": 0.5,
-            "training": {"dataset_hash": "benchmark-random-weights"}}
+    info = {
+        "format": FORMAT,
+        "architecture": model.spec,
+        "preprocess": PreprocessSpec(size=size).to_dict(),
+        "task": "binary",
+        "labels": ["normal", "pneumonia"],
+        "threshold": 0.5,
+        "training": {"dataset_hash": "benchmark-random-weights"},
+    }
     return Predictor(model, info).save(out / arch)
 
 
@@ -71,7 +77,7 @@ def bare_forward(model_dir: Path, threads: int, precision: str, seconds: float =
     can gain on this machine is the best batch's rate over batch 1's."""
     import torch
 
-    from cxr.predictor import Predictor
+    from cxr.models.predictor import Predictor
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -94,8 +100,14 @@ def bare_forward(model_dir: Path, threads: int, precision: str, seconds: float =
 
 def start_server(model_dir: Path, batching: bool, home: Path, precision: str) -> ServiceProcess:
     """The repository's params.yaml, this model, batching on or off."""
-    return ServiceProcess(REPO, home / f"serve-{model_dir.name}-{int(batching)}.log", home=home,
-                          CXR_MODEL_URI=str(model_dir), CXR_BATCHING="1" if batching else "0", CXR_PRECISION=precision)
+    return ServiceProcess(
+        REPO,
+        home / f"serve-{model_dir.name}-{int(batching)}.log",
+        home=home,
+        CXR_MODEL_URI=str(model_dir),
+        CXR_BATCHING="1" if batching else "0",
+        CXR_PRECISION=precision,
+    )
 
 
 def latency(url: str, data: bytes, n: int = LATENCY_N) -> dict[str, float]:
@@ -113,8 +125,12 @@ def latency(url: str, data: bytes, n: int = LATENCY_N) -> dict[str, float]:
 
 async def _throughput(url: str, data: bytes, concurrency: int, seconds: float) -> dict[str, float]:
     statuses: Counter[int] = Counter()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(
-            max_connections=concurrency, max_keepalive_connections=concurrency)) as client:
+    async with httpx.AsyncClient(
+        base_url=url,
+        timeout=120,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    ) as client:
+
         async def worker(until: float, count: bool) -> None:
             while time.perf_counter() < until:
                 r = await client.post("/predict", files={"file": ("x.png", data)})
@@ -134,10 +150,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per throughput point")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="CXR_TORCH_THREADS of the model service, both modes (default: the service's own, all cores)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="CXR_PRECISION of the model service and of the bare forward pass")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CXR_TORCH_THREADS of the model service, both modes (default: the service's own, all cores)",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="CXR_PRECISION of the model service and of the bare forward pass",
+    )
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     if args.torch_threads:
@@ -145,10 +169,16 @@ def main() -> None:
     from cxr import service  # imported after the environment is set: its settings are what the servers use
 
     data = inputs()
-    figures: dict = {"inputs": {k: len(v) for k, v in data.items()}, "concurrency": list(CONCURRENCY),
-                     "throughput_input": "png_224", "seconds_per_point": args.seconds,
-                     "torch_threads": service.TORCH_THREADS, "max_batch_size": service.MAX_BATCH_SIZE,
-                     "precision": args.precision, "runs": {}}
+    figures: dict = {
+        "inputs": {k: len(v) for k, v in data.items()},
+        "concurrency": list(CONCURRENCY),
+        "throughput_input": "png_224",
+        "seconds_per_point": args.seconds,
+        "torch_threads": service.TORCH_THREADS,
+        "max_batch_size": service.MAX_BATCH_SIZE,
+        "precision": args.precision,
+        "runs": {},
+    }
     t_start = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="cxr-bench-serving-") as tmp:
@@ -156,15 +186,21 @@ def main() -> None:
         for name in args.models.split(","):
             spec = MODELS[name]
             model_dir = make_model(spec["arch"], spec["size"], tmp)
-            figures.setdefault("bare_forward", {})[name] = bare_forward(model_dir, figures["torch_threads"], args.precision)
+            figures.setdefault("bare_forward", {})[name] = bare_forward(
+                model_dir, figures["torch_threads"], args.precision
+            )
             for batching in (True, False):
                 server = start_server(model_dir, batching, tmp, args.precision)
                 try:
                     server.wait_ready()
-                    run = {"image_size": spec["size"],
-                           "latency": {k: latency(server.url, v) for k, v in data.items()},
-                           "throughput": {str(c): asyncio.run(_throughput(server.url, data["png_224"], c, args.seconds))
-                                          for c in CONCURRENCY}}
+                    run = {
+                        "image_size": spec["size"],
+                        "latency": {k: latency(server.url, v) for k, v in data.items()},
+                        "throughput": {
+                            str(c): asyncio.run(_throughput(server.url, data["png_224"], c, args.seconds))
+                            for c in CONCURRENCY
+                        },
+                    }
                 finally:
                     server.stop()
                 figures["runs"][f"{name}/{'batching' if batching else 'no_batching'}"] = run
@@ -177,17 +213,22 @@ def main() -> None:
         comparison[name] = {
             "batching_speedup_at_32": round(rps_on / max(rps_off, 1e-9), 2),
             "bare_forward_batching_ceiling": figures["bare_forward"][name]["batching_ceiling"],
-            "p50_png_ms": {"batching": on["latency"]["png_224"]["p50_ms"],
-                           "no_batching": off["latency"]["png_224"]["p50_ms"]},
+            "p50_png_ms": {
+                "batching": on["latency"]["png_224"]["p50_ms"],
+                "no_batching": off["latency"]["png_224"]["p50_ms"],
+            },
             "errors": sum(t["errors"] for r in (on, off) for t in r["throughput"].values()),
         }
-        parts.append(f"{name} {MODELS[name]['size']} px: {rps_on} vs {rps_off} req/s at c=32 with/without batching "
-                     f"({comparison[name]['batching_speedup_at_32']}x; bare forward batch 8 or 32 vs 1: "
-                     f"{comparison[name]['bare_forward_batching_ceiling']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
-                     f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms")
+        parts.append(
+            f"{name} {MODELS[name]['size']} px: {rps_on} vs {rps_off} req/s at c=32 with/without batching "
+            f"({comparison[name]['batching_speedup_at_32']}x; bare forward batch 8 or 32 vs 1: "
+            f"{comparison[name]['bare_forward_batching_ceiling']}x), p50 PNG {off['latency']['png_224']['p50_ms']} ms "
+            f"(no batching), p50 1024 DICOM {off['latency']['dicom_1024']['p50_ms']} ms"
+        )
     figures["comparison"] = comparison
-    figures["summary"] = "; ".join([*parts, f"{figures['torch_threads']} torch threads, max batch "
-                                             f"{figures['max_batch_size']}, {args.precision}"])
+    figures["summary"] = "; ".join(
+        [*parts, f"{figures['torch_threads']} torch threads, max batch {figures['max_batch_size']}, {args.precision}"]
+    )
     figures["targets"] = {"batching_speedup_at_32": 2.0, "resnet18_p50_png_ms": 80}
     figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
     figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}

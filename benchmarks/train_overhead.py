@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from common import WORK, require_shared, write_result
-
 from cxr.config import Config, load_config
 from cxr.data.augment import augment
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
 from cxr.models import build_model
-from cxr.train import fit
+from cxr.training.fit import fit
 
 log = logging.getLogger("train_overhead")
 TARGET = 0.9  # fit images/s as a fraction of the bare loop's, end to end
@@ -47,17 +46,26 @@ def make_config(args: argparse.Namespace, work: Path) -> Config:
         data = {"data.source": "medmnist", "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz"))}
     else:
         data = {"data.source": "kermany", "data.path": str(require_shared("kermany224")), "data.copy_images": False}
-    return load_config(overrides={
-        **data,
-        "prepare.sizes": [args.size], "model.image_size": args.size, "model.arch": args.arch,
-        "train.epochs": args.epochs, "train.device": args.device, "train.batch_size": args.batch_size,
-        "train.early_stopping.patience": args.epochs + 1,  # every run trains exactly --epochs epochs
-        "train.max_train_batches": args.max_batches,
-        "train.ensemble": 1,  # the overhead of fit per network, against one bare loop
-        "paths.raw": str(work / "raw"), "paths.prepared": str(work / "prepared"),
-        "paths.model": str(work / "model"), "paths.reports": str(work / "reports"),
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.artifact_location": str(work / "mlartifacts"),
-    })
+    return load_config(
+        overrides={
+            **data,
+            "prepare.sizes": [args.size],
+            "model.image_size": args.size,
+            "model.arch": args.arch,
+            "train.epochs": args.epochs,
+            "train.device": args.device,
+            "train.batch_size": args.batch_size,
+            "train.early_stopping.patience": args.epochs + 1,  # every run trains exactly --epochs epochs
+            "train.max_train_batches": args.max_batches,
+            "train.ensemble": 1,  # the overhead of fit per network, against one bare loop
+            "paths.raw": str(work / "raw"),
+            "paths.prepared": str(work / "prepared"),
+            "paths.model": str(work / "model"),
+            "paths.reports": str(work / "reports"),
+            "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            "mlflow.artifact_location": str(work / "mlartifacts"),
+        }
+    )
 
 
 def ensure_prepared(cfg: Config) -> None:
@@ -104,8 +112,12 @@ def bare_loop(cfg: Config, data: PreparedData, device: torch.device) -> dict[str
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             for x, _, _, _ in data.batches(val_idx, bs * 2, device=device):
                 model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
-    return {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - cpu_start,
-            "loop_seconds": loop_s, "images": seen}
+    return {
+        "seconds": time.perf_counter() - t_start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "loop_seconds": loop_s,
+        "images": seen,
+    }
 
 
 def fit_run(cfg: Config, work: Path) -> dict[str, float]:
@@ -151,8 +163,17 @@ def _gpu_utilisation(device: torch.device) -> float | None:
         import subprocess
 
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                  f"--id={device.index or 0}"], capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    f"--id={device.index or 0}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
             return float(out.strip().splitlines()[0])
         except (OSError, ValueError, IndexError, subprocess.SubprocessError):
             return None
@@ -173,8 +194,10 @@ def main() -> None:
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
-                         "run without --device for the CPU benchmark, or on a GPU machine for this one")
+        raise SystemExit(
+            f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
+            "run without --device for the CPU benchmark, or on a GPU machine for this one"
+        )
     gpu = device.type == "cuda"
     args.dataset = args.dataset or ("kermany" if gpu else "pneumoniamnist")
     args.arch = args.arch or ("resnet50" if gpu else "simple_cnn")
@@ -193,7 +216,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"bare": [], "fit": []}
     utilisation: dict[str, list[float | None]] = {"bare": [], "fit": []}
     for rep in range(args.reps):
-        for kind in (("bare", "fit") if rep % 2 == 0 else ("fit", "bare")):
+        for kind in ("bare", "fit") if rep % 2 == 0 else ("fit", "bare"):
             with GpuSampler(device) as sampler:
                 r = bare_loop(cfg, data, device) if kind == "bare" else fit_run(cfg, work)
             runs[kind].append(r)
@@ -219,10 +242,17 @@ def summarise(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace,
     cpu_ratio = [ips(f, "cpu_seconds") / ips(b, "cpu_seconds") for b, f in pairs]
     med = statistics.median
     return {
-        "dataset": args.dataset, "image_size": args.size, "arch": args.arch, "device": args.device,
-        "epochs_per_run": args.epochs, "batch_size": args.batch_size, "reps": args.reps,
+        "dataset": args.dataset,
+        "image_size": args.size,
+        "arch": args.arch,
+        "device": args.device,
+        "epochs_per_run": args.epochs,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
         "train_images_per_epoch": int(runs["bare"][0]["images"] / args.epochs),
-        "ema_decay": cfg.train.ema_decay, "mlflow": cfg.mlflow.enabled, "log_model": True,
+        "ema_decay": cfg.train.ema_decay,
+        "mlflow": cfg.mlflow.enabled,
+        "log_model": True,
         "bare_images_per_s": round(med([ips(r, "seconds") for r in runs["bare"]]), 1),
         "fit_images_per_s": round(med([ips(r, "seconds") for r in runs["fit"]]), 1),
         "fit_over_bare": round(med(ratio), 3),
@@ -235,19 +265,24 @@ def summarise(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace,
         "fit_outside_loop_seconds": round(med([r["seconds"] - r["loop_seconds"] for r in runs["fit"]]), 2),
         "bare_outside_loop_seconds": round(med([r["seconds"] - r["loop_seconds"] for r in runs["bare"]]), 2),
         # validation is on both sides, so this is what fit adds once per run (MLflow, model logging, saving)
-        "fit_extra_fixed_seconds": round(med([r["seconds"] - r["loop_seconds"] for r in runs["fit"]])
-                                         - med([r["seconds"] - r["loop_seconds"] for r in runs["bare"]]), 2),
+        "fit_extra_fixed_seconds": round(
+            med([r["seconds"] - r["loop_seconds"] for r in runs["fit"]])
+            - med([r["seconds"] - r["loop_seconds"] for r in runs["bare"]]),
+            2,
+        ),
         "target": {"min_fit_over_bare": TARGET, "met": med(ratio) >= TARGET},
     }
 
 
 def summary_line(f: dict[str, Any], args: argparse.Namespace) -> str:
-    line = (f"[{f['device']}] {f['arch']} {f['image_size']} px on {f['dataset']}, {f['epochs_per_run']} epochs/run: "
-            f"fit {f['fit_images_per_s']:.0f} vs bare {f['bare_images_per_s']:.0f} img/s = {f['fit_over_bare']:.2f}x "
-            f"end to end, {f['cpu_time_fit_over_bare']:.2f}x in CPU time (training loop alone "
-            f"{f['loop_fit_over_bare']:.2f}x; fit spends "
-            f"{f['fit_outside_loop_seconds']} s outside the loop vs {f['bare_outside_loop_seconds']} s); "
-            f"target >= {TARGET} {'met' if f['target']['met'] else 'MISSED'}")
+    line = (
+        f"[{f['device']}] {f['arch']} {f['image_size']} px on {f['dataset']}, {f['epochs_per_run']} epochs/run: "
+        f"fit {f['fit_images_per_s']:.0f} vs bare {f['bare_images_per_s']:.0f} img/s = {f['fit_over_bare']:.2f}x "
+        f"end to end, {f['cpu_time_fit_over_bare']:.2f}x in CPU time (training loop alone "
+        f"{f['loop_fit_over_bare']:.2f}x; fit spends "
+        f"{f['fit_outside_loop_seconds']} s outside the loop vs {f['bare_outside_loop_seconds']} s); "
+        f"target >= {TARGET} {'met' if f['target']['met'] else 'MISSED'}"
+    )
     if "gpu_utilisation_percent" in f:
         u = f["gpu_utilisation_percent"]
         line += f"; GPU utilisation bare {u['bare']} % / fit {u['fit']} %"

@@ -28,15 +28,15 @@ import shutil
 
 import numpy as np
 import yaml
-from common import RESULTS, WORK, require_shared, write_result
 
-from cxr import registry
+from common import RESULTS, WORK, require_shared, write_result
 from cxr.config import load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
-from cxr.predictor import Predictor
-from cxr.tune import register_best, tune
+from cxr.models.predictor import Predictor
+from cxr.tracking import registry
+from cxr.tuning.study import register_best, tune
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
@@ -60,9 +60,14 @@ def test_auroc_per_trial(study, data: PreparedData) -> list[dict]:
             continue
         predictor = Predictor.from_uri(f"runs:/{t.user_attrs['mlflow_run_id']}/model")
         probs = predictor.predict_proba(data.images[idx]).reshape(len(idx), -1)[:, -1]  # P(positive)
-        rows.append({"trial": t.number, "objective": round(t.value, 4),
-                     "val_auroc": round(t.user_attrs.get("val_auroc", float("nan")), 4),
-                     "test_auroc": round(float(roc_auc_score(data.targets[idx].ravel(), probs)), 4)})
+        rows.append(
+            {
+                "trial": t.number,
+                "objective": round(t.value, 4),
+                "val_auroc": round(t.user_attrs.get("val_auroc", float("nan")), 4),
+                "test_auroc": round(float(roc_auc_score(data.targets[idx].ravel(), probs)), 4),
+            }
+        )
     return rows
 
 
@@ -99,14 +104,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--pruners", default="percentile@1", type=lambda v: [parse_arm(spec) for spec in v.split(",")],
-                    help="pruned arms, comma-separated: median | percentile (keeps the top 25%%) | hyperband, optionally "
-                         "@warm-up epochs (default 3; hyperband's smallest rung), e.g. median,hyperband@1. "
-                         "The first arm's best trial is promoted.")
+    ap.add_argument(
+        "--pruners",
+        default="percentile@1",
+        type=lambda v: [parse_arm(spec) for spec in v.split(",")],
+        help="pruned arms, comma-separated: median | percentile (keeps the top 25%%) | hyperband, optionally "
+        "@warm-up epochs (default 3; hyperband's smallest rung), e.g. median,hyperband@1. "
+        "The first arm's best trial is promoted.",
+    )
     ap.add_argument("--name", default="tuning", help="result file name (results/<name>.json)")
-    ap.add_argument("--resume", action="store_true", help="keep the studies in benchmarks/work/<name> and continue them")
-    ap.add_argument("--report-only", action="store_true",
-                    help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the studies in benchmarks/work/<name> and continue them"
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no trials: report the studies in benchmarks/work/<name> as they are (partial if cut short)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     work = WORK / args.name
@@ -114,15 +128,26 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{work / 'optuna.db'}"
-    base = load_config(overrides={
-        "data.source": "medmnist", "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz")),
-        "prepare.sizes": [28], "model.image_size": 28,
-        "paths.raw": str(work / "raw"), "paths.prepared": str(work / "prepared"),
-        "paths.model": str(work / "model"), "paths.reports": str(work / "reports"),
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "mlflow.artifact_location": str(work / "mlartifacts"),
-        "train.epochs": args.epochs, "train.early_stopping.patience": args.epochs,
-        "tune.space": SPACE, "tune.startup_trials": 5, "tune.warmup_epochs": 3, "tune.log_models": True,
-    })
+    base = load_config(
+        overrides={
+            "data.source": "medmnist",
+            "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz")),
+            "prepare.sizes": [28],
+            "model.image_size": 28,
+            "paths.raw": str(work / "raw"),
+            "paths.prepared": str(work / "prepared"),
+            "paths.model": str(work / "model"),
+            "paths.reports": str(work / "reports"),
+            "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+            "mlflow.artifact_location": str(work / "mlartifacts"),
+            "train.epochs": args.epochs,
+            "train.early_stopping.patience": args.epochs,
+            "tune.space": SPACE,
+            "tune.startup_trials": 5,
+            "tune.warmup_epochs": 3,
+            "tune.log_models": True,
+        }
+    )
     ingest(base)
     prepare(base)
     data = PreparedData(base.paths.prepared, 28)
@@ -143,18 +168,26 @@ def main() -> None:
         seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
         per_trial = test_auroc_per_trial(study, data)
         arms[label] = {
-            "pruner": pruner, "warmup_epochs": warmup,
+            "pruner": pruner,
+            "warmup_epochs": warmup,
             "finished_trials": len(finished),
             "trial_seconds": round(seconds, 1),
             "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in finished),
-            "complete": result.n_complete, "pruned": result.n_pruned, "failed": result.n_failed,
+            "complete": result.n_complete,
+            "pruned": result.n_pruned,
+            "failed": result.n_failed,
             "best_objective": round(result.best_value, 4),
-            "best_val_auroc": round(max(t.user_attrs.get("val_auroc", 0.0) for t in finished if t.state.name == "COMPLETE"), 4),
+            "best_val_auroc": round(
+                max(t.user_attrs.get("val_auroc", 0.0) for t in finished if t.state.name == "COMPLETE"), 4
+            ),
             "best_params": result.best_params,
-            "val_to_test": ranking_carry_over(per_trial), "trials": per_trial,
+            "val_to_test": ranking_carry_over(per_trial),
+            "trials": per_trial,
         }
-        print(f"== {label}: {arms[label]['epochs']} epochs, {seconds:.0f} s, best objective {result.best_value:.4f}",
-              flush=True)
+        print(
+            f"== {label}: {arms[label]['epochs']} epochs, {seconds:.0f} s, best objective {result.best_value:.4f}",
+            flush=True,
+        )
     full = arms["none"]
     first = args.pruners[0][0]
 
@@ -168,9 +201,18 @@ def main() -> None:
     from mlflow import MlflowClient
 
     tags = MlflowClient().get_model_version(base.mlflow.registered_model, version).tags
-    promoted = {"arm": first, "version": version, "alias": base.registry.alias, "promoted": moved, "gate": gate,
-                **{k: float(tags[k]) for k in ("val_auroc", "threshold", "test_auroc", "test_accuracy",
-                                               "test_sensitivity", "test_specificity") if k in tags}}
+    promoted = {
+        "arm": first,
+        "version": version,
+        "alias": base.registry.alias,
+        "promoted": moved,
+        "gate": gate,
+        **{
+            k: float(tags[k])
+            for k in ("val_auroc", "threshold", "test_auroc", "test_accuracy", "test_sensitivity", "test_specificity")
+            if k in tags
+        },
+    }
     # only the full study's result feeds `quality.py --tuned`; a quick run must not overwrite it
     tuned = RESULTS / "tuned_pneumoniamnist.yaml" if args.name == "tuning" else work / "tuned_pneumoniamnist.yaml"
     tuned.write_text(yaml.safe_dump(arms[first]["best_params"], sort_keys=True))
@@ -187,20 +229,34 @@ def main() -> None:
             "best_objective_gap_none_minus_pruned": round(full["best_objective"] - arm["best_objective"], 4),
             "best_val_gap_none_minus_pruned": round(full["best_val_auroc"] - arm["best_val_auroc"], 4),
         }
-        parts.append(f"{label} pruner {arm['epochs']} epochs in {arm['trial_seconds']:.0f} s ({arm['pruned']} of "
-                     f"{arm['finished_trials']} pruned, best objective {arm['best_objective']}, "
-                     f"best clean val AUROC {arm['best_val_auroc']}, "
-                     f"{comparison[label]['epochs_ratio_none_vs_pruned']}x fewer epochs)")
+        parts.append(
+            f"{label} pruner {arm['epochs']} epochs in {arm['trial_seconds']:.0f} s ({arm['pruned']} of "
+            f"{arm['finished_trials']} pruned, best objective {arm['best_objective']}, "
+            f"best clean val AUROC {arm['best_val_auroc']}, "
+            f"{comparison[label]['epochs_ratio_none_vs_pruned']}x fewer epochs)"
+        )
     figures = {
-        "dataset": "pneumoniamnist", "image_size": 28, "trials": args.trials, "max_epochs": args.epochs,
+        "dataset": "pneumoniamnist",
+        "image_size": 28,
+        "trials": args.trials,
+        "max_epochs": args.epochs,
         "objective": f"{base.tune.objective} ({base.tune.objective_copies} copies, strength {base.train.augment.strength})",
-        "space": SPACE, "arms": arms, "comparison": comparison, "promoted": promoted,
-        "summary": (f"<= {args.trials} trials x <= {args.epochs} epochs: " + "; ".join(parts)
-                    + f"; none {full['epochs']} epochs in {full['trial_seconds']:.0f} s ({full['finished_trials']} trials, "
-                    f"best objective {full['best_objective']}, clean val {full['best_val_auroc']}); best of {first} v{version} ({'promoted' if moved else 'not promoted'}): test AUROC "
-                    f"{fmt(promoted.get('test_auroc'))}, accuracy {fmt(promoted.get('test_accuracy'))}; objective->test Spearman "
-                    + ", ".join(f"{lab} {a['val_to_test'].get('spearman_objective_vs_test')} (clean val "
-                                f"{a['val_to_test'].get('spearman_clean_val_vs_test')})" for lab, a in arms.items())),
+        "space": SPACE,
+        "arms": arms,
+        "comparison": comparison,
+        "promoted": promoted,
+        "summary": (
+            f"<= {args.trials} trials x <= {args.epochs} epochs: "
+            + "; ".join(parts)
+            + f"; none {full['epochs']} epochs in {full['trial_seconds']:.0f} s ({full['finished_trials']} trials, "
+            f"best objective {full['best_objective']}, clean val {full['best_val_auroc']}); best of {first} v{version} ({'promoted' if moved else 'not promoted'}): test AUROC "
+            f"{fmt(promoted.get('test_auroc'))}, accuracy {fmt(promoted.get('test_accuracy'))}; objective->test Spearman "
+            + ", ".join(
+                f"{lab} {a['val_to_test'].get('spearman_objective_vs_test')} (clean val "
+                f"{a['val_to_test'].get('spearman_clean_val_vs_test')})"
+                for lab, a in arms.items()
+            )
+        ),
     }
     write_result(args.name, figures)
 

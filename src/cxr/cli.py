@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -14,7 +15,9 @@ from rich.console import Console
 
 from cxr.errors import UserError
 
-app = typer.Typer(help="Chest X-ray classification: ingest, prepare, train, evaluate, tune, serve.", no_args_is_help=True)
+app = typer.Typer(
+    help="Chest X-ray classification: ingest, prepare, train, evaluate, tune, serve.", no_args_is_help=True
+)
 console = Console(stderr=True)
 
 Overrides = Annotated[
@@ -82,16 +85,20 @@ def prepare(params: ParamsFile = Path("params.yaml"), overrides: Overrides = Non
 @_user_errors
 def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Train a model on the prepared data; writes paths.model and an MLflow run."""
-    from cxr.train import fit
+    from cxr.training.fit import fit
 
     cfg = _config(params, overrides)
     result = fit(cfg)
-    what = (f"{cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} of "
-            f"{result.epochs_trained}" if cfg.train.ensemble == 1 else
-            f"an ensemble of {cfg.train.ensemble} {cfg.model.arch}: val AUROC {result.best_val_auroc:.4f} "
-            f"(best epochs {result.best_epoch}, {result.epochs_trained} epochs in all)")
-    console.print(f"trained {what}; model in {result.model_dir}"
-                  + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+    what = (
+        f"{cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} of "
+        f"{result.epochs_trained}"
+        if cfg.train.ensemble == 1
+        else f"an ensemble of {cfg.train.ensemble} {cfg.model.arch}: val AUROC {result.best_val_auroc:.4f} "
+        f"(best epochs {result.best_epoch}, {result.epochs_trained} epochs in all)"
+    )
+    console.print(
+        f"trained {what}; model in {result.model_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else "")
+    )
 
 
 @app.command()
@@ -102,29 +109,36 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory or MLflow URI (default: paths.model).")] = None,
 ) -> None:
     """Evaluate the model on val and test: metrics with CIs, subgroups, PNG plots in paths.reports."""
-    from cxr.evaluate import evaluate as run
+    from cxr.evaluation.evaluate import evaluate as run
 
     cfg = _config(params, overrides)
     report = run(cfg, model)
     for split, result in report["splits"].items():
-        parts = [f"{k} {result[k]['value']:.4f}" for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
-                 if isinstance(result.get(k), dict) and result[k].get("value") is not None]
+        parts = [
+            f"{k} {result[k]['value']:.4f}"
+            for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
+            if isinstance(result.get(k), dict) and result[k].get("value") is not None
+        ]
         console.print(f"{split}: " + ", ".join(parts))
 
 
 @app.command()
 @_user_errors
 def tune(
-    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished (complete or pruned) trials wanted in the study.")] = 20,
+    trials: Annotated[
+        int, typer.Option("--trials", "-n", help="Finished (complete or pruned) trials wanted in the study.")
+    ] = 20,
     timeout: Annotated[float | None, typer.Option(help="Stop starting new trials after this many seconds.")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default: tune.study).")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: tune.storage).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL, e.g. postgresql://user@host/db (default: tune.storage).")
+    ] = None,
     register: Annotated[bool, typer.Option("--register", help="Evaluate and register the best trial's model.")] = False,
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Search hyperparameters (tune.space) with Optuna; every trial is an MLflow child run. Re-run to resume."""
-    from cxr.tune import tune as run
+    from cxr.tuning.study import tune as run
 
     cfg = _config(params, overrides)
     try:
@@ -132,42 +146,51 @@ def tune(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] finished trials are kept; run the same command to resume")
         raise typer.Exit(130) from None
-    console.print(f"study {result.study}: {result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed")
+    console.print(
+        f"study {result.study}: {result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed"
+    )
     if result.best_value is not None:
         console.print(f"best {cfg.tune.objective} {result.best_value:.4f} with {json.dumps(result.best_params)}")
         console.print(f"best params in {result.best_params_file} (use with `-s` or `dvc exp run -S`)")
     if result.registered_version:
-        console.print(f"registered version {result.registered_version}; promote it with "
-                      f"`cxr promote {result.registered_version}`")
+        console.print(
+            f"registered version {result.registered_version}; promote it with `cxr promote {result.registered_version}`"
+        )
 
 
 @app.command()
 @_user_errors
 def register(
-    run_id: Annotated[str | None, typer.Option(help="Training run to register (default: the run behind paths.model).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Training run to register (default: the run behind paths.model).")
+    ] = None,
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Register a trained model as a new version, with lineage and metric tags."""
-    from cxr.registry import register as run
+    from cxr.tracking.registry import register as run
 
     cfg = _config(params, overrides)
     version = run(cfg, run_id)
-    console.print(f"registered {cfg.mlflow.registered_model} version {version.version} from run {version.run_id}; "
-                  f"val AUROC {version.tags.get('val_auroc')}, test AUROC {version.tags.get('test_auroc')}")
+    console.print(
+        f"registered {cfg.mlflow.registered_model} version {version.version} from run {version.run_id}; "
+        f"val AUROC {version.tags.get('val_auroc')}, test AUROC {version.tags.get('test_auroc')}"
+    )
 
 
 @app.command()
 @_user_errors
 def promote(
     version: Annotated[str, typer.Argument(help="Model version to promote.")],
-    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (recorded in the history).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate refuses (recorded in the history).")
+    ] = False,
     reason: Annotated[str | None, typer.Option(help="Why (kept in the promotion history).")] = None,
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
     """Move the champion alias to VERSION if it beats the champion on validation AUROC (same data)."""
-    from cxr.registry import promote as run
+    from cxr.tracking.registry import promote as run
 
     cfg = _config(params, overrides)
     decision = run(cfg, version, force=force, reason=reason)
@@ -182,7 +205,7 @@ def rollback(
     overrides: Overrides = None,
 ) -> None:
     """Return the champion alias to the version that held it before."""
-    from cxr.registry import rollback as run
+    from cxr.tracking.registry import rollback as run
 
     cfg = _config(params, overrides)
     version = run(cfg, reason=reason)
@@ -199,7 +222,7 @@ def models(
     """List registered versions with aliases and metrics (or the promotion history)."""
     from rich.table import Table
 
-    from cxr import registry
+    from cxr.tracking import registry
 
     cfg = _config(params, overrides)
     rows = registry.history(cfg) if history else registry.versions(cfg)
@@ -224,33 +247,51 @@ def evaluate_external(
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
     url: Annotated[str | None, typer.Option(help="The running cxr service, e.g. http://127.0.0.1:3000.")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Score in-process instead of through a service: models:/NAME@champion or a model directory.")] = None,
-    data: Annotated[str | None, typer.Option(
-        help="A folder (labels = sub-folder names, e.g. NORMAL/PNEUMONIA) or a manifest CSV; "
-             "leave out to use the configured source (-s data.source=... -s data.path=...).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder: report/ plus the answer cache that lets a run resume.")]
-    = Path("reports/external"),
+    model: Annotated[
+        str | None,
+        typer.Option(help="Score in-process instead of through a service: models:/NAME@champion or a model directory."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="A folder (labels = sub-folder names, e.g. NORMAL/PNEUMONIA) or a manifest CSV; "
+            "leave out to use the configured source (-s data.source=... -s data.path=...)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Output folder: report/ plus the answer cache that lets a run resume.")
+    ] = Path("reports/external"),
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
     retries: Annotated[int, typer.Option(help="Retries on connection errors, 5xx and 429 (never on other 4xx).")] = 4,
 ) -> None:
     """Evaluate the served model on an external test set; report (JSON + HTML) logged to MLflow."""
-    from cxr.external import evaluate_external as run
+    from cxr.evaluation.external import evaluate_external as run
 
     cfg = _config(params, overrides)
-    report = run(cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout,
-                 retries=retries)
+    report = run(
+        cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout, retries=retries
+    )
     req, result = report["requests"], report["metrics"]
-    parts = [f"{k} {result[k]['value']:.4f}" for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
-             if isinstance(result.get(k), dict) and result[k].get("value") is not None]
-    console.print(f"{req['ok']} of {report['data']['n_images']} images scored ({req['sent']} sent, "
-                  f"{req['from_cache']} from cache): " + ", ".join(parts))
+    parts = [
+        f"{k} {result[k]['value']:.4f}"
+        for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
+        if isinstance(result.get(k), dict) and result[k].get("value") is not None
+    ]
+    console.print(
+        f"{req['ok']} of {report['data']['n_images']} images scored ({req['sent']} sent, "
+        f"{req['from_cache']} from cache): " + ", ".join(parts)
+    )
     if req["refused"] or req["failed"]:
-        console.print(f"[yellow]{req['refused']} refused and {req['failed']} failed, listed in the report"
-                      + ("; run again to re-send the failed ones" if req["failed"] else ""), highlight=False)
-    console.print(f"report: {out / 'report' / 'external.html'}"
-                  + (f"; MLflow run {report['mlflow_run_id']}" if report.get("mlflow_run_id") else ""))
+        console.print(
+            f"[yellow]{req['refused']} refused and {req['failed']} failed, listed in the report"
+            + ("; run again to re-send the failed ones" if req["failed"] else ""),
+            highlight=False,
+        )
+    console.print(
+        f"report: {out / 'report' / 'external.html'}"
+        + (f"; MLflow run {report['mlflow_run_id']}" if report.get("mlflow_run_id") else "")
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

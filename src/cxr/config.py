@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from cxr.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cxr.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -50,9 +51,7 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "medmnist", "kermany", "rsna", "covid_radiography", "nih", "manifest"] = (
-        "synthetic"
-    )
+    source: Literal["synthetic", "medmnist", "kermany", "rsna", "covid_radiography", "nih", "manifest"] = "synthetic"
     # Where the raw source lives (folder, .npz or CSV); unused for the synthetic source.
     path: str | None = None
     # Copy source files into paths.raw so DVC versions them; false keeps them in place (huge sets).
@@ -222,8 +221,12 @@ class TuneConfig(Section):
     pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
     # percentile pruner: a trial must stay within the top `keep_percentile` % of earlier trials at each epoch
     keep_percentile: float = Field(25.0, gt=0, lt=100)
-    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and trials before the median/percentile pruner acts
-    pruner_startup_trials: int | None = Field(None, ge=0)  # finished trials before the pruner acts, if not startup_trials
+    startup_trials: int = Field(
+        5, ge=0
+    )  # random trials before TPE, and trials before the median/percentile pruner acts
+    pruner_startup_trials: int | None = Field(
+        None, ge=0
+    )  # finished trials before the pruner acts, if not startup_trials
     warmup_epochs: int = Field(2, ge=0)  # epochs before a trial may be pruned
     # A worker that dies (kill -9) stops its heartbeat; its trial is marked failed after the grace period.
     heartbeat_interval: int = Field(10, ge=1)

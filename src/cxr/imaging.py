@@ -98,9 +98,7 @@ def _read_bytes(src: str | Path | bytes, limits: ReadLimits, label: str) -> byte
 def _check_size(rows: int, cols: int, limits: ReadLimits, label: str) -> None:
     """Refuse before decoding: a tiny header can announce a huge image (decompression bomb)."""
     if rows * cols > limits.max_pixels:
-        raise ImageReadError(
-            f"{label}: {cols}x{rows} pixels exceeds the limit of {limits.max_pixels} pixels"
-        )
+        raise ImageReadError(f"{label}: {cols}x{rows} pixels exceeds the limit of {limits.max_pixels} pixels")
     if min(rows, cols) < limits.min_side:
         raise ImageReadError(f"{label}: {cols}x{rows} is below the minimum side of {limits.min_side} pixels")
 

@@ -63,8 +63,15 @@ def test_pydicom_test_files_decode_or_are_refused_cleanly():
             decoded.append(path.name)
     assert len(decoded) >= 20, decoded
     # grayscale in each compressed syntax the plugins handle: JPEG 2000, JPEG-LS, RLE, JPEG Extended, deflate
-    for expected in ("JPEG2000.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                     "MR_small_RLE.dcm", "JPGExtended.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm"):
+    for expected in (
+        "JPEG2000.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_RLE.dcm",
+        "JPGExtended.dcm",
+        "image_dfl.dcm",
+        "MR_small_bigendian.dcm",
+    ):
         assert expected in decoded, expected
     # colour and multi-frame are refused, never decoded as grey
     for expected in ("SC_rgb_rle.dcm", "SC_rgb_jpeg.dcm", "examples_ybr_color.dcm", "rtdose.dcm"):

@@ -13,17 +13,23 @@ pytestmark = pytest.mark.realdata
 
 
 def run(tmp_path, **overrides):
-    cfg = Config().override({
-        "paths.raw": str(tmp_path / "raw"), "paths.prepared": str(tmp_path / "prepared"),
-        "prepare.sizes": [28], "model.image_size": 28, **overrides,
-    })
+    cfg = Config().override(
+        {
+            "paths.raw": str(tmp_path / "raw"),
+            "paths.prepared": str(tmp_path / "prepared"),
+            "prepare.sizes": [28],
+            "model.image_size": 28,
+            **overrides,
+        }
+    )
     ingest(cfg)
     return prepare(cfg), pd.read_csv(tmp_path / "prepared" / "manifest.csv")
 
 
 def test_pneumoniamnist_keeps_the_official_splits(shared_data, tmp_path):
-    card, manifest = run(tmp_path, **{"data.source": "medmnist",
-                                      "data.path": str(shared_data / "pneumoniamnist" / "pneumoniamnist.npz")})
+    card, manifest = run(
+        tmp_path, **{"data.source": "medmnist", "data.path": str(shared_data / "pneumoniamnist" / "pneumoniamnist.npz")}
+    )
     assert card["images_per_split"] == {"train": 4708, "val": 524, "test": 624}
     assert card["counts"] == {
         "train": {"normal": 1214, "pneumonia": 3494},

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cxr.serve_process import ServiceProcess as Server
+from support.serve_process import ServiceProcess as Server
 
 
 @pytest.fixture(scope="module")
 def start_service() -> Iterator[Callable[..., Server]]:
     """``start_service(workdir, log, **env)``: a ready Server; every one started is stopped at the module's end."""
-    pytest.importorskip("cxr.service", reason="src/cxr/service.py is not there yet")
+    pytest.importorskip("cxr.serving.service", reason="src/cxr/serving/service.py is not there yet")
     started: list[Server] = []
 
     def start(workdir: Path, log: Path, **env: str) -> Server:

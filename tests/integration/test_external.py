@@ -19,22 +19,32 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from cxr.tracking import use_store
 from cxr.config import Config
-from cxr.external import evaluate_external, load_in_process
+from cxr.evaluation.external import evaluate_external, load_in_process
+from cxr.tracking.runs import use_store
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.synthetic.n_patients=30", "data.synthetic.size=96", "prepare.sizes=[32]", "model.image_size=32",
-        "model.width=8", "train.epochs=1", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1"]
+TINY = [
+    "data.synthetic.n_patients=30",
+    "data.synthetic.size=96",
+    "prepare.sizes=[32]",
+    "model.image_size=32",
+    "model.width=8",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "evaluate.bootstrap=50",
+    "prepare.workers=1",
+]
 # The external set: the same generator with another seed (other fictitious patients), ~30 images.
 EXTERNAL = ["data.synthetic.seed=11", "data.synthetic.n_patients=14"]
 
 
 def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
-    res = subprocess.run([sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600,
-                         env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600, env=env
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
@@ -50,8 +60,8 @@ def project(tmp_path_factory) -> Path:
     after `cxr ingest/prepare/train/evaluate` (called in-process: four interpreter starts saved)."""
     from cxr.data.ingest import ingest
     from cxr.data.prepare import prepare
-    from cxr.evaluate import evaluate
-    from cxr.train import fit
+    from cxr.evaluation.evaluate import evaluate
+    from cxr.training.fit import fit
 
     work = tmp_path_factory.mktemp("project")
     cfg = config(work)  # an absolute store: mlflow caches stores by URI, and other tests use sqlite:///mlflow.db
@@ -65,8 +75,14 @@ def project(tmp_path_factory) -> Path:
 
 def config(project: Path, *extra: str):
     """The project's config as the CLI sees it there, with the tracking store given by absolute path."""
-    return Config().override([*TINY, *extra, f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}",
-                              f"mlflow.artifact_location={project / 'mlartifacts'}"])
+    return Config().override(
+        [
+            *TINY,
+            *extra,
+            f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}",
+            f"mlflow.artifact_location={project / 'mlartifacts'}",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +98,12 @@ def png_folder(tmp_path_factory) -> tuple[Path, list[str]]:
                 arr[10:30, 8:24] += rng.uniform(20, 90)
             PILImage.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / label / f"{label.lower()}_{i}.png")
     good = (root / "NORMAL" / "normal_0.png").read_bytes()
-    broken = {"NORMAL/zz_garbage.png": rng.bytes(300), "PNEUMONIA/truncated.png": good[: len(good) // 3],
-              "PNEUMONIA/empty.dcm": b"", "NORMAL/not_dicom.dcm": b"DICM" * 40}
+    broken = {
+        "NORMAL/zz_garbage.png": rng.bytes(300),
+        "PNEUMONIA/truncated.png": good[: len(good) // 3],
+        "PNEUMONIA/empty.dcm": b"",
+        "NORMAL/not_dicom.dcm": b"DICM" * 40,
+    }
     for rel, data in broken.items():
         (root / rel).write_bytes(data)
     return root.parent.parent, sorted(broken)
@@ -93,8 +113,9 @@ def png_folder(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Path):
-    res = cxr(project, "evaluate-external", "--model", "models/cxr", "--out", "reports/ext_local",
-              *sets(*TINY, *EXTERNAL))
+    res = cxr(
+        project, "evaluate-external", "--model", "models/cxr", "--out", "reports/ext_local", *sets(*TINY, *EXTERNAL)
+    )
     assert "images scored" in res.stderr
     folder = project / "reports" / "ext_local" / "report"
     report = json.loads((folder / "external.json").read_text())
@@ -114,7 +135,7 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
 
     html = (folder / "external.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # ROC, PR, confusion, calibration
-    assert "<script" not in html and "<link" not in html and "src=\"http" not in html
+    assert "<script" not in html and "<link" not in html and 'src="http' not in html
     assert "Failures (0)" in html
 
     import mlflow
@@ -149,10 +170,12 @@ def test_manifest_csv_labels_and_demographics(project: Path, png_folder, tmp_pat
     root, broken = png_folder
     images = sorted(p for p in (root / "chest_xray" / "test").rglob("*.png") if p.name.startswith(("normal", "pneum")))
     rows = ["path,label,sex,view,patient_id"] + [
-        f"{p},{'1' if 'PNEUMONIA' in str(p) else '0'},{'MF'[i % 2]},PA,P{i}" for i, p in enumerate(images)]
+        f"{p},{'1' if 'PNEUMONIA' in str(p) else '0'},{'MF'[i % 2]},PA,P{i}" for i, p in enumerate(images)
+    ]
     (tmp_path / "hospital_b.csv").write_text("\n".join(rows) + "\n")
-    report = evaluate_external(config(project), data=tmp_path / "hospital_b.csv", model=project / "models" / "cxr",
-                               out=tmp_path / "out")
+    report = evaluate_external(
+        config(project), data=tmp_path / "hospital_b.csv", model=project / "models" / "cxr", out=tmp_path / "out"
+    )
     assert report["data"]["label_mapping"] == {"0": "normal", "1": "pneumonia"}
     assert report["requests"]["ok"] == 24 and set(report["metrics"]["subgroups"]) == {"sex"}  # one view only
     assert {v["n"] for v in report["metrics"]["subgroups"]["sex"].values()} == {12}
@@ -162,7 +185,7 @@ def test_manifest_csv_labels_and_demographics(project: Path, png_folder, tmp_pat
 
 
 class StandIn:
-    """The service's answers (cxr.serving, as src/cxr/service.py uses it) over a scripted Starlette app:
+    """The service's answers (cxr.serving.served, as src/cxr/serving/service.py uses it) over a scripted Starlette app:
     ``script`` answers chosen calls with an error status, ``fail_after`` every call after that many."""
 
     def __init__(self, served, script: dict[int, int] | None = None, fail_after: int | None = None):
@@ -181,14 +204,19 @@ class StandIn:
             self.calls.append(data)
             n = len(self.calls)
             if n in self.script or (self.fail_after is not None and n > self.fail_after):
-                return JSONResponse({"error": "overloaded"}, status_code=self.script.get(n, 503),
-                                    headers={"Retry-After": "0"})
+                return JSONResponse(
+                    {"error": "overloaded"}, status_code=self.script.get(n, 503), headers={"Retry-After": "0"}
+                )
             (result,) = served.predict([data])
-            return JSONResponse({"error": result["error"]}, status_code=result["status"]) if "error" in result \
+            return (
+                JSONResponse({"error": result["error"]}, status_code=result["status"])
+                if "error" in result
                 else JSONResponse(result)
+            )
 
-        self.app = Starlette(routes=[Route("/metadata", metadata, methods=["POST"]),
-                                     Route("/predict", predict, methods=["POST"])])
+        self.app = Starlette(
+            routes=[Route("/metadata", metadata, methods=["POST"]), Route("/predict", predict, methods=["POST"])]
+        )
 
     def transport(self) -> httpx.ASGITransport:
         return httpx.ASGITransport(app=self.app)
@@ -197,8 +225,15 @@ class StandIn:
 def test_retries_transient_errors_but_never_a_refusal(project: Path, png_folder, tmp_path: Path):
     root, broken = png_folder
     standin = StandIn(load_in_process(project / "models" / "cxr"), script={1: 503, 2: 429, 3: 500})
-    report = evaluate_external(config(project), data=root, url="http://standin", out=tmp_path,
-                               transport=standin.transport(), backoff=0, concurrency=1)
+    report = evaluate_external(
+        config(project),
+        data=root,
+        url="http://standin",
+        out=tmp_path,
+        transport=standin.transport(),
+        backoff=0,
+        concurrency=1,
+    )
     assert report["requests"]["failed"] == 0 and report["requests"]["refused"] == len(broken)
     # the first file met 503, 429 and 500 and got through on its fourth try; every other file, the refused
     # ones included, was sent exactly once
@@ -213,14 +248,23 @@ def test_interrupted_run_resumes_and_matches_in_process(project: Path, png_folde
     served = load_in_process(project / "models" / "cxr")
     # the service goes down after 12 requests: the rest are reported as failed, never dropped
     dying = StandIn(served, fail_after=12)
-    first = evaluate_external(cfg, data=root, url="http://standin", out=tmp_path, transport=dying.transport(),
-                              retries=1, backoff=0, concurrency=4)
+    first = evaluate_external(
+        cfg,
+        data=root,
+        url="http://standin",
+        out=tmp_path,
+        transport=dying.transport(),
+        retries=1,
+        backoff=0,
+        concurrency=4,
+    )
     assert first["requests"]["failed"] == 28 - 12 and len(first["failures"]) == 28 - 12 + first["requests"]["refused"]
     assert first["metrics"]["n"] + first["requests"]["refused"] == 12
     # the second run re-sends only what got no final answer
     healthy = StandIn(served)
-    second = evaluate_external(cfg, data=root, url="http://standin", out=tmp_path, transport=healthy.transport(),
-                               backoff=0)
+    second = evaluate_external(
+        cfg, data=root, url="http://standin", out=tmp_path, transport=healthy.transport(), backoff=0
+    )
     assert len(healthy.calls) == second["requests"]["sent"] == 28 - 12
     assert second["requests"]["from_cache"] == 12 and second["requests"]["failed"] == 0
     local = evaluate_external(cfg, data=root, model=project / "models" / "cxr", out=tmp_path / "local")
@@ -235,8 +279,9 @@ def test_no_service_is_a_clear_error(tmp_path: Path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["evaluate-external", "--url", "http://127.0.0.1:9", "--retries", "0",
-                              "--out", str(tmp_path)])
+    res = runner.invoke(
+        app, ["evaluate-external", "--url", "http://127.0.0.1:9", "--retries", "0", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2 and "cannot reach the cxr service" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["evaluate-external", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--url" in res.output and "--model" in res.output

@@ -13,15 +13,22 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr.tracking import use_store
 from cxr.imaging import read_image
-from cxr.predictor import Predictor
+from cxr.models.predictor import Predictor
+from cxr.tracking.runs import use_store
 
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.synthetic.n_patients=40", "data.synthetic.size=96", "prepare.sizes=[32]", "model.image_size=32",
-    "model.width=8", "train.epochs=1", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1",
+    "data.synthetic.n_patients=40",
+    "data.synthetic.size=96",
+    "prepare.sizes=[32]",
+    "model.image_size=32",
+    "model.width=8",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "evaluate.bootstrap=50",
+    "prepare.workers=1",
 ]
 
 
@@ -83,7 +90,9 @@ def test_predictor_on_raw_file_matches_evaluation_on_prepared_array(project: Pat
     np.testing.assert_allclose(from_files, from_arrays, rtol=0, atol=1e-6)
     # the DICOMs include MONOCHROME1 and JPEG 2000 files: the same path handles them all
     assert {read_image(project / "data" / "raw" / p).meta["photometric"] for p in manifest["image"]} == {
-        "MONOCHROME1", "MONOCHROME2"}
+        "MONOCHROME1",
+        "MONOCHROME2",
+    }
 
 
 def test_mlflow_uri_loads_the_same_model(project: Path):
@@ -103,7 +112,9 @@ def test_loading_a_model_never_unpickles(project: Path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     real_torch_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: refuse() if not k.get("weights_only") else real_torch_load(*a, **k))
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: refuse() if not k.get("weights_only") else real_torch_load(*a, **k)
+    )
     predictor = Predictor.from_dir(project / "models" / "cxr")
     assert predictor.predict_proba(np.zeros((2, 32, 32), np.uint8)).shape == (2,)
     assert sorted(p.name for p in (project / "models" / "cxr").iterdir()) == ["model.json", "model.safetensors"]

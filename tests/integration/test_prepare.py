@@ -32,11 +32,17 @@ def write_dataset(root, n_patients=30, broken=0):
 
 
 def make_cfg(tmp_path, csv, **extra):
-    return Config().override({
-        "data.source": "manifest", "data.path": str(csv),
-        "paths.raw": str(tmp_path / "raw"), "paths.prepared": str(tmp_path / "prepared"),
-        "prepare.sizes": [32, 64], "prepare.workers": 1, **extra,
-    })
+    return Config().override(
+        {
+            "data.source": "manifest",
+            "data.path": str(csv),
+            "paths.raw": str(tmp_path / "raw"),
+            "paths.prepared": str(tmp_path / "prepared"),
+            "prepare.sizes": [32, 64],
+            "prepare.workers": 1,
+            **extra,
+        }
+    )
 
 
 def test_prepare_writes_arrays_from_the_single_preprocessing_function(tmp_path):

@@ -10,15 +10,22 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cxr.tracking import use_store
 from cxr.config import load_config
-from cxr.registry import Decision, compare
+from cxr.tracking.registry import Decision, compare
+from cxr.tracking.runs import use_store
 
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.synthetic.n_patients=60", "data.synthetic.size=96", "data.synthetic.difficulty=0.2", "prepare.sizes=[32]",
-    "model.image_size=32", "model.width=8", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1",
+    "data.synthetic.n_patients=60",
+    "data.synthetic.size=96",
+    "data.synthetic.difficulty=0.2",
+    "prepare.sizes=[32]",
+    "model.image_size=32",
+    "model.width=8",
+    "train.batch_size=16",
+    "evaluate.bootstrap=50",
+    "prepare.workers=1",
 ]
 MODEL_A = ["model.arch=logistic_regression", "paths.model=models/a"]
 MODEL_B = ["train.epochs=3", "train.lr=0.01", "paths.model=models/b"]
@@ -26,8 +33,9 @@ MODEL_B = ["train.epochs=3", "train.lr=0.01", "paths.model=models/b"]
 
 def cxr(workdir: Path, *argv: str, extra: list[str] = (), check: bool = True) -> subprocess.CompletedProcess:
     sets = [a for o in [*TINY, *extra] for a in ("-s", o)]
-    res = subprocess.run([sys.executable, "-m", "cxr", *argv, *sets], cwd=workdir, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr", *argv, *sets], cwd=workdir, capture_output=True, text=True, timeout=600
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
@@ -49,7 +57,9 @@ def versions(project: Path) -> dict[str, dict]:
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     model = client.get_registered_model(cfg.mlflow.registered_model)
-    out = {str(v.version): {"tags": v.tags, "aliases": []} for v in client.search_model_versions(f"name='{model.name}'")}
+    out = {
+        str(v.version): {"tags": v.tags, "aliases": []} for v in client.search_model_versions(f"name='{model.name}'")
+    }
     for alias, v in model.aliases.items():
         out[str(v)]["aliases"].append(alias)
     return out
@@ -90,13 +100,17 @@ def test_register_gate_force_and_rollback(project: Path):
     res = cxr(project, "rollback", check=False)
     assert res.returncode == 2 and "first" in res.stderr
 
-    from cxr.registry import history
+    from cxr.tracking.registry import history
 
     cfg = load_config(overrides=[*TINY, f"mlflow.tracking_uri=sqlite:///{project / 'mlflow.db'}"])
     events = history(cfg)
     assert [(e["action"], e["from"], e["to"]) for e in events] == [
-        ("promote", None, worse), ("promote", worse, better), ("promote", better, "3"), ("rollback", "3", better),
-        ("rollback", better, worse)]
+        ("promote", None, worse),
+        ("promote", worse, better),
+        ("promote", better, "3"),
+        ("rollback", "3", better),
+        ("rollback", better, worse),
+    ]
     assert "forced" in events[2]["why"] and "clinical sign-off" in events[2]["why"]
     assert all(e["who"] and e["when"] for e in events)
 
@@ -111,15 +125,18 @@ class FakeVersion:
             self.tags["val_auroc"] = str(auc)
 
 
-@pytest.mark.parametrize(("candidate", "champion", "margin", "promote", "words"), [
-    (FakeVersion("2", 0.9), None, 0.0, True, "no current champion"),
-    (FakeVersion("2", 0.91), FakeVersion("1", 0.90), 0.0, True, "beats"),
-    (FakeVersion("2", 0.91), FakeVersion("1", 0.90), 0.02, False, "margin"),
-    (FakeVersion("2", 0.90), FakeVersion("1", 0.90), 0.0, False, "does not beat"),
-    (FakeVersion("2", 0.99, data="d2"), FakeVersion("1", 0.90), 0.0, False, "not comparable"),
-    (FakeVersion("2", None), FakeVersion("1", 0.90), 0.0, False, "missing"),
-    (FakeVersion("1", 0.9), FakeVersion("1", 0.9), 0.0, False, "already"),
-])
+@pytest.mark.parametrize(
+    ("candidate", "champion", "margin", "promote", "words"),
+    [
+        (FakeVersion("2", 0.9), None, 0.0, True, "no current champion"),
+        (FakeVersion("2", 0.91), FakeVersion("1", 0.90), 0.0, True, "beats"),
+        (FakeVersion("2", 0.91), FakeVersion("1", 0.90), 0.02, False, "margin"),
+        (FakeVersion("2", 0.90), FakeVersion("1", 0.90), 0.0, False, "does not beat"),
+        (FakeVersion("2", 0.99, data="d2"), FakeVersion("1", 0.90), 0.0, False, "not comparable"),
+        (FakeVersion("2", None), FakeVersion("1", 0.90), 0.0, False, "missing"),
+        (FakeVersion("1", 0.9), FakeVersion("1", 0.9), 0.0, False, "already"),
+    ],
+)
 def test_promotion_gate(candidate, champion, margin, promote, words):
     decision = compare(candidate, champion, margin)
     assert isinstance(decision, Decision) and decision.promote is promote and words in decision.reason

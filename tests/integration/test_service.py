@@ -26,22 +26,36 @@ import pydicom
 import pytest
 from PIL import Image as PILImage
 
-from cxr.serve_process import ServiceProcess as Server
-from cxr.tracking import use_store
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.tracking.runs import use_store
+from support.serve_process import ServiceProcess as Server
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.synthetic.n_patients=30", "data.synthetic.size=96", "prepare.sizes=[32]", "model.image_size=32",
-        "model.width=8", "train.epochs=1", "train.batch_size=16", "prepare.workers=1"]
+TINY = [
+    "data.synthetic.n_patients=30",
+    "data.synthetic.size=96",
+    "prepare.sizes=[32]",
+    "model.image_size=32",
+    "model.width=8",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "prepare.workers=1",
+]
 MAX_BYTES = 3_000_000  # imaging.max_bytes of the served project: small, so the 413 path is cheap to hit
 PHI = ("Doe^Jane", "Doe", "MRN-998877", "19700101", "20240229")
 ANSWER_KEYS = {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
 
 
 def cxr(workdir: Path, *args: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600,
-                         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
     if res.returncode != 0:
         raise AssertionError(f"cxr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
 
@@ -72,7 +86,7 @@ def server(project: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def champion(project: Path):
     """The champion loaded in this process through the same Predictor (the reference answers)."""
-    from cxr.predictor import Predictor
+    from cxr.models.predictor import Predictor
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     use_store(uri)
@@ -85,8 +99,14 @@ def champion(project: Path):
 def synthetic_dicom(seed: int, size: int = 96, **header) -> bytes:
     """A synthetic chest DICOM carrying (fictitious) identifying fields the service must never echo."""
     rng = np.random.default_rng(seed)
-    ds = make_dataset(render(rng, seed % 2, 0.6, size), Encoding(monochrome1=seed % 3 == 0), rng,
-                      patient_name="Doe^Jane", patient_id="MRN-998877", study_date=dt.date(2024, 2, 29))
+    ds = make_dataset(
+        render(rng, seed % 2, 0.6, size),
+        Encoding(monochrome1=seed % 3 == 0),
+        rng,
+        patient_name="Doe^Jane",
+        patient_id="MRN-998877",
+        study_date=dt.date(2024, 2, 29),
+    )
     ds.PatientBirthDate = "19700101"
     for key, value in header.items():
         setattr(ds, key, value)
@@ -145,8 +165,13 @@ BAD_INPUTS: list[tuple[str, str, Callable[[pytest.FixtureRequest], bytes], int, 
     ("text named .dcm", "notes.dcm", lambda _: b"patient list\nnothing to see here\n" * 20, 422, "not a DICOM"),
     ("multi-frame dicom", "cine.dcm", lambda _: multiframe_dicom(), 422, "multi-frame"),
     ("colour dicom", "rgb.dcm", lambda _: colour_dicom(), 422, "colour"),
-    ("non-chest body part", "hand.dcm", lambda _: synthetic_dicom(5, BodyPartExamined="HAND"), 422,
-     "chest radiographs only"),
+    (
+        "non-chest body part",
+        "hand.dcm",
+        lambda _: synthetic_dicom(5, BodyPartExamined="HAND"),
+        422,
+        "chest radiographs only",
+    ),
     ("NEMA tibia (real)", "tibia.dcm", nonchest, 422, "BodyPartExamined=EXTREMITY"),
     ("over imaging.max_bytes", "big.dcm", lambda _: b"\0" * (MAX_BYTES + 2_000_000), 413, "upload limit"),
 ]
@@ -178,8 +203,11 @@ def test_synthetic_dicoms_get_the_in_process_answer(server: Server, champion, pr
         assert body["model"] == {"name": "cxr", "version": "1", "uri": "models:/cxr@champion"}
         want = champion.predict_files([data])[0]
         assert body["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
-        assert (body["prediction"], body["positive"], body["threshold"]) == (want["prediction"], want["positive"],
-                                                                            want["threshold"])
+        assert (body["prediction"], body["positive"], body["threshold"]) == (
+            want["prediction"],
+            want["positive"],
+            want["threshold"],
+        )
     assert any("view unknown" in w for w in body["warnings"])  # the PNG carries no view
 
 
@@ -198,13 +226,15 @@ def test_real_dicoms_get_the_in_process_answer(server: Server, champion, dicom_d
 
 def test_batch_equals_single_requests(server: Server):
     uploads = [synthetic_dicom(i) for i in range(3)] + [film_png(1)]
-    r = httpx.post(f"{server.url}/predict_batch", files=[("files", (f"{i}.dcm", d)) for i, d in enumerate(uploads)],
-                   timeout=60)
+    r = httpx.post(
+        f"{server.url}/predict_batch", files=[("files", (f"{i}.dcm", d)) for i, d in enumerate(uploads)], timeout=60
+    )
     assert r.status_code == 200, r.text
     singles = [httpx.post(f"{server.url}/predict", files={"file": ("x", d)}, timeout=60).json() for d in uploads]
     assert r.json() == singles
-    bad = httpx.post(f"{server.url}/predict_batch", files=[("files", ("a", uploads[0])), ("files", ("b", b"junk"))],
-                     timeout=60)
+    bad = httpx.post(
+        f"{server.url}/predict_batch", files=[("files", ("a", uploads[0])), ("files", ("b", b"junk"))], timeout=60
+    )
     assert bad.status_code == 422 and bad.json()["error"].startswith("file 2 of 2: upload: not a DICOM")
 
 
@@ -218,11 +248,15 @@ def test_bad_input_is_refused_and_the_service_lives_on(server: Server, request, 
     assert ok.status_code == 200  # the model worker survived
 
 
-@pytest.mark.parametrize("request_kwargs,phrase", [
-    ({"data": {"file": "http://127.0.0.1:9/x.dcm"}, "files": {"other": ("x", b"1")}}, "must be a file upload"),
-    ({"files": {"image": ("x.dcm", b"123")}}, "unexpected file field `image`"),
-    ({"json": {}}, "validation error"),
-], ids=["url in the file field", "wrong field name", "no file"])
+@pytest.mark.parametrize(
+    "request_kwargs,phrase",
+    [
+        ({"data": {"file": "http://127.0.0.1:9/x.dcm"}, "files": {"other": ("x", b"1")}}, "must be a file upload"),
+        ({"files": {"image": ("x.dcm", b"123")}}, "unexpected file field `image`"),
+        ({"json": {}}, "validation error"),
+    ],
+    ids=["url in the file field", "wrong field name", "no file"],
+)
 def test_malformed_requests_are_400(server: Server, request_kwargs, phrase):
     r = httpx.post(f"{server.url}/predict", timeout=30, **request_kwargs)
     assert r.status_code == 400 and phrase in r.text
@@ -231,9 +265,14 @@ def test_malformed_requests_are_400(server: Server, request_kwargs, phrase):
 def test_no_phi_in_answers_or_logs(server: Server):
     texts = []
     for data in (synthetic_dicom(8), synthetic_dicom(9)[:2000], synthetic_dicom(10, BodyPartExamined="KNEE")):
-        texts.append(httpx.post(f"{server.url}/predict", files={"file": ("Doe_Jane_19700101.dcm", data)}, timeout=60).text)
-        texts.append(httpx.post(f"{server.url}/explain", files={"file": ("Doe_Jane_19700101.dcm", data)},
-                                timeout=60).headers.get("x-cxr-warnings", ""))
+        texts.append(
+            httpx.post(f"{server.url}/predict", files={"file": ("Doe_Jane_19700101.dcm", data)}, timeout=60).text
+        )
+        texts.append(
+            httpx.post(
+                f"{server.url}/explain", files={"file": ("Doe_Jane_19700101.dcm", data)}, timeout=60
+            ).headers.get("x-cxr-warnings", "")
+        )
     time.sleep(0.5)  # let the access log flush
     everything = "\n".join(texts) + server.text()
     assert [p for p in PHI if p in everything] == []
@@ -272,14 +311,26 @@ def test_docs_page_renders_in_chromium(server: Server, tmp_path: Path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium is not installed (tests/system_packages.sh installs it)")
-    offline = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-default-apps", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1280,1800"]
+    offline = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+        "--window-size=1280,1800",
+    ]
     shot = tmp_path / "docs.png"
     subprocess.run([chromium, *offline, f"--screenshot={shot}", f"{server.url}/"], capture_output=True, timeout=120)
-    dom = subprocess.run([chromium, *offline, "--dump-dom", f"{server.url}/"], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run(
+        [chromium, *offline, "--dump-dom", f"{server.url}/"], capture_output=True, text=True, timeout=120
+    ).stdout
     for api in ("/predict", "/predict_batch", "/explain", "/metadata", "/healthz", "/readyz"):
         assert f">{api}<" in dom or f'"{api}"' in dom or api in dom, f"{api} missing from the rendered docs page"
     assert "opblock" in dom  # Swagger UI rendered the operations (JavaScript ran)
@@ -293,8 +344,10 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
     async def hammer(n: int) -> list[int]:
         statuses: list[int] = []
         todo = iter(range(n))
-        async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)) as client:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        ) as client:
+
             async def worker() -> None:
                 for _ in todo:
                     r = await client.post("/predict", files={"file": ("x.png", data)})
@@ -314,14 +367,15 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
 
 def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
     """CXR_BATCHING=0: no batcher, one request per forward pass, the same answers."""
-    assert_answers_like(server, Server(project, tmp_path / "direct.log", CXR_BATCHING="0"),
-                        [synthetic_dicom(11), film_png(2)])
+    assert_answers_like(
+        server, Server(project, tmp_path / "direct.log", CXR_BATCHING="0"), [synthetic_dicom(11), film_png(2)]
+    )
 
 
 def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_status(project: Path, tmp_path: Path):
     """Supervisors (systemd, Docker restart policies, Kubernetes) and scripts read the exit status: without
     a model `bentoml serve` must not report success."""
-    from cxr.service import EXIT_CANNOT_START
+    from cxr.serving.service import EXIT_CANNOT_START
 
     srv = Server(project, tmp_path / "fail.log", CXR_MODEL_URI="models:/cxr@nobody")
     try:
@@ -343,13 +397,27 @@ def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_
     repo = Path(__file__).resolve().parents[2]
     home = tmp_path / "bentoml_home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    built = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "build", "-f", str(repo / "bentofile.yaml"),
-                            "--output", "tag", str(repo / "src")], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    built = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("bentoml")),
+            "build",
+            "-f",
+            str(repo / "bentofile.yaml"),
+            "--output",
+            "tag",
+            str(repo / "src"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("cxr-service:"), built.stdout
     # a bento runs in its own folder, so the registry is named the way a deployment names it
-    bento = Server(project, tmp_path / "bento.log", home=home, target=tag,
-                   MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+    bento = Server(
+        project, tmp_path / "bento.log", home=home, target=tag, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"
+    )
     assert_answers_like(server, bento, [synthetic_dicom(12), film_png(3)])

@@ -14,10 +14,10 @@ from cxr.config import Config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
-from cxr.evaluate import evaluate, score_split
-from cxr.metrics import choose_threshold
-from cxr.predictor import Predictor
-from cxr.train import fit, threshold_scores
+from cxr.evaluation.evaluate import evaluate, score_split
+from cxr.evaluation.metrics import choose_threshold
+from cxr.models.predictor import Predictor
+from cxr.training.fit import fit, threshold_scores
 
 pytestmark = pytest.mark.slow
 CLASSES = ["covid", "lung_opacity", "normal", "viral_pneumonia"]
@@ -33,8 +33,16 @@ def write_images(root, labels, seed=0):
             if name in label.split("|"):
                 arr[k * 10 : k * 10 + 10, :] += 80
         PILImage.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"{i}.png")
-        rows.append({"path": f"{i}.png", "label": label, "patient_id": f"P{i}", "age": 20 + i % 60,
-                     "sex": "MF"[i % 2], "view": ["PA", "AP"][i % 2]})
+        rows.append(
+            {
+                "path": f"{i}.png",
+                "label": label,
+                "patient_id": f"P{i}",
+                "age": 20 + i % 60,
+                "sex": "MF"[i % 2],
+                "view": ["PA", "AP"][i % 2],
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     return root / "labels.csv"
 
@@ -42,13 +50,26 @@ def write_images(root, labels, seed=0):
 def run(tmp_path, labels, task, fit_kwargs=None, **extra):
     src = tmp_path / "src"
     src.mkdir()
-    cfg = Config().override({
-        "data.source": "manifest", "data.path": str(write_images(src, labels)), "data.manifest_task": task,
-        "paths.raw": str(tmp_path / "raw"), "paths.prepared": str(tmp_path / "prepared"),
-        "paths.model": str(tmp_path / "model"), "paths.reports": str(tmp_path / "reports"),
-        "prepare.sizes": [32], "model.image_size": 32, "prepare.workers": 1, "model.width": 8,
-        "train.epochs": 10, "train.batch_size": 32, "evaluate.bootstrap": 20, "mlflow.enabled": False, **extra,
-    })
+    cfg = Config().override(
+        {
+            "data.source": "manifest",
+            "data.path": str(write_images(src, labels)),
+            "data.manifest_task": task,
+            "paths.raw": str(tmp_path / "raw"),
+            "paths.prepared": str(tmp_path / "prepared"),
+            "paths.model": str(tmp_path / "model"),
+            "paths.reports": str(tmp_path / "reports"),
+            "prepare.sizes": [32],
+            "model.image_size": 32,
+            "prepare.workers": 1,
+            "model.width": 8,
+            "train.epochs": 10,
+            "train.batch_size": 32,
+            "evaluate.bootstrap": 20,
+            "mlflow.enabled": False,
+            **extra,
+        }
+    )
     ingest(cfg)
     prepare(cfg)
     result = fit(cfg, **(fit_kwargs or {}))
@@ -93,8 +114,12 @@ def test_tabular_fusion_uses_age_sex_view(tmp_path):
 def test_logistic_regression_baseline_runs_through_the_same_evaluate(tmp_path):
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(120)]
     # the binary fixture brightens the "covid" band only for positives: make that the signal
-    cfg, result, report = run(tmp_path, [("covid" if lab == "pneumonia" else "normal") for lab in labels], "binary",
-                              **{"model.arch": "logistic_regression", "data.positive_label": "covid"})
+    cfg, result, report = run(
+        tmp_path,
+        [("covid" if lab == "pneumonia" else "normal") for lab in labels],
+        "binary",
+        **{"model.arch": "logistic_regression", "data.positive_label": "covid"},
+    )
     p = Predictor.from_dir(cfg.paths.model)
     assert p.info["architecture"]["arch"] == "logistic_regression"
     assert report["splits"]["test"]["auroc"]["value"] > 0.9
@@ -118,9 +143,17 @@ def test_bf16_training_on_cpu_is_used_and_deterministic(tmp_path):
     for name, precision in (("fp32", "fp32"), ("bf16_a", "bf16"), ("bf16_b", "bf16")):
         (tmp_path / name).mkdir()
         # the empirical Youden threshold is one of the validation scores: it shows which scores it was chosen on
-        cfgs[name], _, _ = run(tmp_path / name, labels, "binary", **{"train.epochs": 2, "train.precision": precision,
-                                                                      "evaluate.threshold": "youden",
-                                                                      "evaluate.threshold_augmented_copies": 0})
+        cfgs[name], _, _ = run(
+            tmp_path / name,
+            labels,
+            "binary",
+            **{
+                "train.epochs": 2,
+                "train.precision": precision,
+                "evaluate.threshold": "youden",
+                "evaluate.threshold_augmented_copies": 0,
+            },
+        )
         weights[name] = (tmp_path / name / "model" / "model.safetensors").read_bytes()
     assert weights["bf16_a"] == weights["bf16_b"]
     assert weights["bf16_a"] != weights["fp32"]
@@ -137,12 +170,21 @@ def test_ensemble_trains_seeded_members_and_saves_them_as_one_model(tmp_path):
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
     (tmp_path / "alone").mkdir(), (tmp_path / "ensemble").mkdir()
     cfg_alone, _, _ = run(tmp_path / "alone", labels, "binary", **{"train.epochs": 2, "project.seed": 7})
-    cfg, result, report = run(tmp_path / "ensemble", labels, "binary",
-                              **{"train.epochs": 2, "project.seed": 7, "train.ensemble": 2,
-                                 "evaluate.threshold": "youden", "evaluate.threshold_augmented_copies": 0,
-                                 "mlflow.enabled": True,
-                                 "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                 "mlflow.artifact_location": str(tmp_path / "mlartifacts")})
+    cfg, result, report = run(
+        tmp_path / "ensemble",
+        labels,
+        "binary",
+        **{
+            "train.epochs": 2,
+            "project.seed": 7,
+            "train.ensemble": 2,
+            "evaluate.threshold": "youden",
+            "evaluate.threshold_augmented_copies": 0,
+            "mlflow.enabled": True,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.artifact_location": str(tmp_path / "mlartifacts"),
+        },
+    )
     predictor = Predictor.from_dir(cfg.paths.model)
     assert predictor.info["architecture"]["arch"] == "ensemble" and len(predictor.model.members) == 2
     alone = Predictor.from_dir(cfg_alone.paths.model).model.state_dict()
@@ -172,15 +214,24 @@ def test_test_time_augmentation_is_saved_with_the_network_and_scored_as_served(t
     from sklearn.metrics import roc_auc_score
 
     from cxr.data.augment import draw_augment
-    from cxr.explain import explain
+    from cxr.serving.explain import explain
 
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
     (tmp_path / "plain").mkdir(), (tmp_path / "tta").mkdir()
     cfg_plain, _, _ = run(tmp_path / "plain", labels, "binary", **{"train.epochs": 2})
-    cfg, result, report = run(tmp_path / "tta", labels, "binary",
-                              **{"train.epochs": 2, "model.tta_views": 3, "model.tta_strength": 1.5,
-                                 "mlflow.enabled": True, "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                 "mlflow.artifact_location": str(tmp_path / "mlartifacts")})
+    cfg, result, report = run(
+        tmp_path / "tta",
+        labels,
+        "binary",
+        **{
+            "train.epochs": 2,
+            "model.tta_views": 3,
+            "model.tta_strength": 1.5,
+            "mlflow.enabled": True,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.artifact_location": str(tmp_path / "mlartifacts"),
+        },
+    )
     predictor = Predictor.from_dir(cfg.paths.model)
     assert predictor.info["architecture"]["arch"] == "tta"
     plain = Predictor.from_dir(cfg_plain.paths.model).model.state_dict()
@@ -209,8 +260,9 @@ def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
     """evaluate.threshold_augmented_copies=3: the saved threshold is the rule applied to 3 seeded augmented
     copies of the validation split, scored like the saved Predictor scores; not the clean films' cut-off."""
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(160)]
-    cfg, _, report = run(tmp_path, labels, "binary", **{"evaluate.threshold": "youden",
-                                                        "evaluate.threshold_augmented_copies": 3})
+    cfg, _, report = run(
+        tmp_path, labels, "binary", **{"evaluate.threshold": "youden", "evaluate.threshold_augmented_copies": 3}
+    )
     predictor = Predictor.from_dir(cfg.paths.model)
     assert predictor.info["threshold_augmented_copies"] == 3
     data = PreparedData(cfg.paths.prepared, 32)
@@ -229,7 +281,7 @@ def test_epoch_hook_sees_the_validated_model_after_every_epoch_and_changes_nothi
     epoch's history row, and training is the same as without it."""
     from sklearn.metrics import roc_auc_score
 
-    from cxr.train import predict_split
+    from cxr.training.fit import predict_split
 
     def hook(model):
         data = PreparedData(tmp_path / "hook" / "prepared", 32)
@@ -254,14 +306,21 @@ def test_early_stopping_can_monitor_augmented_validation(tmp_path, monkeypatch):
     yardstick's AUROC (made to peak at epoch 1 here), not the clean validation AUROC (which peaks later)."""
     from sklearn.metrics import roc_auc_score
 
-    from cxr.train import Yardstick
+    from cxr.training.fit import Yardstick
 
     told = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     monkeypatch.setattr(Yardstick, "auroc", lambda self, *args: next(told))
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
-    cfg, result, _ = run(tmp_path, labels, "binary",
-                         **{"train.epochs": 6, "train.early_stopping.patience": 2,
-                            "train.early_stopping.monitor": "augmented_val_auroc"})
+    cfg, result, _ = run(
+        tmp_path,
+        labels,
+        "binary",
+        **{
+            "train.epochs": 6,
+            "train.early_stopping.patience": 2,
+            "train.early_stopping.monitor": "augmented_val_auroc",
+        },
+    )
     clean = [row["val_auroc"] for row in result.history]
     assert max(clean) > clean[0]  # clean validation alone would have kept a later epoch
     assert [row["val_auroc_augmented"] for row in result.history] == [0.9, 0.8, 0.7]  # stopped after 2 worse epochs

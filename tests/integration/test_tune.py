@@ -19,25 +19,33 @@ import yaml
 
 from cxr.config import load_config
 from cxr.data.loader import PreparedData
-from cxr.predictor import Predictor
-from cxr.tracking import use_store
-from cxr.train import Yardstick
+from cxr.models.predictor import Predictor
+from cxr.tracking.runs import use_store
+from cxr.training.fit import Yardstick
 
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.synthetic.n_patients=60", "data.synthetic.size=96", "data.synthetic.difficulty=0.2", "prepare.sizes=[32]",
-    "model.image_size=32", "model.width=8", "train.batch_size=16", "evaluate.bootstrap=50", "prepare.workers=1",
+    "data.synthetic.n_patients=60",
+    "data.synthetic.size=96",
+    "data.synthetic.difficulty=0.2",
+    "prepare.sizes=[32]",
+    "model.image_size=32",
+    "model.width=8",
+    "train.batch_size=16",
+    "evaluate.bootstrap=50",
+    "prepare.workers=1",
 ]
 # A space where one choice cannot learn (lr 1e-7), so the trials differ and the median pruner has something to
 # prune (here: the lr 0.01 trial, whose augmented-validation AUROC starts below the frozen network's). All four
 # trials are the sampler's seeded random start-up (lr 1e-7, 0.01, 1e-7, 1e-7 from sampler seed 0), so which
 # choices are tried does not hang on float rounding (TPE, fed near-equal values, proposed 1e-7 four times on
 # one CPU and not on another); the pruner acts from the second trial on.
-SPACE = ("tune.space={train.lr: {type: categorical, choices: [0.01, 1.0e-7]}, "
-         "model.dropout: {type: float, low: 0.0, high: 0.5}}")
-TUNE = [*TINY, "train.epochs=4", "tune.startup_trials=4", "tune.pruner_startup_trials=1", "tune.warmup_epochs=0",
-        SPACE]
+SPACE = (
+    "tune.space={train.lr: {type: categorical, choices: [0.01, 1.0e-7]}, "
+    "model.dropout: {type: float, low: 0.0, high: 0.5}}"
+)
+TUNE = [*TINY, "train.epochs=4", "tune.startup_trials=4", "tune.pruner_startup_trials=1", "tune.warmup_epochs=0", SPACE]
 
 
 def args(extra: list[str]) -> list[str]:
@@ -48,8 +56,14 @@ def args(extra: list[str]) -> list[str]:
 
 
 def cxr(workdir: Path, *argv: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "cxr", *argv], cwd=workdir, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr", *argv],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
@@ -82,7 +96,9 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     assert "PRUNED" in states and "COMPLETE" in states
 
     all_runs = runs(prepared)
-    parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study" and r.data.tags.get("optuna.study") == "s4"]
+    parents = [
+        r for r in all_runs if r.data.tags.get("cxr.role") == "study" and r.data.tags.get("optuna.study") == "s4"
+    ]
     assert len(parents) == 1
     parent = parents[0]
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -156,14 +172,27 @@ def _default_sigint() -> None:
 
 
 def _start(work: Path, argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cxr", *argv], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxr", *argv],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path):
     url = f"sqlite:///{prepared / 'optuna.db'}"
-    argv = ["tune", "--trials", "3", "--study", "resume",
-            *args([*TINY, "train.epochs=6", "tune.pruner=none", "tune.heartbeat_interval=1", "tune.grace_period=2", SPACE])]
+    argv = [
+        "tune",
+        "--trials",
+        "3",
+        "--study",
+        "resume",
+        *args([*TINY, "train.epochs=6", "tune.pruner=none", "tune.heartbeat_interval=1", "tune.grace_period=2", SPACE]),
+    ]
 
     def state(name: str) -> list:
         try:
@@ -198,12 +227,16 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path):
     assert next(t for t in trials if t.number == killed[0]).state.name == "FAIL"
     assert len({t.number for t in trials}) == len(trials)
     # the killed trial's MLflow run is closed as failed too
-    killed_run = next(r for r in runs(prepared) if r.data.tags.get("optuna.study") == "resume"
-                      and r.data.tags.get("optuna.trial_number") == str(killed[0]))
+    killed_run = next(
+        r
+        for r in runs(prepared)
+        if r.data.tags.get("optuna.study") == "resume" and r.data.tags.get("optuna.trial_number") == str(killed[0])
+    )
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["trial_state"] == "FAIL"
 
 
 # --- PostgreSQL: two workers, one study ------------------------------------------------------------
+
 
 def _pg_bin() -> Path | None:
     for pattern in ("/usr/lib/postgresql/*/bin",):
@@ -238,28 +271,57 @@ def postgres(tmp_path_factory):
                 break
             parent.chmod(parent.stat().st_mode | 0o011)
     port = _free_port()
-    subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "cxr", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, str(pg / "initdb"), "-D", str(data), "-U", "cxr", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
     log = root / "server.log"
-    subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start", "-o",
-                    f"-p {port} -k {sock} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_user,
+            str(pg / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         for db in ("optuna", "mlflow"):
-            subprocess.run([*as_user, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "cxr", db],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [*as_user, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "cxr", db],
+                check=True,
+                capture_output=True,
+            )
         yield f"postgresql://cxr@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True
+        )
 
 
 def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str):
     storage = f"{postgres}/optuna"
     tracking = f"postgresql+psycopg2://{postgres.split('://', 1)[1]}/mlflow"
-    extra = [*TINY, "train.epochs=2", "tune.pruner=none", f"mlflow.tracking_uri={tracking}",
-             f"mlflow.artifact_location={prepared / 'pg-artifacts'}", SPACE]
+    extra = [
+        *TINY,
+        "train.epochs=2",
+        "tune.pruner=none",
+        f"mlflow.tracking_uri={tracking}",
+        f"mlflow.artifact_location={prepared / 'pg-artifacts'}",
+        SPACE,
+    ]
     # create the MLflow schema once, before two workers race to migrate it
-    from cxr import tracking as cxr_tracking
+    from cxr.tracking import runs as cxr_tracking
 
     cxr_tracking.configure(load_config(overrides=extra))
     argv = ["tune", "--trials", "5", "--study", "dist", "--storage", storage, *args(extra)]
@@ -281,7 +343,10 @@ def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str
     all_runs = mlflow.search_runs(experiment_names=["cxr"], output_format="list")
     parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study"]
     assert len(parents) == 1
-    children = {int(r.data.tags["optuna.trial_number"]): r for r in all_runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    children = {
+        int(r.data.tags["optuna.trial_number"]): r
+        for r in all_runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     for t in trials:
         assert t.number in children and children[t.number].data.tags["trial_state"] == t.state.name

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxr.models import build_model
-from cxr.predictor import FORMAT, Predictor
+from cxr.models.predictor import FORMAT, Predictor
 from cxr.preprocess import PreprocessSpec
 
 
@@ -19,9 +19,15 @@ def tiny_predictor() -> Callable[..., Predictor]:
     def make(size: int = 32, task: str = "binary", labels=("normal", "pneumonia"), seed: int = 0) -> Predictor:
         torch.manual_seed(seed)
         model = build_model("simple_cnn", 1 if task == "binary" else len(labels), width=8)
-        info = {"format": FORMAT, "architecture": model.spec, "preprocess": PreprocessSpec(size=size).to_dict(),
-                "task": task, "labels": list(labels), "threshold": 0.5 if task == "binary" else None,
-                "training": {"dataset_hash": "test"}}
+        info = {
+            "format": FORMAT,
+            "architecture": model.spec,
+            "preprocess": PreprocessSpec(size=size).to_dict(),
+            "task": task,
+            "labels": list(labels),
+            "threshold": 0.5 if task == "binary" else None,
+            "training": {"dataset_hash": "test"},
+        }
         return Predictor(model, info)
 
     return make

@@ -18,8 +18,15 @@ def test_repo_params_load_and_match_the_typed_defaults():
 
 
 def test_dotted_overrides_parse_values_as_yaml():
-    cfg = Config().override(["train.lr=3e-4", "train.early_stopping.patience=2", "prepare.sizes=[28, 64]",
-                             "model.image_size=28", "data.path=/x/y"])
+    cfg = Config().override(
+        [
+            "train.lr=3e-4",
+            "train.early_stopping.patience=2",
+            "prepare.sizes=[28, 64]",
+            "model.image_size=28",
+            "data.path=/x/y",
+        ]
+    )
     assert cfg.train.lr == 3e-4 and cfg.train.early_stopping.patience == 2
     assert cfg.prepare.sizes == [28, 64] and cfg.data.path == "/x/y"
     assert parse_override("train.device=cuda:1") == ("train.device", "cuda:1")

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from cxr.train import make_ema
+from cxr.training.fit import make_ema
 
 
 def _per_tensor_reference(avg: dict[str, torch.Tensor], model: torch.nn.Module, n: int, decay: float) -> None:
@@ -17,8 +17,9 @@ def _per_tensor_reference(avg: dict[str, torch.Tensor], model: torch.nn.Module, 
 
 def test_ema_matches_the_per_tensor_formula_exactly_including_integer_buffers():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(144, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 1)
+    )
     model(torch.rand(2, 1, 8, 8))
     ema = make_ema(model, 0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

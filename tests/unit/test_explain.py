@@ -10,10 +10,10 @@ import torch
 from PIL import Image as PILImage
 
 from cxr.data.sources.synthetic import render_layers
-from cxr.explain import explain, gradcam, lung_mask, lung_share
 from cxr.imaging import Image
 from cxr.models import Ensemble, build_model
 from cxr.preprocess import PreprocessSpec, preprocess
+from cxr.serving.explain import explain, gradcam, lung_mask, lung_share
 
 
 def test_gradcam_is_the_weighted_feature_map_of_the_gradcam_layer():
@@ -68,8 +68,9 @@ def test_lung_mask_overlaps_the_synthetic_lungs():
     assert np.median(ious) > 0.45, ious
 
 
-@pytest.mark.parametrize("image", [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8)],
-                         ids=["black", "white"])
+@pytest.mark.parametrize(
+    "image", [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8)], ids=["black", "white"]
+)
 def test_lung_mask_gives_up_on_images_without_lungs(image):
     assert lung_mask(image) is None
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from cxr.data.sources.base import SourceError
-from cxr.external import EvaluatedModel, _check_model, compare
-from cxr.external_data import folder_table, map_labels, targets
-from cxr.response_cache import ResponseCache, cache_key
-from cxr.service_client import Answer, ServiceClient, ServiceUnavailable
+from cxr.evaluation.external import EvaluatedModel, _check_model, compare
+from cxr.evaluation.external_data import folder_table, map_labels, targets
+from cxr.evaluation.response_cache import ResponseCache, cache_key
+from cxr.serving.client import Answer, ServiceClient, ServiceUnavailable
 
 
 def test_cache_keeps_final_answers_and_survives_a_torn_line(tmp_path):
@@ -32,14 +32,20 @@ def test_cache_keeps_final_answers_and_survives_a_torn_line(tmp_path):
 
 
 def test_cache_key_changes_with_endpoint_and_model_version():
-    keys = {cache_key("h", "http://a/predict", "cxr/1"), cache_key("h", "http://b/predict", "cxr/1"),
-            cache_key("h", "http://a/predict", "cxr/2"), cache_key("g", "http://a/predict", "cxr/1")}
+    keys = {
+        cache_key("h", "http://a/predict", "cxr/1"),
+        cache_key("h", "http://b/predict", "cxr/1"),
+        cache_key("h", "http://a/predict", "cxr/2"),
+        cache_key("g", "http://a/predict", "cxr/1"),
+    }
     assert len(keys) == 4
 
 
 def test_labels_map_onto_the_model_labels():
     assert map_labels(["NORMAL", "PNEUMONIA"], ["normal", "pneumonia"], "binary") == {
-        "NORMAL": "normal", "PNEUMONIA": "pneumonia"}
+        "NORMAL": "normal",
+        "PNEUMONIA": "pneumonia",
+    }
     assert map_labels(["0", "1"], ["no_finding", "finding"], "binary") == {"0": "no_finding", "1": "finding"}
     y = targets(pd.Series(["Effusion|mass", "", "MASS"]), ["Effusion", "Mass"], "multilabel")
     np.testing.assert_array_equal(y, [[1, 1], [0, 0], [0, 1]])
@@ -117,8 +123,10 @@ def test_metadata_falls_back_to_post_and_a_wrong_url_is_a_clear_error():
 
 def test_comparison_reports_drop_and_ci_overlap():
     internal = {"auroc": {"value": 0.95, "ci_low": 0.92, "ci_high": 0.97}, "ece": {"value": 0.02}}
-    external = {"auroc": {"value": 0.80, "ci_low": 0.74, "ci_high": 0.86}, "ece": {"value": 0.10, "ci_low": 0.05,
-                                                                              "ci_high": 0.15}}
+    external = {
+        "auroc": {"value": 0.80, "ci_low": 0.74, "ci_high": 0.86},
+        "ece": {"value": 0.10, "ci_low": 0.05, "ci_high": 0.15},
+    }
     out = compare(internal, external)
     assert out["auroc"]["drop"] == pytest.approx(0.15) and out["auroc"]["cis_overlap"] is False
     assert out["auroc"]["notably_worse"] and out["ece"]["notably_worse"]  # a higher calibration error is worse
@@ -126,8 +134,14 @@ def test_comparison_reports_drop_and_ci_overlap():
 
 
 def test_an_answer_from_another_model_version_is_not_a_result():
-    model = EvaluatedModel.from_metadata({"task": "binary", "labels": ["normal", "pneumonia"], "threshold": 0.5,
-                                          "model": {"name": "cxr", "version": "3", "uri": "models:/cxr@champion"}})
+    model = EvaluatedModel.from_metadata(
+        {
+            "task": "binary",
+            "labels": ["normal", "pneumonia"],
+            "threshold": 0.5,
+            "model": {"name": "cxr", "version": "3", "uri": "models:/cxr@champion"},
+        }
+    )
     answer = Answer("ok", response={"probabilities": {}, "model": {"name": "cxr", "version": "4"}})
     checked = _check_model(answer, model)
     assert checked.status == "failed" and "version 4, not 3" in checked.error

@@ -74,8 +74,9 @@ def test_modality_lut_then_window_then_monochrome1_inversion():
 
 def test_window_applies_to_rescaled_values():
     px = ramp(hi=1000)
-    img = read_image(make_dicom(px, BitsStored=12, RescaleSlope=1, RescaleIntercept=-1024,
-                                WindowCenter=-524, WindowWidth=200))
+    img = read_image(
+        make_dicom(px, BitsStored=12, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=-524, WindowWidth=200)
+    )
     # values below centre-width/2 (in rescaled units) are at the floor of the output range
     lo = img.meta["range"][0]
     assert np.isclose(img.pixels[0, 0], lo) and img.pixels[-1, -1] > img.pixels[0, 0]
@@ -130,8 +131,9 @@ def _bad_inputs():
     yield "constant", png_bytes(np.full((64, 64), 7, np.uint8)), "constant"
     yield "tiny", png_bytes(ramp(8, 8, 255, np.uint8)), "minimum"
     yield "multiframe", make_dicom(np.stack([ramp(), ramp()]), BitsStored=12, NumberOfFrames=2), "multi-frame"
-    rgb = make_dicom(np.zeros((64, 64, 3), np.uint8), SamplesPerPixel=3, PhotometricInterpretation="RGB",
-                     PlanarConfiguration=0)
+    rgb = make_dicom(
+        np.zeros((64, 64, 3), np.uint8), SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0
+    )
     yield "colour dicom", rgb, "colour"
 
 

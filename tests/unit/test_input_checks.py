@@ -6,23 +6,33 @@ import numpy as np
 import pytest
 
 from cxr.data.sources.synthetic import render
-from cxr.input_checks import NotAChestError, image_stats, input_warnings, refuse_non_chest
 from cxr.preprocess import PreprocessSpec, preprocess
+from cxr.serving.input_checks import NotAChestError, image_stats, input_warnings, refuse_non_chest
 
 
 def film(seed: int = 0, size: int = 64) -> np.ndarray:
     return preprocess(render(np.random.default_rng(seed), 0, 0.6, 128), PreprocessSpec(size=size))
 
 
-@pytest.mark.parametrize("meta", [{"body_part": "EXTREMITY"}, {"body_part": "hand"}, {"modality": "CT"},
-                                  {"body_part": "CHEST", "modality": "MR"}])
+@pytest.mark.parametrize(
+    "meta",
+    [{"body_part": "EXTREMITY"}, {"body_part": "hand"}, {"modality": "CT"}, {"body_part": "CHEST", "modality": "MR"}],
+)
 def test_non_chest_dicoms_are_refused(meta):
     with pytest.raises(NotAChestError, match="chest radiographs only"):
         refuse_non_chest(meta)
 
 
-@pytest.mark.parametrize("meta", [{}, {"body_part": "CHEST", "modality": "DX"}, {"body_part": None, "modality": "CR"},
-                                  {"body_part": "thorax"}, {"format": "png"}])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {},
+        {"body_part": "CHEST", "modality": "DX"},
+        {"body_part": None, "modality": "CR"},
+        {"body_part": "thorax"},
+        {"format": "png"},
+    ],
+)
 def test_chest_or_unknown_body_part_passes(meta):
     refuse_non_chest(meta)
 
@@ -37,11 +47,14 @@ def test_view_warnings():
     assert any("view unknown" in w for w in input_warnings({"format": "png"}, film()))
 
 
-@pytest.mark.parametrize("name,image", [
-    ("inverted", 255 - film()),
-    ("noise", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)),
-    ("flat", np.full((64, 64), 128, np.uint8)),
-])
+@pytest.mark.parametrize(
+    "name,image",
+    [
+        ("inverted", 255 - film()),
+        ("noise", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)),
+        ("flat", np.full((64, 64), 128, np.uint8)),
+    ],
+)
 def test_images_far_from_chest_films_are_flagged(name, image):
     warnings = input_warnings({"view": "PA"}, image)
     assert len(warnings) == 1 and "far from the chest radiographs" in warnings[0]

@@ -1,4 +1,4 @@
-"""Tests for cxr.metrics: values agree with scikit-learn, intervals behave, edge cases are honest."""
+"""Tests for cxr.evaluation.metrics: values agree with scikit-learn, intervals behave, edge cases are honest."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxr import metrics as M
+from cxr.evaluation import metrics as M
 
 CI_METRICS = M.BINARY_METRICS
 
@@ -440,9 +440,7 @@ def test_multiclass_matches_sklearn():
     assert m["accuracy"]["value"] == pytest.approx(accuracy_score(y, pred))
     assert m["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["macro_f1"]["value"] == pytest.approx(f1_score(y, pred, average="macro"))
-    assert m["macro_auroc"]["value"] == pytest.approx(
-        roc_auc_score(y, P, multi_class="ovr", average="macro")
-    )
+    assert m["macro_auroc"]["value"] == pytest.approx(roc_auc_score(y, P, multi_class="ovr", average="macro"))
     assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
     recalls = recall_score(y, pred, average=None)
     precisions = precision_score(y, pred, average=None)
@@ -505,9 +503,7 @@ def test_multilabel_per_class_and_macro():
         assert pc["bootstrap"]["n_resamples"] == 50
     assert m["per_class"]["Hernia"]["auroc"]["value"] is None
     assert m["excluded_from_macro"] == ["Hernia"]
-    assert m["macro_auroc"]["value"] == pytest.approx(
-        np.mean([roc_auc_score(Y[:, k], P[:, k]) for k in range(3)])
-    )
+    assert m["macro_auroc"]["value"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], P[:, k]) for k in range(3)]))
     assert m["macro_auprc"]["value"] == pytest.approx(
         np.mean([average_precision_score(Y[:, k], P[:, k]) for k in range(3)])
     )
@@ -542,9 +538,7 @@ def test_subgroups_use_the_fixed_threshold_and_skip_small_groups():
     y, s = _data(300, seed=18)
     view = np.array(["PA"] * 150 + ["AP"] * 140 + ["LL"] * 10)
     sex = np.array(["F", "M"] * 149 + [None, float("nan")], dtype=object)
-    out = M.subgroup_metrics(
-        y, s, 0.45, {"view": view, "sex": sex}, min_size=20, n_bootstrap=50, seed=3
-    )
+    out = M.subgroup_metrics(y, s, 0.45, {"view": view, "sex": sex}, min_size=20, n_bootstrap=50, seed=3)
     assert set(out) == {"view", "sex"}
     assert out["view"]["LL"] == {"skipped": True, "n": 10, "reason": "fewer than 20 cases"}
     assert out["sex"]["unknown"]["skipped"] and out["sex"]["unknown"]["n"] == 2
@@ -559,11 +553,27 @@ def test_subgroups_use_the_fixed_threshold_and_skip_small_groups():
 @pytest.mark.parametrize(
     "age, band",
     [
-        (0, "0-17"), (17.9, "0-17"), (18, "18-39"), (39.5, "18-39"), (40, "40-59"),
-        (59, "40-59"), (60, "60-79"), (79.99, "60-79"), (80, "80+"), (104, "80+"),
-        ("045Y", "40-59"), ("006M", "0-17"), ("018Y", "18-39"), ("63", "60-79"),
-        (None, "unknown"), (float("nan"), "unknown"), (-1, "unknown"), (414, "unknown"),
-        ("abc", "unknown"), ("", "unknown"), (True, "unknown"),
+        (0, "0-17"),
+        (17.9, "0-17"),
+        (18, "18-39"),
+        (39.5, "18-39"),
+        (40, "40-59"),
+        (59, "40-59"),
+        (60, "60-79"),
+        (79.99, "60-79"),
+        (80, "80+"),
+        (104, "80+"),
+        ("045Y", "40-59"),
+        ("006M", "0-17"),
+        ("018Y", "18-39"),
+        ("63", "60-79"),
+        (None, "unknown"),
+        (float("nan"), "unknown"),
+        (-1, "unknown"),
+        (414, "unknown"),
+        ("abc", "unknown"),
+        ("", "unknown"),
+        (True, "unknown"),
     ],
 )
 def test_age_band(age, band):

@@ -14,8 +14,6 @@ from safetensors.torch import save_file
 
 from cxr.models import (
     ARCHS,
-    PRETRAINED_MEAN,
-    PRETRAINED_STD,
     CXRNet,
     Ensemble,
     ModelError,
@@ -25,6 +23,7 @@ from cxr.models import (
     imagenet_weights_path,
     model_spec,
 )
+from cxr.models.networks import PRETRAINED_MEAN, PRETRAINED_STD
 
 X64 = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -159,9 +158,7 @@ def test_unknown_arch_lists_valid_names() -> None:
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"n_outputs": 0}, {"dropout": 1.0}, {"width": 2}, {"n_tabular": -1}]
-)
+@pytest.mark.parametrize("kwargs", [{"n_outputs": 0}, {"dropout": 1.0}, {"width": 2}, {"n_tabular": -1}])
 def test_invalid_parameters(kwargs: dict) -> None:
     args = {"n_outputs": 1, **kwargs}
     with pytest.raises(ModelError):

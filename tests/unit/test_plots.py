@@ -1,4 +1,4 @@
-"""Tests for cxr.plots: each plot writes a real, non-trivial PNG without touching pyplot."""
+"""Tests for cxr.evaluation.plots: each plot writes a real, non-trivial PNG without touching pyplot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import plots
+from cxr.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,8 +69,7 @@ def test_plot_confusion_from_matrix_and_binary_dict(tmp_path):
     _check_png(plots.plot_confusion(cm, names, tmp_path / "cm.png"))
     conf = {"tn": 300, "fp": 50, "fn": 30, "tp": 120}
     a = _check_png(plots.plot_confusion(conf, ["No pneumonia", "Pneumonia"], tmp_path / "cm2.png"))
-    b = _check_png(plots.plot_confusion([[300, 50], [30, 120]], ["No pneumonia", "Pneumonia"],
-                                        tmp_path / "cm3.png"))
+    b = _check_png(plots.plot_confusion([[300, 50], [30, 120]], ["No pneumonia", "Pneumonia"], tmp_path / "cm3.png"))
     assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="class names"):
         plots.plot_confusion(cm, names[:3], tmp_path / "x.png")
@@ -114,7 +113,7 @@ def test_import_does_not_touch_pyplot_or_global_backend():
     # stored value is compared instead.
     code = (
         "import sys, matplotlib; raw = lambda: dict.__getitem__(matplotlib.rcParams, 'backend');"
-        "before = raw(); import cxr.plots;"
+        "before = raw(); import cxr.evaluation.plots;"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported';"
         "assert raw() == before, 'backend changed'"
     )

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from cxr.config import Config
-from cxr.tune import make_pruner
+from cxr.tuning.study import make_pruner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -14,25 +14,36 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def decide(pruner: str, value_at_epoch_2: float, *overrides: str) -> bool:
     """Four finished trials with validation AUROC 0.90/0.92/0.94/0.96 at epoch 2; would a new trial
     reporting ``value_at_epoch_2`` there be pruned (under ``overrides`` of the tune settings)?"""
-    cfg = Config().override([f"tune.pruner={pruner}", "tune.startup_trials=2", "tune.warmup_epochs=1",
-                             "tune.keep_percentile=25", *overrides])
+    cfg = Config().override(
+        [
+            f"tune.pruner={pruner}",
+            "tune.startup_trials=2",
+            "tune.warmup_epochs=1",
+            "tune.keep_percentile=25",
+            *overrides,
+        ]
+    )
     study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
     for v in (0.90, 0.92, 0.94, 0.96):
-        study.add_trial(optuna.trial.create_trial(value=v, intermediate_values={1: v - 0.05, 2: v},
-                                                  distributions={}, params={}))
+        study.add_trial(
+            optuna.trial.create_trial(value=v, intermediate_values={1: v - 0.05, 2: v}, distributions={}, params={})
+        )
     trial = study.ask()
     trial.report(value_at_epoch_2 - 0.05, 1)
     trial.report(value_at_epoch_2, 2)
     return bool(trial.should_prune())
 
 
-@pytest.mark.parametrize(("pruner", "value", "pruned"), [
-    ("median", 0.935, False),      # above the median (0.93) of the earlier trials at epoch 2
-    ("percentile", 0.935, True),   # ... but not in their top 25%
-    ("percentile", 0.955, False),  # in the top 25%
-    ("median", 0.91, True),
-    ("none", 0.50, False),
-])
+@pytest.mark.parametrize(
+    ("pruner", "value", "pruned"),
+    [
+        ("median", 0.935, False),  # above the median (0.93) of the earlier trials at epoch 2
+        ("percentile", 0.935, True),  # ... but not in their top 25%
+        ("percentile", 0.955, False),  # in the top 25%
+        ("median", 0.91, True),
+        ("none", 0.50, False),
+    ],
+)
 def test_pruners_keep_the_configured_share(pruner, value, pruned):
     assert decide(pruner, value) is pruned
 
@@ -58,14 +69,16 @@ def test_trials_are_judged_on_the_yardstick_their_epochs_were_picked_on():
     """The yardstick is the study's (same films for every trial); picking each trial's epoch on it while the
     study is judged on clean validation would mix two objectives, so that combination is refused."""
     from cxr.errors import UserError
-    from cxr.train import Yardstick
-    from cxr.tune import make_yardstick
+    from cxr.training.fit import Yardstick
+    from cxr.tuning.study import make_yardstick
 
     cfg = Config().override({"tune.objective_copies": 3})
     assert make_yardstick(cfg) == Yardstick(cfg.train.augment, 3, cfg.project.seed)
     assert make_yardstick(cfg.override({"tune.objective": "val_auroc"})) is None
     with pytest.raises(UserError, match="tune.objective=augmented_val_auroc"):
-        make_yardstick(cfg.override({"tune.objective": "val_auroc", "train.early_stopping.monitor": "augmented_val_auroc"}))
+        make_yardstick(
+            cfg.override({"tune.objective": "val_auroc", "train.early_stopping.monitor": "augmented_val_auroc"})
+        )
 
 
 def test_a_swallowed_ctrl_c_is_remembered_and_the_old_handler_restored():
@@ -74,7 +87,7 @@ def test_a_swallowed_ctrl_c_is_remembered_and_the_old_handler_restored():
     import os
     import signal
 
-    from cxr.tune import remembered_interrupt
+    from cxr.tuning.study import remembered_interrupt
 
     before = signal.getsignal(signal.SIGINT)
     with remembered_interrupt() as interrupted:
@@ -98,7 +111,7 @@ def test_a_ctrl_c_inside_a_finaliser_is_remembered_without_a_traceback_and_other
     import sys
     import weakref
 
-    from cxr.tune import remembered_interrupt
+    from cxr.tuning.study import remembered_interrupt
 
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))

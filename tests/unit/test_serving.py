@@ -11,12 +11,17 @@ from PIL import Image as PILImage
 from cxr.config import Config
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.errors import UserError
-from cxr.serving import NoModelToServe, ServedModel, resolve
+from cxr.serving.served import NoModelToServe, ServedModel, resolve
 
 
 def dicom(seed: int = 0, **header) -> bytes:
-    ds = make_dataset(render(np.random.default_rng(seed), seed % 2, 0.6, 96), Encoding(), np.random.default_rng(seed),
-                      patient_name="Doe^Jane", patient_id="MRN-998877")
+    ds = make_dataset(
+        render(np.random.default_rng(seed), seed % 2, 0.6, 96),
+        Encoding(),
+        np.random.default_rng(seed),
+        patient_name="Doe^Jane",
+        patient_id="MRN-998877",
+    )
     for key, value in header.items():
         setattr(ds, key, value)
     return encode(ds)

@@ -18,8 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr.config import Config
-from cxr.data.sources import SourceError, build_source
-from cxr.data.sources import medmnist
+from cxr.data.sources import SourceError, build_source, medmnist
 from cxr.data.sources.kermany import kermany_patient_id
 from cxr.data.sources.nih import NIH_FINDINGS, parse_table
 from cxr.data.sources.rsna import parse_labels
@@ -82,8 +81,13 @@ def keys_by(df: pd.DataFrame, column: str) -> dict[str, str]:
 # --- kermany --------------------------------------------------------------------------------------
 
 KERMANY_FILES = {
-    "train/NORMAL": ["IM-0115-0001.jpeg", "IM-0115-0002.jpeg", "NORMAL2-IM-0246-0001.jpeg",
-                     "NORMAL2-IM-0246-0001-0002.jpeg", "odd_name.jpeg"],
+    "train/NORMAL": [
+        "IM-0115-0001.jpeg",
+        "IM-0115-0002.jpeg",
+        "NORMAL2-IM-0246-0001.jpeg",
+        "NORMAL2-IM-0246-0001-0002.jpeg",
+        "odd_name.jpeg",
+    ],
     "train/PNEUMONIA": ["person1000_bacteria_2931.jpeg", "person1000_virus_1681.jpeg", "person7_virus_15_2.jpeg"],
     "test/NORMAL": ["IM-0001-0001.jpeg"],
     "test/PNEUMONIA": ["person3_bacteria_10.jpeg"],
@@ -385,8 +389,17 @@ def test_covid_missing_class_folder(covid_dir: Path, tmp_path: Path) -> None:
 
 # --- nih ------------------------------------------------------------------------------------------
 
-NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-              "View Position", "OriginalImage[Width", "Height]"]
+NIH_HEADER = [
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+]
 NIH_ROWS = [
     ["00931337_000.png", "Cardiomegaly|Emphysema", "0", "931337", "58", "M", "PA", "2682", "2749"],
     ["00931337_001.png", "No Finding", "1", "931337", "59", "M", "AP", "2500", "2048"],

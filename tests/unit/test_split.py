@@ -14,8 +14,15 @@ def manifest(n_patients=200, per_patient=3, official=None, seed=0):
     for p in range(n_patients):
         label = "pneumonia" if rng.random() < 0.3 else "normal"
         for k in range(rng.integers(1, per_patient + 1)):
-            rows.append({"image": f"{p}_{k}.png", "label": label, "patient_key": f"p{p}",
-                         "split": official(p) if official else None, "pixel_hash": f"h{p}_{k}"})
+            rows.append(
+                {
+                    "image": f"{p}_{k}.png",
+                    "label": label,
+                    "patient_key": f"p{p}",
+                    "split": official(p) if official else None,
+                    "pixel_hash": f"h{p}_{k}",
+                }
+            )
     return pd.DataFrame(rows)
 
 

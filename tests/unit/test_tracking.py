@@ -6,13 +6,17 @@ import os
 
 import mlflow
 
-from cxr import tracking
 from cxr.config import Config
+from cxr.tracking import runs as tracking
 
 
 def _cfg(tmp_path, name):
-    return Config().override({"mlflow.tracking_uri": f"sqlite:///{tmp_path / name / 'mlflow.db'}",
-                              "mlflow.artifact_location": str(tmp_path / name / "artifacts")})
+    return Config().override(
+        {
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / name / 'mlflow.db'}",
+            "mlflow.artifact_location": str(tmp_path / name / "artifacts"),
+        }
+    )
 
 
 def test_second_configure_is_not_captured_by_the_first(tmp_path, monkeypatch):

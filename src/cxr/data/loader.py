@@ -66,8 +66,9 @@ class PreparedData:
                 f"no prepared arrays at {self.size} px in {self.root} (prepared sizes: {self.card['sizes']}); "
                 f"add it to prepare.sizes and run `cxr prepare`"
             )
-        self.manifest = pd.read_csv(self.root / "manifest.csv", dtype={"label": str}, keep_default_na=False,
-                                    na_values={"age": [""]})
+        self.manifest = pd.read_csv(
+            self.root / "manifest.csv", dtype={"label": str}, keep_default_na=False, na_values={"age": [""]}
+        )
         self.images = np.load(array_path(self.root, self.size), mmap_mode="r")
         if len(self.images) != len(self.manifest):
             raise UserError(f"{self.root} is inconsistent: {len(self.images)} images, {len(self.manifest)} rows")
@@ -107,7 +108,9 @@ class PreparedData:
         pin = device.type == "cuda"
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(rows)] if self._mapped else self.images[rows]))
+            x = torch.from_numpy(
+                np.ascontiguousarray(self.images[np.sort(rows)] if self._mapped else self.images[rows])
+            )
             if self._mapped:  # undo the sort so rows match targets
                 x = x[torch.from_numpy(np.argsort(np.argsort(rows)))]
             y = torch.from_numpy(self.targets[rows])

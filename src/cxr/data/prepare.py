@@ -134,8 +134,12 @@ def prepare(cfg: "Config") -> dict[str, Any]:
 def _read_raw(raw: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not (raw / "manifest.csv").exists() or not (raw / "source.json").exists():
         raise PrepareError(f"{raw} has no manifest.csv/source.json: run `cxr ingest` (or `dvc repro ingest`) first")
-    manifest = pd.read_csv(raw / "manifest.csv", dtype={"label": str, "patient_key": str}, keep_default_na=False,
-                           na_values={"age": [""], "follow_up": [""]})
+    manifest = pd.read_csv(
+        raw / "manifest.csv",
+        dtype={"label": str, "patient_key": str},
+        keep_default_na=False,
+        na_values={"age": [""], "follow_up": [""]},
+    )
     if manifest.empty:
         raise PrepareError(f"{raw}/manifest.csv lists no images")
     for col in ("view", "sex", "patient_key", "split"):

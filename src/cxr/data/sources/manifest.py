@@ -123,14 +123,10 @@ def _pick_column(table: pd.DataFrame, names: tuple[str, ...], csv_path: Path) ->
     for name in names:
         if name in table.columns:
             return name
-    raise SourceError(
-        f"{csv_path} needs a column named {' or '.join(names)}; found {', '.join(table.columns)}"
-    )
+    raise SourceError(f"{csv_path} needs a column named {' or '.join(names)}; found {', '.join(table.columns)}")
 
 
-def _labels(
-    raw: pd.Series, task: str, positive: str | None, csv_path: Path
-) -> tuple[list[str], list[str]]:
+def _labels(raw: pd.Series, task: str, positive: str | None, csv_path: Path) -> tuple[list[str], list[str]]:
     if task == "multilabel":
         return _multilabel(raw)
     empty = int((raw == "").sum())

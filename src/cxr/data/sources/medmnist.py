@@ -189,7 +189,5 @@ def _notes(flavor: str) -> list[str]:
         "so keep the official split (prepare.split.use_official) to avoid patient leakage"
     ]
     if flavor == "pneumoniamnist":
-        notes.append(
-            "PneumoniaMNIST is the Kermany set at 28 px: never score a PneumoniaMNIST model on Kermany images"
-        )
+        notes.append("PneumoniaMNIST is the Kermany set at 28 px: never score a PneumoniaMNIST model on Kermany images")
     return notes

@@ -472,7 +472,7 @@ def make_dataset(
     MONOCHROME2 dataset made from the same image and the same ``rng`` state.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
     image = np.asarray(image)
     if image.ndim != 2:

@@ -20,6 +20,7 @@ from cxr.data.loader import tabular_features
 from cxr.errors import UserError
 from cxr.fsutil import atomic_dir
 from cxr.imaging import Image, ReadLimits, read_image
+from cxr.models import build_from_spec
 from cxr.preprocess import PreprocessSpec, preprocess
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,10 +38,11 @@ PRECISIONS = ("fp32", "bf16")
 class Predictor:
     """``precision="bf16"`` runs the forward pass under bfloat16 autocast: several times the images/s on
     a GPU or a CPU with AMX (Intel Xeon 4th gen+), probabilities within ~1e-2 of fp32's; slower on a CPU
-    without native bf16. Grad-CAM (``cxr.explain``) always runs in fp32."""
+    without native bf16. Grad-CAM (``cxr.serving.explain``) always runs in fp32."""
 
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu",
-                 precision: str = "fp32") -> None:
+    def __init__(
+        self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.precision = precision
@@ -60,12 +62,12 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
-        from cxr.models import build_from_spec
-
         path = Path(path)
         info_path, weights_path = path / INFO_FILE, path / WEIGHTS_FILE
         if not info_path.exists() or not weights_path.exists():
-            raise ModelLoadError(f"no cxr model at {path} (expected {INFO_FILE} and {WEIGHTS_FILE}); train one with `cxr train`")
+            raise ModelLoadError(
+                f"no cxr model at {path} (expected {INFO_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
+            )
         info = json.loads(info_path.read_text())
         if info.get("format") != FORMAT:
             raise ModelLoadError(f"{info_path} is not a {FORMAT} model (format={info.get('format')!r})")

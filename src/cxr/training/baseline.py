@@ -10,66 +10,50 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from cxr.models.linear import POOL, LinearBaseline
 
 if TYPE_CHECKING:
     from cxr.config import Config
-    from cxr.train import FitResult
+    from cxr.training.fit import FitResult
 
 log = logging.getLogger(__name__)
-ARCH = "logistic_regression"
-POOL = 16
-
-
-class LinearBaseline(nn.Module):
-    """Average-pool to POOL x POOL, flatten, one linear layer: the torch twin of the sklearn model."""
-
-    n_tabular = 0
-
-    def __init__(self, n_outputs: int, pool: int = POOL) -> None:
-        super().__init__()
-        self.pool = pool
-        self.linear = nn.Linear(pool * pool, n_outputs)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x, self.pool).flatten(1)
-
-    def forward(self, x: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
-        return self.linear(self.features(x))
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return {"arch": ARCH, "n_outputs": self.linear.out_features, "pool": self.pool, "n_tabular": 0}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "LinearBaseline":
-        return cls(int(spec["n_outputs"]), int(spec.get("pool", POOL)))
 
 
 def _features(model: LinearBaseline, images: np.ndarray, batch: int = 2048) -> np.ndarray:
     with torch.inference_mode():
-        return np.concatenate([
-            model.features(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).unsqueeze(1).float() / 255).numpy()
-            for i in range(0, len(images), batch)
-        ])
+        return np.concatenate(
+            [
+                model.features(
+                    torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).unsqueeze(1).float() / 255
+                ).numpy()
+                for i in range(0, len(images), batch)
+            ]
+        )
 
 
-def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str | None = None,
-                 nested: bool = False, log_model: bool = True, extra_tags: dict[str, str] | None = None,
-                 run_id: str | None = None) -> "FitResult":
+def fit_baseline(
+    cfg: "Config",
+    *,
+    model_dir: Path | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+    log_model: bool = True,
+    extra_tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> "FitResult":
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from cxr import tracking
     from cxr.data.loader import PreparedData
-    from cxr.predictor import Predictor
-    from cxr.train import FitResult, choose_thresholds, model_info, task_auroc
+    from cxr.models.predictor import Predictor
+    from cxr.tracking import runs as tracking
+    from cxr.training.fit import FitResult, choose_thresholds, model_info, task_auroc
 
     # Fitted without augmentation, so there is no trained-for variation to choose its threshold under.
     cfg = cfg.override({"evaluate.threshold_augmented_copies": 0})
@@ -97,11 +81,25 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
     val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
     threshold = choose_thresholds(data.task, data.targets[val_idx], val_probs, cfg)
     model_dir = Path(model_dir or cfg.paths.model)
-    with tracking.run(cfg, name=run_name, nested=nested, tags={**tracking.lineage_tags(data.card), **(extra_tags or {})},
-                      run_id=run_id) as active:
+    with tracking.run(
+        cfg,
+        name=run_name,
+        nested=nested,
+        tags={**tracking.lineage_tags(data.card), **(extra_tags or {})},
+        run_id=run_id,
+    ) as active:
         run_id = active.info.run_id if active else None
-        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=1, val_auroc=val_auroc,
-                          epochs_trained=1, git_commit=tracking.git_state()["git_commit"])
+        info = model_info(
+            cfg,
+            model.spec,
+            data,
+            threshold,
+            run_id=run_id,
+            best_epoch=1,
+            val_auroc=val_auroc,
+            epochs_trained=1,
+            git_commit=tracking.git_state()["git_commit"],
+        )
         Predictor(model, info).save(model_dir)
         if active:
             import mlflow
@@ -111,6 +109,13 @@ def fit_baseline(cfg: "Config", *, model_dir: Path | None = None, run_name: str 
             if log_model:
                 tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
     log.info("logistic regression on %dx%d pixels: val AUROC %.4f (%.1fs)", POOL, POOL, val_auroc, seconds)
-    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=1, best_val_auroc=val_auroc, epochs_trained=1,
-                     images_per_second=len(train_idx) / max(seconds, 1e-9), history=[{"val_auroc": val_auroc}],
-                     threshold=threshold)
+    return FitResult(
+        model_dir=model_dir,
+        run_id=run_id,
+        best_epoch=1,
+        best_val_auroc=val_auroc,
+        epochs_trained=1,
+        images_per_second=len(train_idx) / max(seconds, 1e-9),
+        history=[{"val_auroc": val_auroc}],
+        threshold=threshold,
+    )

@@ -27,10 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr.errors import UserError
+from cxr.preprocess import preprocess
+
 if TYPE_CHECKING:
     from cxr.imaging import Image
     from cxr.models import CXRNet
-    from cxr.predictor import Predictor
+    from cxr.models.predictor import Predictor
 
 ANALYSIS_SIZE = 128  # the lung mask and the share are computed on this grid (same geometry as the model input)
 DISPLAY_SIZE = 384  # side of the PNG overlay
@@ -50,8 +53,12 @@ class Explanation:
     png: bytes  # the heatmap over the image, lung outline drawn when estimated
 
     def summary(self) -> dict[str, Any]:
-        return {"label": self.label, "probability": self.probability, "lung_share": self.lung_share,
-                "lung_area": self.lung_area}
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "lung_share": self.lung_share,
+            "lung_area": self.lung_area,
+        }
 
 
 def gradcam(model: "CXRNet", x: torch.Tensor, target: int = 0, tabular: torch.Tensor | None = None) -> np.ndarray:
@@ -169,9 +176,6 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     ``label`` picks the explained output; the default is the positive class of a binary model and
     the most probable label otherwise.
     """
-    from cxr.errors import UserError
-    from cxr.preprocess import preprocess
-
     # The network explains the film as given (test-time views are averaged for the score only); an ensemble
     # by the mean of its members' maps (each member has its own feature map).
     network = getattr(predictor.model, "network", predictor.model)

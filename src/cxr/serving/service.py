@@ -1,6 +1,6 @@
 """BentoML service: HTTP around cxr.serving.ServedModel (the Predictor that evaluation uses).
 
-    bentoml serve                      # from the repo root (bentofile.yaml: cxr.service:CxrService)
+    bentoml serve                      # from the repo root (bentofile.yaml: cxr.serving.service:CxrService)
 
 Two BentoML services, each in its own worker process:
 
@@ -36,7 +36,7 @@ Environment (read when the module is imported, i.e. at `bentoml serve` start):
   images/s at batch 1 / 8, bf16 96 / 190-250). Probabilities move by up to ~1e-2 from the fp32 ones that
   evaluation reported, so a film near the threshold can change side; ``metadata`` says which is served.
   On a CPU without native bf16 it is slower: leave it off;
-* ``CXR_MODEL_URI``, ``CXR_PARAMS``, ``MLFLOW_TRACKING_URI``: what to serve (see cxr.serving).
+* ``CXR_MODEL_URI``, ``CXR_PARAMS``, ``MLFLOW_TRACKING_URI``: what to serve (see cxr.serving.served).
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ import anyio
 import bentoml
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
+
+from cxr.errors import UserError
+from cxr.serving.served import ServedModel, is_refusal, service_config
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,6 @@ class CxrModel:
     def __init__(self) -> None:
         import torch
 
-        from cxr.errors import UserError
-        from cxr.serving import ServedModel
-
         logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
         # One forward pass at a time (threads=1 above), so intra-op threads are what uses the cores.
         torch.set_num_threads(TORCH_THREADS)
@@ -91,8 +91,11 @@ class CxrModel:
             _stop_server(str(exc))
             raise
 
-    @(bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS) if BATCHING
-      else bentoml.api)
+    @(
+        bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+        if BATCHING
+        else bentoml.api
+    )
     def infer(self, inputs: list[Any]) -> list[Any]:
         """(preprocessed uint8 image, tabular or None) pairs -> probabilities (concurrent calls merged
         by BentoML's adaptive batcher when CXR_BATCHING is on)."""
@@ -200,8 +203,6 @@ class CxrService:
     async def _model(self) -> Any:
         """The weightless ServedModel that prepares inputs and words answers here."""
         if self._served is None:
-            from cxr.serving import ServedModel
-
             self._served = ServedModel.without_weights(await self._remote("card"))
         return self._served
 
@@ -220,7 +221,6 @@ class CxrService:
     @bentoml.api
     async def predict(self, file: Path) -> dict[str, Any]:
         """Probabilities per label, the decision at the model's threshold, the model version and warnings."""
-        from cxr.serving import is_refusal
 
         (prepared,) = await self._prepare([file])
         if is_refusal(prepared):
@@ -232,12 +232,13 @@ class CxrService:
     async def predict_batch(self, files: list[Path]) -> list[dict[str, Any]]:
         """Several files (multipart field `files`, repeated): a list of `predict` answers in the same order.
         If any file is unusable the whole request is refused (422), naming the file by its position."""
-        from cxr.serving import is_refusal
 
         if not files:
             return JSONResponse({"error": "no files: send one or more multipart fields named `files`"}, status_code=400)
         if len(files) > MAX_FILES:
-            return JSONResponse({"error": f"{len(files)} files in one request; the limit is {MAX_FILES}"}, status_code=413)
+            return JSONResponse(
+                {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}"}, status_code=413
+            )
         prepared = await self._prepare(files)
         refused = [(i, r) for i, r in enumerate(prepared) if is_refusal(r)]
         if refused:
@@ -285,7 +286,9 @@ class CxrService:
         try:
             served = await self._model()
         except Exception as exc:  # the model service is still starting or has gone
-            return JSONResponse({"ready": False, "error": f"model not available ({type(exc).__name__})"}, status_code=503)
+            return JSONResponse(
+                {"ready": False, "error": f"model not available ({type(exc).__name__})"}, status_code=503
+            )
         return {"ready": True, "model": served.ref.to_dict()}
 
 
@@ -302,8 +305,6 @@ class UploadLimit:
 
     def limit(self) -> int:
         if self._limit is None:
-            from cxr.serving import service_config
-
             self._limit = service_config().imaging.max_bytes + self.OVERHEAD
         return self._limit
 
@@ -314,7 +315,8 @@ class UploadLimit:
         length = headers.get(b"content-length")
         if length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
             return await JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411)(
-                scope, receive, send)
+                scope, receive, send
+            )
         try:
             size = int(length or 0)
         except ValueError:
@@ -322,8 +324,12 @@ class UploadLimit:
         if size > self.limit():
             await self._drain(receive, size)
             return await JSONResponse(
-                {"error": f"request body of {size} bytes exceeds the upload limit of {self.limit()} bytes "
-                          "(imaging.max_bytes plus form overhead)"}, status_code=413)(scope, receive, send)
+                {
+                    "error": f"request body of {size} bytes exceeds the upload limit of {self.limit()} bytes "
+                    "(imaging.max_bytes plus form overhead)"
+                },
+                status_code=413,
+            )(scope, receive, send)
         return await self.app(scope, receive, send)
 
     async def _drain(self, receive: Any, size: int) -> None:
@@ -354,8 +360,13 @@ def _refuse_form_mistakes() -> None:
                 elif key not in cls.multipart_fields and isinstance(value, UploadFile):
                     errors.append((key, f"unexpected file field `{key}`: this API takes {wanted}"))
             if errors:
-                raise ValidationError.from_exception_data(cls.__name__, [
-                    InitErrorDetails(type=PydanticCustomError("upload", msg), loc=(key,), input=key) for key, msg in errors])
+                raise ValidationError.from_exception_data(
+                    cls.__name__,
+                    [
+                        InitErrorDetails(type=PydanticCustomError("upload", msg), loc=(key,), input=key)
+                        for key, msg in errors
+                    ],
+                )
             return await super().parse_request(request, cls)
 
     for media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):

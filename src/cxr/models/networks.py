@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -199,8 +197,10 @@ def _torchvision_model(arch: str) -> tuple[nn.Module, int]:
         model = getattr(tvm, arch)(weights=None)
 
     classifier = getattr(model, _CLASSIFIER[arch])
-    linear = classifier if isinstance(classifier, nn.Linear) else next(
-        m for m in classifier.modules() if isinstance(m, nn.Linear)
+    linear = (
+        classifier
+        if isinstance(classifier, nn.Linear)
+        else next(m for m in classifier.modules() if isinstance(m, nn.Linear))
     )
     feat_dim = linear.in_features
     setattr(model, _CLASSIFIER[arch], nn.Identity())
@@ -268,9 +268,11 @@ _TRUNKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_arch(arch: str) -> str:
+def check_arch(arch: str) -> str:
     if arch not in ARCHS:
-        raise ModelError(f"unknown model arch {arch!r}; valid names: {', '.join(ARCHS)}, logistic_regression (baseline)")
+        raise ModelError(
+            f"unknown model arch {arch!r}; valid names: {', '.join(ARCHS)}, logistic_regression (baseline)"
+        )
     return arch
 
 
@@ -310,8 +312,8 @@ class CXRNet(nn.Module):
         norm_std: float = RANDOM_STD,
     ) -> None:
         super().__init__()
-        _check_arch(arch)
-        _check_params(n_outputs, dropout, width, n_tabular)
+        check_arch(arch)
+        check_params(n_outputs, dropout, width, n_tabular)
         if not (math.isfinite(norm_std) and norm_std > 0 and math.isfinite(norm_mean)):
             raise ModelError(f"invalid normalisation mean={norm_mean} std={norm_std}")
         self.arch = arch
@@ -428,7 +430,7 @@ class CXRNet(nn.Module):
         _load_checked(self, dict(state), source, self.arch, optional=("head.", "tabular."))
 
 
-def _check_params(n_outputs: int, dropout: float, width: int, n_tabular: int) -> None:
+def check_params(n_outputs: int, dropout: float, width: int, n_tabular: int) -> None:
     if int(n_outputs) != n_outputs or n_outputs < 1:
         raise ModelError(f"n_outputs must be a positive integer, got {n_outputs!r}")
     if not 0.0 <= float(dropout) < 1.0:
@@ -445,9 +447,7 @@ def _few(keys: list[str], n: int = 5) -> str:
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _load_checked(
-    module: nn.Module, sd: dict[str, Tensor], source: str, arch: str, optional: tuple[str, ...]
-) -> None:
+def _load_checked(module: nn.Module, sd: dict[str, Tensor], source: str, arch: str, optional: tuple[str, ...]) -> None:
     target = module.state_dict()
     missing = [k for k in target if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in target]
@@ -482,314 +482,3 @@ def _load_checked(
         module.load_state_dict(sd, strict=not skipped)
     except RuntimeError as exc:  # pragma: no cover - shapes and keys were checked above
         raise ModelError(f"weights from {source} do not fit arch {arch!r}: {exc}") from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading weights
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_tensor_dict(obj: Any, source: str) -> dict[str, Tensor]:
-    if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise ModelError(f"{source} is not a state dict (a mapping of parameter names to tensors)")
-    sd = dict(obj)
-    for prefix in ("module.", "_orig_mod."):  # DataParallel / torch.compile wrappers
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a ``.safetensors`` or ``.pt/.pth/.bin/.ckpt`` state dict safely (``weights_only=True``)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in WEIGHT_SUFFIXES:
-        raise ModelError(f"unsupported weights file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise ModelError(f"could not read safetensors file {path}: {exc}") from exc
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ModelError(
-                f"refusing to load {path}: it contains Python objects other than tensors and only "
-                f"weights_only=True loading is allowed; save a plain state_dict or a .safetensors file "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            ) from exc
-        except Exception as exc:
-            raise ModelError(f"could not read weights file {path}: {type(exc).__name__}: {exc}") from exc
-    return _as_tensor_dict(obj, str(path))
-
-
-def _imagenet_weights(arch: str) -> Any:
-    import torchvision.models as tvm
-
-    if arch not in TORCHVISION_ARCHS:
-        raise ModelError(f"no pretrained weights for {arch}")
-    return tvm.get_model_weights(arch).DEFAULT
-
-
-def imagenet_weights_url(arch: str) -> str:
-    """URL of torchvision's default ImageNet weights for ``arch``."""
-    return str(_imagenet_weights(arch).url)
-
-
-def imagenet_weights_path(arch: str) -> Path:
-    """Where the ImageNet weights for ``arch`` are looked up: ``torch.hub.get_dir()/checkpoints/<file>``."""
-    url = imagenet_weights_url(arch)
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1].split("?")[0]
-
-
-def load_imagenet_state_dict(arch: str) -> dict[str, Tensor]:
-    """torchvision's ImageNet state dict for ``arch``: from the torch hub cache, else downloaded (hash checked)."""
-    _check_arch(arch)
-    url = imagenet_weights_url(arch)
-    path = imagenet_weights_path(arch)
-    if path.is_file():
-        try:
-            return read_state_dict(path)
-        except ModelError as exc:
-            raise ModelError(f"{exc}; delete it and fetch it again from {url}") from exc
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        obj = torch.hub.load_state_dict_from_url(
-            url,
-            model_dir=str(path.parent),
-            map_location="cpu",
-            progress=False,
-            check_hash=True,
-            file_name=path.name,
-            weights_only=True,
-        )
-    except Exception as exc:
-        raise ModelError(
-            f"ImageNet weights for {arch} are not cached and could not be downloaded "
-            f"({type(exc).__name__}: {exc}). Download {url} and place it at {path} "
-            f"(torch hub dir: set TORCH_HOME to change it), or use weights='none' or a local file."
-        ) from exc
-    return _as_tensor_dict(obj, url)
-
-
-def _is_cxrnet_state(sd: Mapping[str, Tensor]) -> bool:
-    return "head.weight" in sd or "norm_mean" in sd or any(k.startswith("backbone.") for k in sd)
-
-
-def load_weights(model: CXRNet, weights: str | Path) -> CXRNet:
-    """Load a local weights file into ``model`` (in place) and return it.
-
-    A file whose keys start with ``backbone.``/``head.`` is a full CXRNet state dict (its
-    normalisation buffers are loaded too); anything else is a torchvision backbone state dict.
-    """
-    path = Path(weights).expanduser()
-    sd = read_state_dict(path)
-    if _is_cxrnet_state(sd):
-        model.load_full_state_dict(sd, source=str(path))
-    else:
-        model.load_backbone_state_dict(sd, source=str(path))
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Public builders
-# ---------------------------------------------------------------------------------------------
-
-
-def _weights_kind(weights: str | Path | None) -> str:
-    if weights is None:
-        return "none"
-    if isinstance(weights, str) and weights.strip().lower() in ("", "none"):
-        return "none"
-    if isinstance(weights, str) and weights.strip().lower() == "imagenet":
-        return "imagenet"
-    return "path"
-
-
-def _norm_stats(arch: str, kind: str) -> tuple[float, float]:
-    if kind == "none" or arch == "simple_cnn":
-        return RANDOM_MEAN, RANDOM_STD
-    if arch == "googlenet":
-        return GOOGLENET_PRETRAINED_MEAN, GOOGLENET_PRETRAINED_STD
-    return PRETRAINED_MEAN, PRETRAINED_STD
-
-
-def model_spec(
-    arch: str,
-    n_outputs: int,
-    *,
-    weights: str | Path = "none",
-    dropout: float = 0.2,
-    width: int = 32,
-    n_tabular: int = 0,
-) -> dict[str, Any]:
-    """The spec ``build_model`` would produce (for a full CXRNet weights file the file's buffers win)."""
-    _check_arch(arch)
-    _check_params(n_outputs, dropout, width, n_tabular)
-    mean, std = _norm_stats(arch, _weights_kind(weights))
-    return {
-        "arch": arch,
-        "n_outputs": int(n_outputs),
-        "dropout": float(dropout),
-        "width": int(width),
-        "n_tabular": int(n_tabular),
-        "norm_mean": mean,
-        "norm_std": std,
-    }
-
-
-def build_model(
-    arch: str,
-    n_outputs: int,
-    *,
-    weights: str = "none",
-    dropout: float = 0.2,
-    width: int = 32,
-    n_tabular: int = 0,
-) -> CXRNet:
-    """Build a :class:`CXRNet`.
-
-    Args:
-        arch: one of :data:`ARCHS`.
-        n_outputs: number of logits (1 for binary).
-        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision default weights from the torch
-            hub cache or downloaded; :class:`ModelError` if neither works) or a path to a local
-            ``.safetensors``/``.pt``/``.pth`` state dict of the torchvision backbone or of a CXRNet.
-        dropout: dropout before the head.
-        width: base channel count of ``simple_cnn`` (ignored by torchvision archs).
-        n_tabular: length of the tabular vector fused with the image features (0 = none).
-    """
-    _check_arch(arch)
-    kind = _weights_kind(weights)
-    if kind == "imagenet" and arch == "simple_cnn":
-        raise ModelError("no pretrained weights for simple_cnn: use weights='none' or a local weights file")
-    spec = model_spec(arch, n_outputs, weights=weights, dropout=dropout, width=width, n_tabular=n_tabular)
-    model = build_from_spec(spec)
-    if kind == "imagenet":
-        model.load_backbone_state_dict(load_imagenet_state_dict(arch), source=f"ImageNet weights for {arch}")
-    elif kind == "path":
-        load_weights(model, weights)
-    return model
-
-
-class Ensemble(nn.Module):
-    """Several networks trained on the same data with different seeds, used as one model.
-
-    ``forward`` averages the members' logits (for sigmoid outputs, the mean log-odds; for softmax, the
-    normalised geometric mean of the probabilities), so the threshold is chosen, saved, evaluated and
-    served for the ensemble exactly as for one network. Weights live under ``members.<i>.``.
-    """
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        if len(members) < 2:
-            raise ModelError(f"an ensemble needs at least 2 members, got {len(members)}")
-        shapes = {(m.spec["n_outputs"], m.spec.get("n_tabular", 0)) for m in members}
-        if len(shapes) > 1:
-            raise ModelError(f"ensemble members disagree on (n_outputs, n_tabular): {sorted(shapes)}")
-        self.members = nn.ModuleList(members)
-        self.n_tabular = int(members[0].spec.get("n_tabular", 0))
-
-    def forward(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
-        return torch.stack([m(x, tabular) for m in self.members]).mean(dim=0)
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return {"arch": "ensemble", "n_tabular": self.n_tabular, "members": [m.spec for m in self.members]}
-
-
-class TestTimeAugmentation(nn.Module):
-    """A network (or :class:`Ensemble`) whose logits are averaged over fixed augmented views of each image.
-
-    The views are drawn once when the model is made (rows of :func:`cxr.data.augment.draw_augment`) and
-    saved in its spec, and every image of every batch sees the same ones, so a film's score does not depend
-    on what it is batched with. Averaging over small acquisition changes can steady a network on films
-    from elsewhere (PneumoniaMNIST's shifted test split, 8 views: +0.002 to +0.005 AUROC on six default
-    networks, but -0.003 on the tuned one; see the README), at ``len(views)`` times the inference cost.
-    Weights live under ``network.``.
-    """
-
-    __test__ = False  # a model, not a pytest test class
-
-    def __init__(self, network: nn.Module, views: Tensor) -> None:
-        super().__init__()
-        if views.ndim != 2 or views.shape[0] < 1 or views.shape[1] != 7:
-            raise ModelError(f"test-time augmentation needs (K >= 1, 7) views, got {tuple(views.shape)}")
-        self.network = network
-        self.register_buffer("views", views.float(), persistent=False)  # kept in the spec, not the weights
-        self.n_tabular = int(network.spec.get("n_tabular", 0))
-
-    def forward(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
-        from cxr.data.augment import apply_augment
-
-        b = x.shape[0]
-        views = [apply_augment(x, view.expand(b, -1)).contiguous(memory_format=torch.channels_last)
-                 for view in self.views]
-        return torch.stack([self.network(v, tabular) for v in views]).mean(dim=0)
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return {"arch": "tta", "n_tabular": self.n_tabular, "views": self.views.cpu().tolist(),
-                "network": self.network.spec}
-
-
-def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
-    """Rebuild a randomly initialised :class:`CXRNet` from :attr:`CXRNet.spec` (load its weights afterwards)."""
-    if not isinstance(spec, Mapping):
-        raise ModelError(f"model spec must be a mapping, got {type(spec).__name__}")
-    if spec.get("arch") == "tta":
-        return TestTimeAugmentation(build_from_spec(spec["network"]), torch.tensor(spec["views"]))  # type: ignore[return-value]
-    if spec.get("arch") == "ensemble":
-        return Ensemble([build_from_spec(member) for member in spec.get("members", [])])  # type: ignore[return-value]
-    if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
-        from cxr.baseline import LinearBaseline
-
-        return LinearBaseline.from_spec(dict(spec))  # type: ignore[return-value]
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    unknown = [k for k in spec if k not in SPEC_KEYS]
-    if missing or unknown:
-        raise ModelError(
-            f"invalid model spec: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
-            f"expected keys {', '.join(SPEC_KEYS)}"
-        )
-    _check_arch(spec["arch"])
-    return CXRNet(
-        spec["arch"],
-        int(spec["n_outputs"]),
-        dropout=float(spec["dropout"]),
-        width=int(spec["width"]),
-        n_tabular=int(spec["n_tabular"]),
-        norm_mean=float(spec["norm_mean"]),
-        norm_std=float(spec["norm_std"]),
-    )
-
-
-__all__ = [
-    "ARCHS",
-    "CXRNet",
-    "Ensemble",
-    "ModelError",
-    "SimpleCNN",
-    "TestTimeAugmentation",
-    "build_from_spec",
-    "build_model",
-    "imagenet_weights_path",
-    "imagenet_weights_url",
-    "load_imagenet_state_dict",
-    "load_weights",
-    "model_spec",
-    "read_state_dict",
-]

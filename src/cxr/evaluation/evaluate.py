@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cxr import metrics, plots, tracking
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
-from cxr.predictor import Predictor
+from cxr.evaluation import metrics, plots
+from cxr.models.predictor import Predictor
+from cxr.tracking import runs as tracking
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,12 +48,14 @@ def task_metrics(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, cfg: "C
         return metrics.binary_metrics(y, probs, predictor.threshold, calibration_bins=ev.calibration_bins, **kw)
     if predictor.task == "multiclass":
         return metrics.multiclass_metrics(y, probs, predictor.labels, **kw)
-    return metrics.multilabel_metrics(y, probs, predictor.labels, predictor.threshold,
-                                      per_class_bootstrap=min(ev.bootstrap, 200), **kw)
+    return metrics.multilabel_metrics(
+        y, probs, predictor.labels, predictor.threshold, per_class_bootstrap=min(ev.bootstrap, 200), **kw
+    )
 
 
-def subgroups(predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: np.ndarray,
-              cfg: "Config") -> dict[str, Any]:
+def subgroups(
+    predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: np.ndarray, cfg: "Config"
+) -> dict[str, Any]:
     """Binary metrics per view, sex and age band (manifest columns of the scored rows, in order)."""
     if predictor.task != "binary":
         return {}
@@ -68,8 +71,9 @@ def subgroups(predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: 
     return metrics.subgroup_metrics(y, probs, predictor.threshold, groups, ci=cfg.evaluate.ci, seed=cfg.project.seed)
 
 
-def plots_for(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, result: dict[str, Any], out: Path,
-              bins: int) -> list[Path]:
+def plots_for(
+    predictor: ModelTask, y: np.ndarray, probs: np.ndarray, result: dict[str, Any], out: Path, bins: int
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     if predictor.task == "binary":
         cm = result["confusion"]
@@ -78,8 +82,10 @@ def plots_for(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, result: di
             plots.plot_calibration(y, probs, out / "calibration.png", bins=bins),
         ]
         if 0 < y.sum() < len(y):  # curves need both classes
-            figures += [plots.plot_roc(y, probs, out / "roc.png", threshold=predictor.threshold),
-                        plots.plot_pr(y, probs, out / "pr.png", threshold=predictor.threshold)]
+            figures += [
+                plots.plot_roc(y, probs, out / "roc.png", threshold=predictor.threshold),
+                plots.plot_pr(y, probs, out / "pr.png", threshold=predictor.threshold),
+            ]
         else:
             log.warning("the evaluated split has one class only: no ROC/PR curves")
         return figures
@@ -105,12 +111,20 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
         log.warning("evaluating on a prepared dataset other than the one the model was trained on")
     reports = Path(cfg.paths.reports)
     report: dict[str, Any] = {
-        "model": {"task": predictor.task, "labels": predictor.labels, "threshold": predictor.threshold,
-                  "threshold_method": predictor.info.get("threshold_method"),
-                  "threshold_augmented_copies": predictor.info.get("threshold_augmented_copies", 0),
-                  **predictor.info.get("training", {})},
-        "data": {"source": data.card["source"], "synthetic": data.card.get("synthetic", False),
-                 "dataset_hash": data.card["dataset_hash"], "same_data_as_training": same_data},
+        "model": {
+            "task": predictor.task,
+            "labels": predictor.labels,
+            "threshold": predictor.threshold,
+            "threshold_method": predictor.info.get("threshold_method"),
+            "threshold_augmented_copies": predictor.info.get("threshold_augmented_copies", 0),
+            **predictor.info.get("training", {}),
+        },
+        "data": {
+            "source": data.card["source"],
+            "synthetic": data.card.get("synthetic", False),
+            "dataset_hash": data.card["dataset_hash"],
+            "same_data_as_training": same_data,
+        },
         "splits": {},
     }
     figures: list[Path] = []
@@ -133,8 +147,9 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
     return report
 
 
-def _log_to_mlflow(cfg: "Config", predictor: Predictor, summary: dict[str, dict[str, float]], reports: Path,
-                   figures: list[Path]) -> None:
+def _log_to_mlflow(
+    cfg: "Config", predictor: Predictor, summary: dict[str, dict[str, float]], reports: Path, figures: list[Path]
+) -> None:
     """Results go to the training run, so one MLflow run holds a model's whole story."""
     if not cfg.mlflow.enabled:
         return

@@ -4,7 +4,7 @@
 <registry.alias>`` from the configured registry), loads it through the one ``Predictor`` that
 evaluation uses, and turns uploaded bytes into the response objects of the HTTP API. A registry alias
 is resolved to its version once, and that immutable version is what gets loaded, so the version a
-response names is the version that answered. src/cxr/service.py only adds HTTP around this.
+response names is the version that answered. src/cxr/serving/service.py only adds HTTP around this.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cxr.config import load_config
 from cxr.errors import UserError
+from cxr.models.predictor import ModelLoadError, Predictor
+from cxr.serving.explain import explain
+from cxr.serving.input_checks import input_warnings, refuse_non_chest
+from cxr.tracking.runs import tracking_uri, use_store
 
 if TYPE_CHECKING:
     from cxr.config import Config
-    from cxr.predictor import Predictor
+    from cxr.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,6 @@ class ModelRef:
 
 def service_config() -> "Config":
     """params.yaml in the working directory (defaults when absent), or the file named by $CXR_PARAMS."""
-    from cxr.config import load_config
 
     path = os.environ.get(PARAMS_ENV)
     return load_config(path) if path else load_config()
@@ -62,7 +66,6 @@ def service_config() -> "Config":
 
 def _use_store(cfg: "Config") -> str:
     """Point mlflow at the tracking store and registry without writing to them."""
-    from cxr.tracking import tracking_uri, use_store
 
     uri = tracking_uri(cfg)
     db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -89,7 +92,8 @@ def resolve(cfg: "Config", uri: str | None = None) -> tuple[ModelRef, str]:
         return ModelRef(path.name, None, str(path)), str(path)
     if ":/" not in uri:
         raise NoModelToServe(
-            f"model {uri!r} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS). {WHAT_TO_DO}.")
+            f"model {uri!r} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS). {WHAT_TO_DO}."
+        )
     store = _use_store(cfg)
     if not uri.startswith("models:/"):
         return ModelRef(uri, None, uri), uri
@@ -160,10 +164,10 @@ class ServedModel:
         self.metrics = metrics or {}
 
     @classmethod
-    def load(cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu",
-             precision: str = "fp32") -> "ServedModel":
+    def load(
+        cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu", precision: str = "fp32"
+    ) -> "ServedModel":
         """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg."""
-        from cxr.predictor import ModelLoadError, Predictor
 
         cfg = cfg or service_config()
         ref, load_uri = resolve(cfg, str(uri) if uri else None)
@@ -172,24 +176,37 @@ class ServedModel:
         except ModelLoadError as exc:
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
         served = cls(predictor, ref, _metrics(load_uri, predictor.info))
-        log.info("serving %s version %s (%s): %s, labels %s, %s", ref.name, ref.version, ref.uri,
-                 predictor.info["architecture"].get("arch"), predictor.labels, precision)
+        log.info(
+            "serving %s version %s (%s): %s, labels %s, %s",
+            ref.name,
+            ref.version,
+            ref.uri,
+            predictor.info["architecture"].get("arch"),
+            predictor.labels,
+            precision,
+        )
         return served
 
     def card(self) -> dict[str, Any]:
         """Everything but the weights: enough for ``without_weights`` to prepare inputs and answer."""
-        return {"info": self.predictor.info, "ref": self.ref.to_dict(), "metrics": self.metrics,
-                "precision": self.predictor.precision}
+        return {
+            "info": self.predictor.info,
+            "ref": self.ref.to_dict(),
+            "metrics": self.metrics,
+            "precision": self.predictor.precision,
+        }
 
     @classmethod
     def without_weights(cls, card: dict[str, Any]) -> "ServedModel":
         """The same preprocessing and answers as the model behind ``card``, with no weights: ``infer``
         must then run where the weights are (the model service). Built from the model service's own
         card, it can never disagree with it about version, labels or threshold."""
-        from cxr.predictor import Predictor
 
-        return cls(Predictor(WeightsElsewhere(), card["info"], precision=card["precision"]), ModelRef(**card["ref"]),
-                   card["metrics"])
+        return cls(
+            Predictor(WeightsElsewhere(), card["info"], precision=card["precision"]),
+            ModelRef(**card["ref"]),
+            card["metrics"],
+        )
 
     def metadata(self) -> dict[str, Any]:
         info = self.predictor.info
@@ -205,14 +222,15 @@ class ServedModel:
             "preprocess": info["preprocess"],
             "read_limits": info.get("read_limits"),
             "precision": self.predictor.precision,
-            "training": {k: training.get(k) for k in ("dataset_hash", "source", "synthetic", "run_id", "best_epoch",
-                                                      "epochs_trained", "git_commit")},
+            "training": {
+                k: training.get(k)
+                for k in ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
+            },
             "metrics": self.metrics,
         }
 
     def _decode(self, data: bytes, label: str = "upload") -> tuple[Any, np.ndarray]:
         """Read, refuse non-chest DICOMs, preprocess. UserError for anything unusable."""
-        from cxr.input_checks import refuse_non_chest
 
         image = self.predictor.read(data, name=label)  # never the client's file name: it may name the patient
         refuse_non_chest(image.meta, label)
@@ -220,7 +238,6 @@ class ServedModel:
 
     def prepare(self, data: bytes) -> "Prepared | dict[str, Any]":
         """Bytes -> Prepared, or a refusal (the reader's message) for anything unusable."""
-        from cxr.input_checks import input_warnings
 
         try:
             image, x = self._decode(data)
@@ -252,9 +269,6 @@ class ServedModel:
 
     def explain(self, data: bytes, label: str | None = None) -> dict[str, Any]:
         """Grad-CAM PNG plus the lung share, or a refusal."""
-        from cxr.explain import explain
-        from cxr.input_checks import input_warnings
-
         try:
             image, x = self._decode(data)
             result = explain(self.predictor, image, label)
@@ -262,8 +276,12 @@ class ServedModel:
             return refusal(str(exc))
         except Exception as exc:
             return _unexpected(exc)
-        return {**result.summary(), "png": result.png, "model": self.ref.to_dict(),
-                "warnings": input_warnings(image.meta, x)}
+        return {
+            **result.summary(),
+            "png": result.png,
+            "model": self.ref.to_dict(),
+            "warnings": input_warnings(image.meta, x),
+        }
 
 
 class WeightsElsewhere(torch.nn.Module):
@@ -276,5 +294,7 @@ class WeightsElsewhere(torch.nn.Module):
 def _unexpected(exc: Exception) -> dict[str, Any]:
     # The exception text may quote header values, so only its type is logged and returned.
     log.error("could not process an upload: %s", type(exc).__name__, exc_info=False)
-    return refusal(f"upload: could not process this image ({type(exc).__name__}); "
-                   "if it is a valid radiograph, report it with the file")
+    return refusal(
+        f"upload: could not process this image ({type(exc).__name__}); "
+        "if it is a valid radiograph, report it with the file"
+    )

@@ -5,7 +5,7 @@ cached in the output folder so an interrupted run resumes. The report holds the 
 CIs at the model's own threshold, subgroups, plots, every refused or failed file, and a comparison with
 the model's internal test metrics, as JSON plus one self-contained HTML file, and is logged to MLflow as
 an evaluation run tagged with the served model version. With ``model=`` (``models:/NAME@champion`` or a
-model directory) the same happens in-process, through the service's own answer function (cxr.serving),
+model directory) the same happens in-process, through the service's own answer function (cxr.serving.served),
 when no service is running.
 """
 
@@ -25,20 +25,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from cxr import metrics, tracking
 from cxr.errors import UserError
-from cxr.evaluate import plots_for, subgroups, task_metrics
-from cxr.external_data import ExternalSet, load_external_set, map_labels, targets
+from cxr.evaluation import metrics
+from cxr.evaluation.evaluate import plots_for, subgroups, task_metrics
+from cxr.evaluation.external_data import ExternalSet, load_external_set, map_labels, targets
+from cxr.evaluation.report_html import render
+from cxr.evaluation.response_cache import ResponseCache, cache_key
 from cxr.fsutil import atomic_dir
 from cxr.progress import progress_bar
-from cxr.response_cache import ResponseCache, cache_key
-from cxr.service_client import Answer, ServiceClient
+from cxr.serving.client import Answer, ServiceClient
+from cxr.serving.served import ServedModel
+from cxr.tracking import runs as tracking
 
 if TYPE_CHECKING:
     import httpx
 
     from cxr.config import Config
-    from cxr.serving import ServedModel as Served
+    from cxr.serving.served import ServedModel as Served
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,22 @@ IN_PROCESS = "in-process"
 CACHE_FILE = "responses.jsonl"
 REPORT_DIR = "report"
 # The headline metrics compared with the internal test set (binary; other tasks use their macro metrics).
-COMPARED = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy",
-            "brier", "ece", "macro_auroc", "macro_auprc", "macro_f1")
+COMPARED = (
+    "auroc",
+    "auprc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "brier",
+    "ece",
+    "macro_auroc",
+    "macro_auprc",
+    "macro_f1",
+)
 LOWER_IS_BETTER = {"brier", "ece"}
 # A drop above this (in the metric's units, direction-aware) is flagged in the report.
 NOTABLE_DROP = 0.05
@@ -56,7 +73,7 @@ NOTABLE_DROP = 0.05
 @dataclass
 class EvaluatedModel:
     """What scoring needs (task, labels, threshold) and who the model is, from the service's /metadata
-    (in-process: the same metadata, from cxr.serving without HTTP)."""
+    (in-process: the same metadata, from cxr.serving.served without HTTP)."""
 
     task: str
     labels: list[str]
@@ -84,18 +101,26 @@ class EvaluatedModel:
     def from_metadata(cls, meta: dict[str, Any]) -> "EvaluatedModel":
         model, training = meta.get("model") or {}, meta.get("training") or {}
         if not meta.get("labels") or not meta.get("task"):
-            raise UserError(f"the service's /metadata names no task and labels (keys: {sorted(meta)}); "
-                            "is this a cxr service?")
+            raise UserError(
+                f"the service's /metadata names no task and labels (keys: {sorted(meta)}); is this a cxr service?"
+            )
         version = model.get("version")
-        return cls(task=meta["task"], labels=list(meta["labels"]), threshold=meta.get("threshold"),
-                   name=model.get("name"), version=None if version is None else str(version), uri=model.get("uri"),
-                   run_id=training.get("run_id"), dataset_hash=training.get("dataset_hash"), info=meta)
+        return cls(
+            task=meta["task"],
+            labels=list(meta["labels"]),
+            threshold=meta.get("threshold"),
+            name=model.get("name"),
+            version=None if version is None else str(version),
+            uri=model.get("uri"),
+            run_id=training.get("run_id"),
+            dataset_hash=training.get("dataset_hash"),
+            info=meta,
+        )
 
 
 def load_in_process(uri: str | Path, cfg: "Config | None" = None) -> "Served":
     """The service's own model object, without HTTP: loaded exactly as `bentoml serve` loads it
     (``models:/NAME@ALIAS`` resolved to its version once, so the version reported is the one that answered)."""
-    from cxr.serving import ServedModel
 
     return ServedModel.load(cfg, uri)
 
@@ -135,13 +160,15 @@ def _advance_fields(answers: list[Answer | None]) -> dict[str, int]:
     return {"ok": sum(a.status == "ok" for a in done), "not ok": sum(a.status != "ok" for a in done)}
 
 
-def score_remote(ext: ExternalSet, model: EvaluatedModel, cache: ResponseCache, client_kwargs: dict[str, Any],
-                 concurrency: int) -> Scored:
+def score_remote(
+    ext: ExternalSet, model: EvaluatedModel, cache: ResponseCache, client_kwargs: dict[str, Any], concurrency: int
+) -> Scored:
     return asyncio.run(_score_remote(ext, model, cache, client_kwargs, concurrency))
 
 
-async def _score_remote(ext: ExternalSet, model: EvaluatedModel, cache: ResponseCache, client_kwargs: dict[str, Any],
-                        concurrency: int) -> Scored:
+async def _score_remote(
+    ext: ExternalSet, model: EvaluatedModel, cache: ResponseCache, client_kwargs: dict[str, Any], concurrency: int
+) -> Scored:
     async with ServiceClient(concurrency=concurrency, **client_kwargs) as client:
         keys = _keys(ext, f"{client.url}/predict", model)
         answers: list[Answer | None] = [cache.get(k) for k in keys]
@@ -168,14 +195,18 @@ def _check_model(answer: Answer, model: EvaluatedModel) -> Answer:
         return answer
     served = (answer.response or {}).get("model", {}).get("version")
     if served is not None and str(served) != model.version:
-        return Answer("failed", http_status=answer.http_status, attempts=answer.attempts,
-                      error=f"answered by model version {served}, not {model.version} (the served model changed "
-                            "during the run); run again to score it with the current model")
+        return Answer(
+            "failed",
+            http_status=answer.http_status,
+            attempts=answer.attempts,
+            error=f"answered by model version {served}, not {model.version} (the served model changed "
+            "during the run); run again to score it with the current model",
+        )
     return answer
 
 
 def score_local(ext: ExternalSet, model: EvaluatedModel, served: "Served", cache: ResponseCache) -> Scored:
-    """The service's own answer function (cxr.serving) on the same bytes: same answers, same refusals.
+    """The service's own answer function (cxr.serving.served) on the same bytes: same answers, same refusals.
 
     One image per forward pass, as the service does for one request at a time: float32 results can
     differ in the last bit with the batch an image shares, and an image's score should not depend on
@@ -222,8 +253,10 @@ def internal_metrics(model: EvaluatedModel, cfg: "Config") -> dict[str, Any]:
         found = {k[5:]: {"value": float(v)} for k, v in given.items() if k.startswith("test_") and _is_number(v)}
         source = "the service's /metadata"
     if not found:
-        return {"available": False, "reason": "no internal test metrics found (no MLflow run, registry tags or "
-                                              "metrics in the model metadata)"}
+        return {
+            "available": False,
+            "reason": "no internal test metrics found (no MLflow run, registry tags or metrics in the model metadata)",
+        }
     return {"available": True, "source": source, "metrics": found}
 
 
@@ -243,14 +276,19 @@ def _from_run(run_id: str, cfg: "Config") -> tuple[dict[str, Any] | None, str | 
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
-        log.warning("the model's training run %s is not in %s: no internal comparison from it", run_id,
-                    mlflow.get_tracking_uri())
+        log.warning(
+            "the model's training run %s is not in %s: no internal comparison from it",
+            run_id,
+            mlflow.get_tracking_uri(),
+        )
         return None, None
     try:
         report = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/evaluation.json"))
         test = report["splits"]["test"]
-        return ({k: v for k, v in test.items() if isinstance(v, dict) and "value" in v},
-                f"MLflow run {run_id}: evaluation/evaluation.json (test split)")
+        return (
+            {k: v for k, v in test.items() if isinstance(v, dict) and "value" in v},
+            f"MLflow run {run_id}: evaluation/evaluation.json (test split)",
+        )
     except (MlflowException, OSError, KeyError, ValueError):
         pass
     found = {k[5:]: {"value": v} for k, v in run.data.metrics.items() if k.startswith("test_")}
@@ -263,50 +301,81 @@ def compare(internal: dict[str, Any], external: dict[str, Any]) -> dict[str, dic
     out = {}
     for key in COMPARED:
         ext, inn = external.get(key), internal.get(key)
-        if not isinstance(ext, dict) or not isinstance(inn, dict) or ext.get("value") is None or inn.get("value") is None:
+        if (
+            not isinstance(ext, dict)
+            or not isinstance(inn, dict)
+            or ext.get("value") is None
+            or inn.get("value") is None
+        ):
             continue
         bounds = (inn.get("ci_low"), inn.get("ci_high"), ext.get("ci_low"), ext.get("ci_high"))
         overlap = None if None in bounds else bool(bounds[0] <= bounds[3] and bounds[2] <= bounds[1])
         drop = inn["value"] - ext["value"]
-        out[key] = {"internal": inn, "external": {k: ext.get(k) for k in ("value", "ci_low", "ci_high")},
-                    "drop": drop, "cis_overlap": overlap,
-                    "notably_worse": bool((-drop if key in LOWER_IS_BETTER else drop) > NOTABLE_DROP)}
+        out[key] = {
+            "internal": inn,
+            "external": {k: ext.get(k) for k in ("value", "ci_low", "ci_high")},
+            "drop": drop,
+            "cis_overlap": overlap,
+            "notably_worse": bool((-drop if key in LOWER_IS_BETTER else drop) > NOTABLE_DROP),
+        }
     return out
 
 
-def build_report(ext: ExternalSet, model: EvaluatedModel, scored: Scored, cfg: "Config", endpoint: str,
-                 plots_dir: Path) -> dict[str, Any]:
+def build_report(
+    ext: ExternalSet, model: EvaluatedModel, scored: Scored, cfg: "Config", endpoint: str, plots_dir: Path
+) -> dict[str, Any]:
     table, answers = ext.table, scored.answers
     mapping = map_labels(table["label"].tolist(), model.labels, model.task)
     y = targets(table["label"], model.labels, model.task)
     ok = np.array([a.status == "ok" for a in answers])
     if not ok.any():
         first = next((a.error for a in answers if a.error), "no answer")
-        raise UserError(f"none of the {len(answers)} images was scored ({Counter(a.status for a in answers)}); "
-                        f"first error: {first}")
+        raise UserError(
+            f"none of the {len(answers)} images was scored ({Counter(a.status for a in answers)}); first error: {first}"
+        )
     probs = probabilities([a.response for a in answers if a.status == "ok"], model)
     result = task_metrics(model, y[ok], probs, cfg)
     result["subgroups"] = subgroups(model, table[ok], y[ok], probs, cfg)
     plots_for(model, y[ok], probs, result, plots_dir, cfg.evaluate.calibration_bins)
-    failures = [{"file": row.file, "label": row.label, "status": a.status, "http_status": a.http_status,
-                 "error": a.error} for row, a in zip(table.itertuples(), answers) if a.status != "ok"]
+    failures = [
+        {"file": row.file, "label": row.label, "status": a.status, "http_status": a.http_status, "error": a.error}
+        for row, a in zip(table.itertuples(), answers)
+        if a.status != "ok"
+    ]
     # counted by kind (the text before the per-image numbers), so the report stays readable on big sets
-    warnings = Counter(w.split(":")[0] for a in answers if a.status == "ok"
-                       for w in (a.response or {}).get("warnings") or [])
+    warnings = Counter(
+        w.split(":")[0] for a in answers if a.status == "ok" for w in (a.response or {}).get("warnings") or []
+    )
     internal = internal_metrics(model, cfg)
     comparison = {**internal, "metrics": compare(internal["metrics"], result)} if internal["available"] else internal
     counts = Counter(a.status for a in answers)
     report = {
         "kind": "external_evaluation",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "endpoint": endpoint,
-        "model": {**model.stamp(), "task": model.task, "labels": model.labels, "threshold": model.threshold,
-                  "run_id": model.run_id, "training_dataset_hash": model.dataset_hash},
-        "data": {"description": ext.description, "dataset_hash": ext.dataset_hash, "n_images": len(table),
-                 "label_mapping": mapping, "notes": ext.notes,
-                 "labels": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()}},
-        "requests": {"sent": scored.sent, "from_cache": scored.cached, "ok": counts["ok"],
-                     "refused": counts["refused"], "failed": counts["failed"]},
+        "model": {
+            **model.stamp(),
+            "task": model.task,
+            "labels": model.labels,
+            "threshold": model.threshold,
+            "run_id": model.run_id,
+            "training_dataset_hash": model.dataset_hash,
+        },
+        "data": {
+            "description": ext.description,
+            "dataset_hash": ext.dataset_hash,
+            "n_images": len(table),
+            "label_mapping": mapping,
+            "notes": ext.notes,
+            "labels": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
+        },
+        "requests": {
+            "sent": scored.sent,
+            "from_cache": scored.cached,
+            "ok": counts["ok"],
+            "refused": counts["refused"],
+            "failed": counts["failed"],
+        },
         "failures": failures,
         "service_warnings": dict(warnings),
         "metrics": result,
@@ -320,16 +389,22 @@ def predictions_table(ext: ExternalSet, model: EvaluatedModel, answers: list[Ans
     rows = []
     for row, a in zip(ext.table.itertuples(), answers):
         r = a.response or {}
-        rows.append({"file": row.file, "sha256": row.sha256, "label": row.label, "status": a.status,
-                     "prediction": json.dumps(r.get("prediction")) if a.status == "ok" else "",
-                     "warnings": "; ".join(r.get("warnings") or []),
-                     **{f"p_{lab}": (r.get("probabilities") or {}).get(lab) for lab in model.labels}})
+        rows.append(
+            {
+                "file": row.file,
+                "sha256": row.sha256,
+                "label": row.label,
+                "status": a.status,
+                "prediction": json.dumps(r.get("prediction")) if a.status == "ok" else "",
+                "warnings": "; ".join(r.get("warnings") or []),
+                **{f"p_{lab}": (r.get("probabilities") or {}).get(lab) for lab in model.labels},
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def write_report(report: dict[str, Any], predictions: pd.DataFrame, folder: Path) -> None:
     """external.json, external.html (self-contained, the plots in ``folder/plots`` embedded), predictions.csv."""
-    from cxr.report_html import render
 
     (folder / "external.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
     (folder / "external.html").write_text(render(report, sorted((folder / "plots").glob("*.png"))))
@@ -339,15 +414,20 @@ def write_report(report: dict[str, Any], predictions: pd.DataFrame, folder: Path
 # --- MLflow ---------------------------------------------------------------------------------------
 
 
-def log_to_mlflow(cfg: "Config", report: dict[str, Any], folder: Path, ext: ExternalSet,
-                  model: EvaluatedModel) -> str | None:
+def log_to_mlflow(
+    cfg: "Config", report: dict[str, Any], folder: Path, ext: ExternalSet, model: EvaluatedModel
+) -> str | None:
     """An evaluation run next to the model's training run: ``external_*`` metrics, tags naming the
     served version and data, the report as artifacts. Returns the run id (None when tracking is off)."""
     tags = {
         "cxr.run_type": "external_evaluation",
-        "model_name": str(model.name), "model_version": str(model.version), "model_uri": str(model.uri),
-        "model_run_id": str(model.run_id), "external_dataset_hash": ext.dataset_hash,
-        "training_dataset_hash": str(model.dataset_hash), "endpoint": report["endpoint"],
+        "model_name": str(model.name),
+        "model_version": str(model.version),
+        "model_uri": str(model.uri),
+        "model_run_id": str(model.run_id),
+        "external_dataset_hash": ext.dataset_hash,
+        "training_dataset_hash": str(model.dataset_hash),
+        "endpoint": report["endpoint"],
         "external_data": ext.description[:5000],
     }
     with tracking.run(cfg, name=f"external-{model.name or 'model'}-v{model.version or '?'}", tags=tags) as active:
@@ -376,8 +456,7 @@ def _mlflow_dataset(ext: ExternalSet) -> Any:
 
     cols = [c for c in ("sha256", "label", "view", "sex", "age") if c in ext.table]
     table = ext.table[cols].astype({"age": float} if "age" in cols else {})  # ages may be missing
-    return mlflow.data.from_pandas(table, name=f"external-{ext.dataset_hash[:12]}",
-                                   digest=ext.dataset_hash[:32])
+    return mlflow.data.from_pandas(table, name=f"external-{ext.dataset_hash[:12]}", digest=ext.dataset_hash[:32])
 
 
 def _logged_model_id(model: EvaluatedModel) -> str | None:
@@ -393,20 +472,30 @@ def _logged_model_id(model: EvaluatedModel) -> str | None:
 # --- the command ----------------------------------------------------------------------------------
 
 
-def evaluate_external(cfg: "Config", *, data: str | Path | None = None, url: str | None = None,
-                      model: str | Path | None = None, out: str | Path = "reports/external", concurrency: int = 8,
-                      timeout: float = 30.0, retries: int = 4, backoff: float = 0.5,
-                      transport: "httpx.AsyncBaseTransport | None" = None) -> dict[str, Any]:
+def evaluate_external(
+    cfg: "Config",
+    *,
+    data: str | Path | None = None,
+    url: str | None = None,
+    model: str | Path | None = None,
+    out: str | Path = "reports/external",
+    concurrency: int = 8,
+    timeout: float = 30.0,
+    retries: int = 4,
+    backoff: float = 0.5,
+    transport: "httpx.AsyncBaseTransport | None" = None,
+) -> dict[str, Any]:
     """Score the external set through the service at ``url`` (or in-process with ``model``) and report."""
     if (url is None) == (model is None):
-        raise UserError("give either --url (a running cxr service) or --model (models:/NAME@champion or a model "
-                        "directory, scored in-process)")
+        raise UserError(
+            "give either --url (a running cxr service) or --model (models:/NAME@champion or a model "
+            "directory, scored in-process)"
+        )
     if concurrency < 1 or retries < 0 or timeout <= 0:
         raise UserError("--concurrency must be >= 1, --retries >= 0 and --timeout > 0")
     out = Path(out)
     if url is not None:
-        client_kwargs = {"url": url, "timeout": timeout, "retries": retries, "backoff": backoff,
-                         "transport": transport}
+        client_kwargs = {"url": url, "timeout": timeout, "retries": retries, "backoff": backoff, "transport": transport}
         evaluated = EvaluatedModel.from_metadata(asyncio.run(_metadata(client_kwargs)))
         endpoint = f"{url.rstrip('/')}/predict"
     else:

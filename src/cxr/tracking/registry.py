@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxr import tracking
 from cxr.errors import UserError
+from cxr.tracking import runs as tracking
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -78,13 +78,19 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise RegistryError(f"run {run_id} is not in the tracking store {mlflow.get_tracking_uri()}: {exc.message}") from None
+        raise RegistryError(
+            f"run {run_id} is not in the tracking store {mlflow.get_tracking_uri()}: {exc.message}"
+        ) from None
     model_uri = run.data.tags.get("model_uri")
     if not model_uri:
         raise RegistryError(f"run {run_id} logged no model (trained with log_model off?); retrain with `cxr train`")
     info = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/model_info.json"))
-    tags = {"run_id": run_id, "arch": info["architecture"].get("arch", "?"),
-            "threshold": json.dumps(info.get("threshold")), "labels": json.dumps(info["labels"])}
+    tags = {
+        "run_id": run_id,
+        "arch": info["architecture"].get("arch", "?"),
+        "threshold": json.dumps(info.get("threshold")),
+        "labels": json.dumps(info["labels"]),
+    }
     tags |= {k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}
     for tag, names in METRIC_TAGS.items():
         value = next((run.data.metrics[n] for n in names if n in run.data.metrics), None)
@@ -92,9 +98,12 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
             tags[tag] = f"{value:.6f}"
     name = cfg.mlflow.registered_model
     version = mlflow.register_model(model_uri, name, tags=tags)
-    client.update_model_version(name, version.version,
-                                description=f"{tags['arch']} trained in run {run_id} on {tags.get('data_source', '?')} "
-                                            f"data {tags.get('dataset_hash', '?')[:12]}")
+    client.update_model_version(
+        name,
+        version.version,
+        description=f"{tags['arch']} trained in run {run_id} on {tags.get('data_source', '?')} "
+        f"data {tags.get('dataset_hash', '?')[:12]}",
+    )
     return client.get_model_version(name, version.version)
 
 
@@ -106,15 +115,23 @@ def compare(candidate: "ModelVersion", champion: "ModelVersion | None", margin: 
         return Decision(False, f"version {candidate.version} already is the champion")
     c_hash, h_hash = candidate.tags.get("dataset_hash"), champion.tags.get("dataset_hash")
     if not c_hash or c_hash != h_hash:
-        return Decision(False, f"not comparable: candidate was validated on data {str(c_hash)[:12]}, the champion "
-                               f"(version {champion.version}) on {str(h_hash)[:12]}; retrain on the same prepared data")
+        return Decision(
+            False,
+            f"not comparable: candidate was validated on data {str(c_hash)[:12]}, the champion "
+            f"(version {champion.version}) on {str(h_hash)[:12]}; retrain on the same prepared data",
+        )
     c_auc, h_auc = _float_tag(candidate, "val_auroc"), _float_tag(champion, "val_auroc")
     if c_auc is None or h_auc is None:
         return Decision(False, "validation AUROC missing from the version tags; register versions with `cxr register`")
     if c_auc > h_auc + margin:
-        return Decision(True, f"val AUROC {c_auc:.4f} beats champion v{champion.version} {h_auc:.4f} by more than {margin}")
-    return Decision(False, f"val AUROC {c_auc:.4f} does not beat champion v{champion.version} {h_auc:.4f} "
-                           f"by more than the margin {margin}")
+        return Decision(
+            True, f"val AUROC {c_auc:.4f} beats champion v{champion.version} {h_auc:.4f} by more than {margin}"
+        )
+    return Decision(
+        False,
+        f"val AUROC {c_auc:.4f} does not beat champion v{champion.version} {h_auc:.4f} "
+        f"by more than the margin {margin}",
+    )
 
 
 def _short(value: str | None) -> str | None:
@@ -157,8 +174,10 @@ def promote(cfg: "Config", version: str | int, *, force: bool = False, reason: s
     decision = compare(candidate, current, cfg.registry.promote_margin)
     if not decision.promote:
         if not force or (current is not None and str(current.version) == str(candidate.version)):
-            raise PromotionRefused(f"version {candidate.version} not promoted: {decision.reason}"
-                                   + ("" if force else " (--force overrides)"))
+            raise PromotionRefused(
+                f"version {candidate.version} not promoted: {decision.reason}"
+                + ("" if force else " (--force overrides)")
+            )
         decision = Decision(True, f"forced ({reason or 'no reason given'}); gate said: {decision.reason}")
     _move_alias(cfg, client, current, candidate, "promote", decision.reason, forced=force)
     return decision
@@ -177,15 +196,31 @@ def rollback(cfg: "Config", *, reason: str | None = None) -> "ModelVersion":
             if event["from"] is None:
                 raise RegistryError(f"version {current.version} was the first {cfg.registry.alias}: no earlier holder")
             previous = _version(client, cfg.mlflow.registered_model, event["from"])
-            _move_alias(cfg, client, current, previous, "rollback", reason or f"rollback of promotion {event['id']}",
-                        undoes=event["id"])
+            _move_alias(
+                cfg,
+                client,
+                current,
+                previous,
+                "rollback",
+                reason or f"rollback of promotion {event['id']}",
+                undoes=event["id"],
+            )
             return previous
-    raise RegistryError(f"no recorded promotion to version {current.version}: cannot tell who held "
-                        f"{cfg.registry.alias!r} before (set it with `cxr promote VERSION --force`)")
+    raise RegistryError(
+        f"no recorded promotion to version {current.version}: cannot tell who held "
+        f"{cfg.registry.alias!r} before (set it with `cxr promote VERSION --force`)"
+    )
 
 
-def _move_alias(cfg: "Config", client: "MlflowClient", current: "ModelVersion | None", target: "ModelVersion",
-                action: str, why: str, **extra: Any) -> None:
+def _move_alias(
+    cfg: "Config",
+    client: "MlflowClient",
+    current: "ModelVersion | None",
+    target: "ModelVersion",
+    action: str,
+    why: str,
+    **extra: Any,
+) -> None:
     name = cfg.mlflow.registered_model
     events = history(cfg, client)
     event = {
@@ -196,7 +231,7 @@ def _move_alias(cfg: "Config", client: "MlflowClient", current: "ModelVersion | 
         "to": str(target.version),
         "why": why,
         "who": f"{getpass.getuser()}@{socket.gethostname()}",
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
     client.set_registered_model_alias(name, cfg.registry.alias, target.version)
@@ -229,13 +264,15 @@ def versions(cfg: "Config") -> list[dict[str, Any]]:
         pass
     rows = []
     for v in sorted(found, key=lambda v: int(v.version), reverse=True):
-        rows.append({
-            "version": str(v.version),
-            "aliases": sorted(aliases.get(str(v.version), [])),
-            "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
-            "run_id": v.run_id or v.tags.get("run_id"),
-            "arch": v.tags.get("arch"),
-            **{k: _short(v.tags.get(k)) for k in ("val_auroc", "test_auroc", "test_accuracy", "threshold")},
-            "dataset_hash": (v.tags.get("dataset_hash") or "")[:12],
-        })
+        rows.append(
+            {
+                "version": str(v.version),
+                "aliases": sorted(aliases.get(str(v.version), [])),
+                "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds"),
+                "run_id": v.run_id or v.tags.get("run_id"),
+                "arch": v.tags.get("arch"),
+                **{k: _short(v.tags.get(k)) for k in ("val_auroc", "test_auroc", "test_accuracy", "threshold")},
+                "dataset_hash": (v.tags.get("dataset_hash") or "")[:12],
+            }
+        )
     return rows

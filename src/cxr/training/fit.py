@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cxr import tracking
 from cxr.data.augment import augment, draw_augment
 from cxr.data.loader import N_TABULAR, PreparedData
 from cxr.data.prepare import spec_for
-from cxr.metrics import choose_threshold
+from cxr.evaluation.metrics import choose_threshold
 from cxr.models import build_model
-from cxr.predictor import FORMAT, Predictor
+from cxr.models.predictor import FORMAT, Predictor
 from cxr.progress import progress_bar
+from cxr.tracking import runs as tracking
 
 if TYPE_CHECKING:
     import optuna
@@ -105,8 +105,9 @@ def make_loss(data: PreparedData, train_idx: np.ndarray, cfg: "Config", device: 
     if data.task == "multiclass":
         counts = np.bincount(y, minlength=len(data.classes)).astype(np.float64)
         w = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-        return lambda logits, t: F.cross_entropy(logits, t, weight=w if weighted else None,
-                                                 label_smoothing=cfg.train.label_smoothing)
+        return lambda logits, t: F.cross_entropy(
+            logits, t, weight=w if weighted else None, label_smoothing=cfg.train.label_smoothing
+        )
     y2 = y.reshape(len(y), -1)
     pos = y2.sum(0)
     pw = torch.tensor(np.clip((len(y2) - pos) / np.maximum(pos, 1), 0.01, 100.0), dtype=torch.float32, device=device)
@@ -166,8 +167,9 @@ def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Aver
 def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: int):
     kind = cfg.train.scheduler
     if kind == "onecycle" and cfg.train.epochs * steps_per_epoch >= 8:  # too few steps for warm-up + decay
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch,
-                                                   pct_start=0.25), "step"
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.25
+        ), "step"
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs), "epoch"
     if kind == "plateau":
@@ -176,9 +178,16 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: i
 
 
 @torch.inference_mode()
-def predict_split(model: torch.nn.Module, data: PreparedData, index: np.ndarray, batch_size: int,
-                  device: torch.device, task: str, precision: str,
-                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+def predict_split(
+    model: torch.nn.Module,
+    data: PreparedData,
+    index: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    task: str,
+    precision: str,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
     model.eval()
     outs = []
     for x, _, t, _ in data.batches(index, batch_size, device=device):
@@ -200,18 +209,37 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(device, precision))
 
 
-def augmented_scores(model: torch.nn.Module, data: PreparedData, idx: np.ndarray, aug: "AugmentConfig", copies: int,
-                     seed: int, batch_size: int, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
+def augmented_scores(
+    model: torch.nn.Module,
+    data: PreparedData,
+    idx: np.ndarray,
+    aug: "AugmentConfig",
+    copies: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets and scores of ``copies`` passes over ``idx`` seen through ``aug``, drawn from ``seed``: the same
     seed and settings give the same copies, so models scored with them are compared on the same films."""
     gen = torch.Generator().manual_seed(seed)
-    probs = [predict_split(model, data, idx, batch_size, device, data.task, precision,
-                           transform=lambda x: augment(x, aug, gen)) for _ in range(copies)]
+    probs = [
+        predict_split(
+            model, data, idx, batch_size, device, data.task, precision, transform=lambda x: augment(x, aug, gen)
+        )
+        for _ in range(copies)
+    ]
     return np.concatenate([data.targets[idx]] * copies), np.concatenate(probs)
 
 
-def threshold_scores(model: torch.nn.Module, data: PreparedData, val_idx: np.ndarray, val_probs: np.ndarray | None,
-                     cfg: "Config", device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def threshold_scores(
+    model: torch.nn.Module,
+    data: PreparedData,
+    val_idx: np.ndarray,
+    val_probs: np.ndarray | None,
+    cfg: "Config",
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     """The validation targets and scores the threshold is chosen on, scored in fp32 as the saved Predictor
     (evaluation, serving) scores them: a threshold chosen on bf16 scores could put a film near it on the
     other side there.
@@ -227,8 +255,9 @@ def threshold_scores(model: torch.nn.Module, data: PreparedData, val_idx: np.nda
         if val_probs is None:
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
         return data.targets[val_idx], val_probs
-    return augmented_scores(model, data, val_idx, cfg.train.augment, k, cfg.project.seed, cfg.train.batch_size * 2,
-                            device, "fp32")
+    return augmented_scores(
+        model, data, val_idx, cfg.train.augment, k, cfg.project.seed, cfg.train.batch_size * 2, device, "fp32"
+    )
 
 
 @dataclass(frozen=True)
@@ -252,11 +281,13 @@ class Yardstick:
         """``train.augment``, ``tune.objective_copies`` copies drawn from ``project.seed``."""
         return cls(cfg.train.augment, cfg.tune.objective_copies, cfg.project.seed)
 
-    def auroc(self, model: torch.nn.Module, data: PreparedData, idx: np.ndarray, device: torch.device,
-              precision: str) -> float:
+    def auroc(
+        self, model: torch.nn.Module, data: PreparedData, idx: np.ndarray, device: torch.device, precision: str
+    ) -> float:
         copies = self.copies if self.augment.strength > 0 else 1  # no augmentation: every copy is the same
-        y, probs = augmented_scores(model, data, idx, self.augment, copies, self.seed, self.batch_size, device,
-                                    precision)
+        y, probs = augmented_scores(
+            model, data, idx, self.augment, copies, self.seed, self.batch_size, device, precision
+        )
         return task_auroc(y, probs, data.task)
 
 
@@ -272,23 +303,32 @@ def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config"
         out = []
         for k in range(y.shape[1]):
             if 0 < y[:, k].sum() < len(y):
-                out.append(float(choose_threshold(y[:, k], probs[:, k], method=ev.threshold,
-                                                  target_sensitivity=ev.target_sensitivity)))
+                out.append(
+                    float(
+                        choose_threshold(
+                            y[:, k], probs[:, k], method=ev.threshold, target_sensitivity=ev.target_sensitivity
+                        )
+                    )
+                )
             else:
                 out.append(0.5)  # a class absent from validation: no evidence to move off 0.5
         return out
     return None
 
 
-def model_info(cfg: "Config", architecture: dict[str, Any], data: PreparedData, threshold: Any,
-               **training: Any) -> dict[str, Any]:
+def model_info(
+    cfg: "Config", architecture: dict[str, Any], data: PreparedData, threshold: Any, **training: Any
+) -> dict[str, Any]:
     """model.json: everything needed to use the weights on a raw image, plus lineage."""
     return {
         "format": FORMAT,
         "architecture": architecture,
         "preprocess": spec_for(cfg, cfg.model.image_size).to_dict(),
-        "read_limits": {"min_side": cfg.imaging.min_side, "max_pixels": cfg.imaging.max_pixels,
-                        "max_bytes": cfg.imaging.max_bytes},
+        "read_limits": {
+            "min_side": cfg.imaging.min_side,
+            "max_pixels": cfg.imaging.max_pixels,
+            "max_bytes": cfg.imaging.max_bytes,
+        },
         "task": data.task,
         "labels": data.classes,
         "threshold": threshold,
@@ -318,10 +358,19 @@ class Member:
     train_seconds: float
 
 
-def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.device, *, active: bool,
-                 trial: "optuna.Trial | None" = None, yardstick: Yardstick | None = None,
-                 member: tuple[int, int] = (1, 1), step0: int = 0,
-                 epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> Member:
+def train_member(
+    cfg: "Config",
+    data: PreparedData,
+    seed: int,
+    device: torch.device,
+    *,
+    active: bool,
+    trial: "optuna.Trial | None" = None,
+    yardstick: Yardstick | None = None,
+    member: tuple[int, int] = (1, 1),
+    step0: int = 0,
+    epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+) -> Member:
     """Train one network from ``seed``; early-stops on ``train.early_stopping.monitor`` (clean validation AUROC, or
     the yardstick's) and returns the best epoch's weights.
 
@@ -333,8 +382,14 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
     gen = seed_everything(seed, cfg.train.deterministic, device)
     train_idx, val_idx = data.split("train"), data.split("val")
     n_tab = N_TABULAR if cfg.model.tabular else 0
-    model = build_model(cfg.model.arch, data.n_outputs, weights=cfg.model.weights, dropout=cfg.model.dropout,
-                        width=cfg.model.width, n_tabular=n_tab)
+    model = build_model(
+        cfg.model.arch,
+        data.n_outputs,
+        weights=cfg.model.weights,
+        dropout=cfg.model.dropout,
+        width=cfg.model.width,
+        n_tabular=n_tab,
+    )
     model = model.to(device).to(memory_format=torch.channels_last)
     loss_fn = make_loss(data, train_idx, cfg, device)
     opt = make_optimizer(model, cfg)
@@ -407,8 +462,14 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
         score = objective if cfg.train.early_stopping.monitor == "augmented_val_auroc" else val_auroc
         if score > best["score"] + cfg.train.early_stopping.min_delta:
             # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
-            best = {"score": score, "auroc": val_auroc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict()),
-                    "val_probs": val_probs, "objective": objective}
+            best = {
+                "score": score,
+                "auroc": val_auroc,
+                "epoch": epoch,
+                "state": copy.deepcopy(scored.state_dict()),
+                "val_probs": val_probs,
+                "objective": objective,
+            }
             since_best = 0
         else:
             since_best += 1
@@ -424,9 +485,17 @@ def train_member(cfg: "Config", data: PreparedData, seed: int, device: torch.dev
             log.info("%searly stopping at epoch %d; best epoch %d", label, epoch, best["epoch"])
             break
     model.load_state_dict(best["state"])
-    return Member(model=model, seed=seed, best_epoch=best["epoch"], best_val_auroc=best["auroc"],
-                  best_objective=best["objective"], val_probs=best["val_probs"], history=history, images_seen=seen,
-                  train_seconds=train_time)
+    return Member(
+        model=model,
+        seed=seed,
+        best_epoch=best["epoch"],
+        best_val_auroc=best["auroc"],
+        best_objective=best["objective"],
+        val_probs=best["val_probs"],
+        history=history,
+        images_seen=seen,
+        train_seconds=train_time,
+    )
 
 
 def saved_model(cfg: "Config", networks: list[torch.nn.Module]) -> torch.nn.Module:
@@ -443,11 +512,19 @@ def saved_model(cfg: "Config", networks: list[torch.nn.Module]) -> torch.nn.Modu
     return TestTimeAugmentation(model, views).to(next(model.parameters()).device)
 
 
-def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path | None = None,
-        run_name: str | None = None, nested: bool = False, log_model: bool = True,
-        extra_tags: dict[str, str] | None = None, run_id: str | None = None,
-        yardstick: Yardstick | None = None,
-        epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> FitResult:
+def fit(
+    cfg: "Config",
+    trial: "optuna.Trial | None" = None,
+    *,
+    model_dir: Path | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+    log_model: bool = True,
+    extra_tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    yardstick: Yardstick | None = None,
+    epoch_hook: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+) -> FitResult:
     """Train, choose the threshold, save the model; ``run_id`` continues an existing MLflow run (a tuning trial's),
     ``yardstick`` is what that trial is judged on (see :class:`Yardstick`); ``epoch_hook``: see :func:`train_member`.
 
@@ -457,8 +534,15 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
     if cfg.model.arch == "logistic_regression":
         from cxr.baseline import fit_baseline
 
-        return fit_baseline(cfg, model_dir=model_dir, run_name=run_name, nested=nested, log_model=log_model,
-                            extra_tags=extra_tags, run_id=run_id)
+        return fit_baseline(
+            cfg,
+            model_dir=model_dir,
+            run_name=run_name,
+            nested=nested,
+            log_model=log_model,
+            extra_tags=extra_tags,
+            run_id=run_id,
+        )
     device = resolve_device(cfg.train.device)
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     train_idx, val_idx = data.split("train"), data.split("val")
@@ -481,9 +565,20 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
             tracking.log_dict_artifact(data.card, "data/card.json")
         members: list[Member] = []
         for i in range(n):
-            members.append(train_member(cfg, data, cfg.project.seed + i, device, active=bool(active), trial=trial,
-                                        yardstick=yardstick, member=(i + 1, n), epoch_hook=epoch_hook,
-                                        step0=sum(len(m.history) for m in members)))
+            members.append(
+                train_member(
+                    cfg,
+                    data,
+                    cfg.project.seed + i,
+                    device,
+                    active=bool(active),
+                    trial=trial,
+                    yardstick=yardstick,
+                    member=(i + 1, n),
+                    epoch_hook=epoch_hook,
+                    step0=sum(len(m.history) for m in members),
+                )
+            )
         model = saved_model(cfg, [m.model for m in members])
         if model is members[0].model:  # the network itself, as its best epoch scored it
             val_auroc, objective = members[0].best_val_auroc, members[0].best_objective
@@ -492,29 +587,62 @@ def fit(cfg: "Config", trial: "optuna.Trial | None" = None, *, model_dir: Path |
         else:  # an ensemble or test-time views: score validation as the saved model will be used
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
             val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
-            objective = val_auroc if yardstick is None else yardstick.auroc(model, data, val_idx, device,
-                                                                            cfg.train.precision)
+            objective = (
+                val_auroc if yardstick is None else yardstick.auroc(model, data, val_idx, device, cfg.train.precision)
+            )
         threshold = choose_thresholds(data.task, *threshold_scores(model, data, val_idx, val_probs, cfg, device), cfg)
         history = [row for m in members for row in m.history]
         best_epoch = members[0].best_epoch if n == 1 else [m.best_epoch for m in members]
-        info = model_info(cfg, model.spec, data, threshold, run_id=run_id, best_epoch=best_epoch,
-                          val_auroc=val_auroc, epochs_trained=len(history), git_commit=tags.get("git_commit"),
-                          **({"members": [{"seed": m.seed, "best_epoch": m.best_epoch, "val_auroc": m.best_val_auroc}
-                                          for m in members]} if n > 1 else {}))
+        info = model_info(
+            cfg,
+            model.spec,
+            data,
+            threshold,
+            run_id=run_id,
+            best_epoch=best_epoch,
+            val_auroc=val_auroc,
+            epochs_trained=len(history),
+            git_commit=tags.get("git_commit"),
+            **(
+                {
+                    "members": [
+                        {"seed": m.seed, "best_epoch": m.best_epoch, "val_auroc": m.best_val_auroc} for m in members
+                    ]
+                }
+                if n > 1
+                else {}
+            ),
+        )
         predictor = Predictor(model.cpu().float(), info)
         predictor.save(model_dir)
         ips = sum(m.images_seen for m in members) / max(sum(m.train_seconds for m in members), 1e-9)
         if active:
             import mlflow
 
-            mlflow.log_metrics({"best_val_auroc": val_auroc, "epochs_trained": len(history),
-                                "train_images_per_second_mean": ips,
-                                **({"best_val_auroc_augmented": objective} if yardstick is not None else {}),
-                                **({"best_epoch": best_epoch} if n == 1 else
-                                   {f"member{i + 1}/best_val_auroc": m.best_val_auroc for i, m in enumerate(members)})})
+            mlflow.log_metrics(
+                {
+                    "best_val_auroc": val_auroc,
+                    "epochs_trained": len(history),
+                    "train_images_per_second_mean": ips,
+                    **({"best_val_auroc_augmented": objective} if yardstick is not None else {}),
+                    **(
+                        {"best_epoch": best_epoch}
+                        if n == 1
+                        else {f"member{i + 1}/best_val_auroc": m.best_val_auroc for i, m in enumerate(members)}
+                    ),
+                }
+            )
             mlflow.set_tags({"trial_state": "COMPLETE"} if trial is not None else {})
             if log_model:
                 tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
-    return FitResult(model_dir=model_dir, run_id=run_id, best_epoch=best_epoch, best_val_auroc=val_auroc,
-                     epochs_trained=len(history), images_per_second=ips, history=history, threshold=threshold,
-                     objective=objective)
+    return FitResult(
+        model_dir=model_dir,
+        run_id=run_id,
+        best_epoch=best_epoch,
+        best_val_auroc=val_auroc,
+        epochs_trained=len(history),
+        images_per_second=ips,
+        history=history,
+        threshold=threshold,
+        objective=objective,
+    )

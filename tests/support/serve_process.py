@@ -15,8 +15,14 @@ import time
 from pathlib import Path
 
 # Taken from the caller's environment only when given explicitly: a stray one would serve another model.
-_NOT_INHERITED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CXR_MODEL_URI", "CXR_BATCHING", "CXR_PARAMS",
-                  "CXR_PRECISION")
+_NOT_INHERITED = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "CXR_MODEL_URI",
+    "CXR_BATCHING",
+    "CXR_PARAMS",
+    "CXR_PRECISION",
+)
 
 
 class ServiceNotReady(RuntimeError):
@@ -30,15 +36,22 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """`bentoml serve cxr.service:CxrService` run in ``workdir`` on a free loopback port.
+    """`bentoml serve cxr.serving.service:CxrService` run in ``workdir`` on a free loopback port.
 
     ``workdir/params.yaml`` (when present) is the service's config; ``env`` adds or overrides
     variables (``CXR_MODEL_URI``, ``CXR_BATCHING``, ``CXR_PARAMS`` ...). ``target`` may instead name
     a built bento (``cxr-service:<version>`` in the store under ``home``).
     """
 
-    def __init__(self, workdir: Path, log: Path, *, home: Path | None = None,
-                 target: str = "cxr.service:CxrService", **env: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        log: Path,
+        *,
+        home: Path | None = None,
+        target: str = "cxr.serving.service:CxrService",
+        **env: str,
+    ) -> None:
         workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,7 +65,12 @@ class ServiceProcess:
         bentoml = Path(sys.executable).with_name("bentoml")
         self.proc = subprocess.Popen(
             [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=workdir, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=workdir,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -205,9 +205,7 @@ def _require_both_classes(y: np.ndarray, what: str) -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         only = "positive" if n_pos else "negative"
-        raise ValueError(
-            f"{what} needs both positive and negative cases; all {y.size} cases are {only}"
-        )
+        raise ValueError(f"{what} needs both positive and negative cases; all {y.size} cases are {only}")
 
 
 def choose_threshold(
@@ -268,9 +266,10 @@ def _smoothed_cdf(grid: np.ndarray, x: np.ndarray, chunk: int = 256) -> np.ndarr
     iqr = float(interquartile_range(x))
     sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
     spread = min(sd, iqr / 1.34) if iqr > 0 else sd
-    h = max(0.9 * spread * x.size ** -0.2, 1e-6)  # Silverman's rule; a floor for a class of one value
-    return np.concatenate([ndtr((grid[i : i + chunk, None] - x[None, :]) / h).mean(axis=1)
-                           for i in range(0, grid.size, chunk)])
+    h = max(0.9 * spread * x.size**-0.2, 1e-6)  # Silverman's rule; a floor for a class of one value
+    return np.concatenate(
+        [ndtr((grid[i : i + chunk, None] - x[None, :]) / h).mean(axis=1) for i in range(0, grid.size, chunk)]
+    )
 
 
 def confusion_at(y_true: Any, y_score: Any, threshold: float) -> dict[str, int]:
@@ -401,9 +400,7 @@ def _rank_prep(y: np.ndarray, s: np.ndarray) -> _RankPrep:
     inside = above < G
     tied[inside] = ups[above[inside]] == s[inside]
     seg = np.where(y, 3 * above + 2, np.where(tied, 3 * above + 1, 3 * above))
-    mat = sparse.csr_matrix(
-        (np.ones(s.size), (np.arange(s.size), seg)), shape=(s.size, 3 * G + 1)
-    )
+    mat = sparse.csr_matrix((np.ones(s.size), (np.arange(s.size), seg)), shape=(s.size, 3 * G + 1))
     return _RankPrep(mat, G)
 
 
@@ -419,7 +416,7 @@ class _RankCounts(NamedTuple):
 def _rank_counts(prep: _RankPrep, W: np.ndarray) -> _RankCounts:
     sums = np.asarray(W @ prep.segments)
     G = prep.n_groups
-    neg_between, neg_tie, pos_at = sums[:, 0:3 * G:3], sums[:, 1:3 * G:3], sums[:, 2:3 * G:3]
+    neg_between, neg_tie, pos_at = sums[:, 0 : 3 * G : 3], sums[:, 1 : 3 * G : 3], sums[:, 2 : 3 * G : 3]
     fp = np.cumsum(neg_between + neg_tie, axis=1)
     tp = np.cumsum(pos_at, axis=1)
     P = tp[:, -1] if G else np.zeros(W.shape[0])
@@ -586,9 +583,7 @@ def binary_metrics(
     ]
     boot = _collect(chunks, BINARY_METRICS)
 
-    out: dict[str, Any] = {
-        k: _with_ci(point[k], boot[k], ci, n_bootstrap) for k in BINARY_METRICS
-    }
+    out: dict[str, Any] = {k: _with_ci(point[k], boot[k], ci, n_bootstrap) for k in BINARY_METRICS}
     out.update(
         threshold=t,
         n=n,
@@ -684,16 +679,11 @@ def multiclass_metrics(
         "accuracy": accuracy_score(y, pred),
         "balanced_accuracy": _balanced_accuracy_point(y, pred),
         "macro_f1": f1_score(y, pred, average="macro", zero_division=np.nan),
-        "macro_auroc": (
-            float(np.mean([per_class[names[k]]["auroc"] for k in macro_set])) if macro_set else None
-        ),
+        "macro_auroc": (float(np.mean([per_class[names[k]]["auroc"] for k in macro_set])) if macro_set else None),
     }
 
     preps = {k: _rank_prep(y == k, P[:, k]) for k in macro_set}
-    chunks = [
-        _weighted_multiclass_stats(y, pred, K, W, preps)
-        for W in _resample_weights(n, n_bootstrap, seed)
-    ]
+    chunks = [_weighted_multiclass_stats(y, pred, K, W, preps) for W in _resample_weights(n, n_bootstrap, seed)]
     boot = _collect(chunks, list(point))
     out: dict[str, Any] = {k: _with_ci(v, boot[k], ci, n_bootstrap) for k, v in point.items()}
     out.update(
@@ -790,17 +780,20 @@ def multilabel_metrics(
 
     per_class = {
         names[k]: binary_metrics(
-            cols[k], S[:, k], thr[k], n_bootstrap=pcb, ci=ci, seed=seed,
+            cols[k],
+            S[:, k],
+            thr[k],
+            n_bootstrap=pcb,
+            ci=ci,
+            seed=seed,
             calibration_bins=calibration_bins,
         )
         for k in range(K)
     }
     macro_set = [k for k in range(K) if 0 < cols[k].sum() < n]
     point = {
-        "macro_auroc": np.mean([per_class[names[k]]["auroc"]["value"] for k in macro_set])
-        if macro_set else None,
-        "macro_auprc": np.mean([per_class[names[k]]["auprc"]["value"] for k in macro_set])
-        if macro_set else None,
+        "macro_auroc": np.mean([per_class[names[k]]["auroc"]["value"] for k in macro_set]) if macro_set else None,
+        "macro_auprc": np.mean([per_class[names[k]]["auprc"]["value"] for k in macro_set]) if macro_set else None,
     }
     preps = {k: _rank_prep(cols[k], S[:, k]) for k in macro_set}
     chunks = []
@@ -813,9 +806,7 @@ def multilabel_metrics(
                 aps.append(_ap_from_counts(rc))
             chunks.append({"macro_auroc": np.mean(aucs, axis=0), "macro_auprc": np.mean(aps, axis=0)})
     boot = _collect(chunks, list(point))
-    out: dict[str, Any] = {
-        k: _with_ci(v, boot[k] if macro_set else None, ci, n_bootstrap) for k, v in point.items()
-    }
+    out: dict[str, Any] = {k: _with_ci(v, boot[k] if macro_set else None, ci, n_bootstrap) for k, v in point.items()}
     out.update(
         n=n,
         classes=names,
@@ -925,7 +916,12 @@ def subgroup_metrics(
                 }
                 continue
             per_value[value] = binary_metrics(
-                y[mask], s[mask], t, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
+                y[mask],
+                s[mask],
+                t,
+                n_bootstrap=n_bootstrap,
+                ci=ci,
+                seed=seed,
                 calibration_bins=calibration_bins,
             )
         out[str(attr)] = per_value
@@ -939,9 +935,7 @@ def subgroup_metrics(
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]+")
 
 
-def headline(
-    metrics_dict: Mapping[str, Any], *, prefix: str = "", per_class: bool = False
-) -> dict[str, float]:
+def headline(metrics_dict: Mapping[str, Any], *, prefix: str = "", per_class: bool = False) -> dict[str, float]:
     """Flat ``{name: value}`` of the top-level ``{"value": ...}`` entries (for DVC / MLflow).
 
     Undefined (None) values are left out. With ``per_class=True`` the per-class AUROC/AUPRC

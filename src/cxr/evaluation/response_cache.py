@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from cxr.service_client import Answer
+from cxr.serving.client import Answer
 
 log = logging.getLogger(__name__)
 FINAL = ("ok", "refused")

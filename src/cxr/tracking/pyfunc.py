@@ -8,10 +8,11 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from cxr.models.predictor import Predictor
+
 
 class CxrPyfunc(PythonModel):
     def load_context(self, context):  # noqa: D401 - mlflow hook
-        from cxr.predictor import Predictor
 
         self.predictor = Predictor.from_dir(context.artifacts["cxr_model"])
 

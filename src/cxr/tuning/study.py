@@ -29,16 +29,19 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cxr import tracking
 from cxr.errors import UserError
+from cxr.evaluation.evaluate import evaluate
 from cxr.progress import progress_bar
+from cxr.tracking import registry
+from cxr.tracking import runs as tracking
+from cxr.training.fit import TrialPrunedSignal, Yardstick, fit
 
 if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
 
     from cxr.config import Config, SpaceParam
-    from cxr.train import Yardstick
+    from cxr.training.fit import Yardstick
 
 log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"
@@ -74,6 +77,7 @@ class TuneResult:
 
 # --- search space --------------------------------------------------------------------------------
 
+
 def suggest(trial: "optuna.Trial", space: dict[str, "SpaceParam"]) -> dict[str, Any]:
     """Trial parameters as dotted config overrides."""
     params: dict[str, Any] = {}
@@ -103,16 +107,18 @@ def check_space(cfg: "Config") -> None:
 
 # --- study ---------------------------------------------------------------------------------------
 
+
 def make_pruner(cfg: "Config") -> "optuna.pruners.BasePruner":
     import optuna
 
     if cfg.tune.pruner in ("median", "percentile"):  # the median pruner is optuna's PercentilePruner(50)
         keep = 50.0 if cfg.tune.pruner == "median" else cfg.tune.keep_percentile
         startup = cfg.tune.startup_trials if cfg.tune.pruner_startup_trials is None else cfg.tune.pruner_startup_trials
-        return optuna.pruners.PercentilePruner(keep, n_startup_trials=startup,
-                                               n_warmup_steps=cfg.tune.warmup_epochs)
+        return optuna.pruners.PercentilePruner(keep, n_startup_trials=startup, n_warmup_steps=cfg.tune.warmup_epochs)
     if cfg.tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, cfg.tune.warmup_epochs), max_resource=cfg.train.epochs
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -120,11 +126,12 @@ def make_storage(cfg: "Config", url: str) -> "optuna.storages.RDBStorage":
     import optuna
 
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg2://" + url[len("postgresql://") :]
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.tune.heartbeat_interval,
-                                              grace_period=cfg.tune.grace_period)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=cfg.tune.heartbeat_interval, grace_period=cfg.tune.grace_period
+            )
         except Exception as exc:  # unreachable server, bad URL, missing driver: say which storage
             # workers starting together race to create the schema: the loser finds it made on retry
             if attempt == 2 or "already exists" not in str(exc):
@@ -149,10 +156,17 @@ def load_study(cfg: "Config", name: str, storage: "optuna.storages.RDBStorage", 
     # Resuming reseeds past the trials already made, so a resumed study does not replay its first proposals;
     # workers sharing a server storage also mix in their pid so their random start-up trials differ.
     seed = cfg.tune.sampler_seed + existing + (os.getpid() if shared else 0)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=cfg.tune.startup_trials,
-                                         constant_liar=True)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(cfg),
-                                direction=cfg.tune.direction, load_if_exists=True)
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=cfg.tune.startup_trials, constant_liar=True
+    )
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        pruner=make_pruner(cfg),
+        direction=cfg.tune.direction,
+        load_if_exists=True,
+    )
     if study.direction.name.lower() != cfg.tune.direction:
         raise TuneError(f"study {name!r} exists with direction {study.direction.name.lower()}; use another --study")
     _same_objective(cfg, study, existing)
@@ -161,12 +175,13 @@ def load_study(cfg: "Config", name: str, storage: "optuna.storages.RDBStorage", 
 
 def make_yardstick(cfg: "Config") -> "Yardstick | None":
     """The configured augmentation, not a trial's own: every trial is measured on the same films."""
-    from cxr.train import Yardstick
 
     if cfg.tune.objective != "augmented_val_auroc":
         if cfg.train.early_stopping.monitor == "augmented_val_auroc":
-            raise UserError("train.early_stopping.monitor=augmented_val_auroc picks each trial's epoch on the tuning "
-                            "yardstick, which the trial is then judged on: use it with tune.objective=augmented_val_auroc")
+            raise UserError(
+                "train.early_stopping.monitor=augmented_val_auroc picks each trial's epoch on the tuning "
+                "yardstick, which the trial is then judged on: use it with tune.objective=augmented_val_auroc"
+            )
         return None
     return Yardstick.from_config(cfg)
 
@@ -176,8 +191,13 @@ def objective_spec(cfg: "Config") -> dict[str, Any]:
     yardstick = make_yardstick(cfg)
     if yardstick is None:
         return dict(CLEAN_VALIDATION)
-    return {"objective": cfg.tune.objective, "copies": yardstick.copies, "seed": yardstick.seed,
-            "batch_size": yardstick.batch_size, "augment": yardstick.augment.model_dump(mode="json")}
+    return {
+        "objective": cfg.tune.objective,
+        "copies": yardstick.copies,
+        "seed": yardstick.seed,
+        "batch_size": yardstick.batch_size,
+        "augment": yardstick.augment.model_dump(mode="json"),
+    }
 
 
 def _same_objective(cfg: "Config", study: "optuna.Study", existing: int) -> None:
@@ -189,9 +209,11 @@ def _same_objective(cfg: "Config", study: "optuna.Study", existing: int) -> None
         return
     recorded = recorded or CLEAN_VALIDATION
     if recorded != mine:
-        raise TuneError(f"study {study.study_name!r} judges its trials on {json.dumps(recorded, sort_keys=True)}, this "
-                        f"run would judge on {json.dumps(mine, sort_keys=True)}; use another --study, or the study's "
-                        "settings (tune.objective, tune.objective_copies, train.augment, project.seed)")
+        raise TuneError(
+            f"study {study.study_name!r} judges its trials on {json.dumps(recorded, sort_keys=True)}, this "
+            f"run would judge on {json.dumps(mine, sort_keys=True)}; use another --study, or the study's "
+            "settings (tune.objective, tune.objective_copies, train.augment, project.seed)"
+        )
 
 
 def _count_existing(storage: "optuna.storages.RDBStorage", name: str) -> int:
@@ -216,12 +238,19 @@ def _best(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return None
-    return max(complete, key=lambda t: t.value) if study.direction.name == "MAXIMIZE" else min(complete, key=lambda t: t.value)
+    return (
+        max(complete, key=lambda t: t.value)
+        if study.direction.name == "MAXIMIZE"
+        else min(complete, key=lambda t: t.value)
+    )
 
 
 # --- MLflow --------------------------------------------------------------------------------------
 
-def parent_run(cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str) -> str:
+
+def parent_run(
+    cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str
+) -> str:
     """The study's one parent run, shared by resumed runs and by every worker of a distributed study."""
     filt = f"tags.`cxr.role` = 'study' and tags.`optuna.study` = '{study.study_name}'"
     key = redact(storage_url)
@@ -234,8 +263,11 @@ def parent_run(cfg: "Config", client: "MlflowClient", experiment_id: str, study:
     found = find()
     if found:
         return found[0].info.run_id
-    mine = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
-        "cxr.role": "study", "optuna.study": study.study_name, "optuna.storage": key, **tracking.git_state()})
+    mine = client.create_run(
+        experiment_id,
+        run_name=f"study-{study.study_name}",
+        tags={"cxr.role": "study", "optuna.study": study.study_name, "optuna.storage": key, **tracking.git_state()},
+    )
     found = find()
     if found[0].info.run_id != mine.info.run_id:  # another worker made one at the same moment: keep the oldest
         client.delete_run(mine.info.run_id)
@@ -272,8 +304,12 @@ def log_summary(cfg: "Config", client: "MlflowClient", parent_id: str, study: "o
     for k in ("COMPLETE", "PRUNED", "FAIL"):
         client.log_metric(parent_id, f"n_{k.lower()}", n[k])
     if best is not None:
-        summary |= {"best_value": best.value, "best_trial": best.number, "best_params": best.params,
-                    "best_run_id": best.user_attrs.get(RUN_ID_ATTR)}
+        summary |= {
+            "best_value": best.value,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "best_run_id": best.user_attrs.get(RUN_ID_ATTR),
+        }
         client.log_metric(parent_id, "best_value", best.value)
         client.set_tag(parent_id, "best_trial", str(best.number))
         client.set_tag(parent_id, "best_run_id", str(best.user_attrs.get(RUN_ID_ATTR)))
@@ -306,8 +342,10 @@ def _plots(study: "optuna.Study", out: Path) -> list[Path]:
     paths = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        for name, fn in (("optimization_history", ovm.plot_optimization_history),
-                         ("param_importances", ovm.plot_param_importances)):
+        for name, fn in (
+            ("optimization_history", ovm.plot_optimization_history),
+            ("param_importances", ovm.plot_param_importances),
+        ):
             try:
                 ax = fn(study)
             except Exception as exc:  # too few complete trials for this plot
@@ -325,12 +363,17 @@ def _plots(study: "optuna.Study", out: Path) -> list[Path]:
 
 # --- the objective -------------------------------------------------------------------------------
 
-def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, parent_id: str | None, n_trials: int,
-                   interrupted: threading.Event | None = None):
+
+def make_objective(
+    cfg: "Config",
+    client: "MlflowClient",
+    experiment_id: str,
+    parent_id: str | None,
+    n_trials: int,
+    interrupted: threading.Event | None = None,
+):
     import optuna
     from optuna.trial import TrialState
-
-    from cxr.train import TrialPrunedSignal, fit
 
     yardstick = make_yardstick(cfg)
 
@@ -347,24 +390,42 @@ def make_objective(cfg: "Config", client: "MlflowClient", experiment_id: str, pa
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         run_id = None
         if parent_id is not None:
-            run = client.create_run(experiment_id, run_name=f"{trial.study.study_name}-trial-{trial.number}", tags={
-                "mlflow.parentRunId": parent_id, "cxr.role": "trial", "optuna.study": trial.study.study_name,
-                "optuna.trial_number": str(trial.number), "trial_state": "RUNNING"})
+            run = client.create_run(
+                experiment_id,
+                run_name=f"{trial.study.study_name}-trial-{trial.number}",
+                tags={
+                    "mlflow.parentRunId": parent_id,
+                    "cxr.role": "trial",
+                    "optuna.study": trial.study.study_name,
+                    "optuna.trial_number": str(trial.number),
+                    "trial_state": "RUNNING",
+                },
+            )
             run_id = run.info.run_id
             trial.set_user_attr(RUN_ID_ATTR, run_id)
         # Two workers may start the last trial at once: the one with the higher number stands down.
-        others = [t for t in trial.study.get_trials(deepcopy=False)
-                  if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                  or (t.state == TrialState.RUNNING and t.number < trial.number)]
+        others = [
+            t
+            for t in trial.study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.RUNNING and t.number < trial.number)
+        ]
         if len(others) >= n_trials:
             _close(client, run_id, "FAIL", "KILLED", note="not run: the study already has the trials asked for")
             trial.set_user_attr("quota_reached", True)
             raise _QuotaReached()
         model_dir = Path(tempfile.mkdtemp(prefix=f"cxr-trial-{trial.number}-"))
         try:
-            result = fit(trial_cfg, trial, model_dir=model_dir / "model", run_id=run_id,
-                         log_model=cfg.tune.log_models and run_id is not None, yardstick=yardstick,
-                         extra_tags={"optuna.trial_number": str(trial.number)}, epoch_hook=stop_if_interrupted)
+            result = fit(
+                trial_cfg,
+                trial,
+                model_dir=model_dir / "model",
+                run_id=run_id,
+                log_model=cfg.tune.log_models and run_id is not None,
+                yardstick=yardstick,
+                extra_tags={"optuna.trial_number": str(trial.number)},
+                epoch_hook=stop_if_interrupted,
+            )
         except TrialPrunedSignal as pruned:
             trial.set_user_attr("epochs_trained", pruned.epoch)
             _close(client, run_id, "PRUNED", "KILLED")
@@ -402,8 +463,16 @@ def _close(client: "MlflowClient", run_id: str | None, state: str, status: str, 
 
 # --- the command ---------------------------------------------------------------------------------
 
-def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_name: str | None = None,
-         storage_url: str | None = None, register: bool = False) -> TuneResult:
+
+def tune(
+    cfg: "Config",
+    n_trials: int,
+    *,
+    timeout: float | None = None,
+    study_name: str | None = None,
+    storage_url: str | None = None,
+    register: bool = False,
+) -> TuneResult:
     import optuna
 
     # optuna's own log repeats every trial with tracebacks; ours says what matters, once
@@ -439,10 +508,17 @@ def tune(cfg: "Config", n_trials: int, *, timeout: float | None = None, study_na
         client.set_terminated(parent_id, "FINISHED")
     n = counts(study)
     best = _best(study)
-    result = TuneResult(study=name, n_complete=n["COMPLETE"], n_pruned=n["PRUNED"], n_failed=n["FAIL"],
-                        best_value=best.value if best else None, best_params=dict(best.params) if best else {},
-                        best_run_id=best.user_attrs.get(RUN_ID_ATTR) if best else None, parent_run_id=parent_id,
-                        best_params_file=None)
+    result = TuneResult(
+        study=name,
+        n_complete=n["COMPLETE"],
+        n_pruned=n["PRUNED"],
+        n_failed=n["FAIL"],
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        best_run_id=best.user_attrs.get(RUN_ID_ATTR) if best else None,
+        parent_run_id=parent_id,
+        best_params_file=None,
+    )
     if best is not None:
         result.best_params_file = write_best_params(cfg, best.params)
     if register:
@@ -479,8 +555,15 @@ def remembered_interrupt():
         sys.unraisablehook = previous_hook
 
 
-def _optimize(cfg: "Config", study: Any, objective: Any, name: str, n_trials: int, timeout: float | None,
-              interrupted: threading.Event) -> None:
+def _optimize(
+    cfg: "Config",
+    study: Any,
+    objective: Any,
+    name: str,
+    n_trials: int,
+    timeout: float | None,
+    interrupted: threading.Event,
+) -> None:
     """Run trials one at a time until the study has ``n_trials`` finished ones (other workers' count too)."""
     import optuna
 
@@ -503,8 +586,13 @@ def _optimize(cfg: "Config", study: Any, objective: Any, name: str, n_trials: in
                 done = now["finished"]
                 continue
             ran: list = []
-            study.optimize(objective, n_trials=1, catch=(_TrialFailed, _QuotaReached), gc_after_trial=True,
-                           callbacks=[lambda _study, trial: ran.append(trial)])
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(_TrialFailed, _QuotaReached),
+                gc_after_trial=True,
+                callbacks=[lambda _study, trial, ran=ran: ran.append(trial)],
+            )
             quota = ran and ran[0].user_attrs.get("quota_reached")
             failures = failures + 1 if ran and ran[0].state.name == "FAIL" and not quota else 0
             if failures >= cfg.tune.max_consecutive_failures:
@@ -527,12 +615,11 @@ def write_best_params(cfg: "Config", params: dict[str, Any]) -> Path:
 
 def register_best(cfg: "Config", result: TuneResult) -> str:
     """Register the best trial's own model (already logged by its run), after evaluating it on test."""
-    from cxr import registry
-    from cxr.evaluate import evaluate
-
     if result.best_run_id is None or not cfg.tune.log_models:
         raise TuneError("no best trial with a logged model to register (needs MLflow and tune.log_models=true)")
-    best_cfg = cfg.override({**result.best_params, "paths.reports": str(Path(cfg.paths.reports) / "tune" / result.study)})
+    best_cfg = cfg.override(
+        {**result.best_params, "paths.reports": str(Path(cfg.paths.reports) / "tune" / result.study)}
+    )
     evaluate(best_cfg, f"runs:/{result.best_run_id}/model")  # adds test_* metrics to the trial's run
     version = registry.register(best_cfg, run_id=result.best_run_id)
     return version.version

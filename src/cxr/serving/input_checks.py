@@ -48,7 +48,9 @@ def refuse_non_chest(meta: dict[str, Any], label: str = "upload") -> None:
         )
     modality = (meta.get("modality") or "").strip().upper()
     if modality in NOT_RADIOGRAPHY:
-        raise NotAChestError(f"{label}: the DICOM header says Modality={modality}; this model reads chest radiographs only")
+        raise NotAChestError(
+            f"{label}: the DICOM header says Modality={modality}; this model reads chest radiographs only"
+        )
 
 
 def image_stats(x: np.ndarray) -> dict[str, float]:

@@ -86,13 +86,24 @@ def _transient(exc: BaseException) -> bool:
 class ServiceClient:
     """Async client; use as ``async with ServiceClient(url) as client``."""
 
-    def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 4, backoff: float = 0.5,
-                 max_backoff: float = 20.0, concurrency: int = 8, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        concurrency: int = 8,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self._wait = _Backoff(multiplier=backoff, max=max_backoff)
         self._client = httpx.AsyncClient(
-            base_url=self.url, timeout=timeout, transport=transport,
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
 
@@ -103,8 +114,12 @@ class ServiceClient:
         await self._client.aclose()
 
     def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(stop=stop_after_attempt(self.retries + 1), wait=self._wait,
-                             retry=retry_if_exception(_transient), reraise=True)
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        )
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, int]:
         """One request with retries; returns the final response and the number of attempts."""
@@ -159,6 +174,10 @@ class ServiceClient:
         except ValueError:
             body = None
         if response.status_code != 200 or not isinstance(body, dict) or "probabilities" not in body:
-            return Answer("failed", http_status=response.status_code,
-                          error=f"unexpected answer: {error_message(response)}", attempts=attempts)
+            return Answer(
+                "failed",
+                http_status=response.status_code,
+                error=f"unexpected answer: {error_message(response)}",
+                attempts=attempts,
+            )
         return Answer("ok", response=body, http_status=200, attempts=attempts)

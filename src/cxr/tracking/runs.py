@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxr.models.predictor import Predictor
+
 if TYPE_CHECKING:
     from cxr.config import Config
 
 log = logging.getLogger(__name__)
-PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cxr package, shipped with every logged model
 
 
 URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -83,6 +86,7 @@ def configure(cfg: "Config") -> str:
 
 def git_state() -> dict[str, str]:
     """Commit and dirty flag of the working tree (``unknown`` outside git)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
 
@@ -105,8 +109,14 @@ def lineage_tags(card: dict[str, Any]) -> dict[str, str]:
 
 
 @contextmanager
-def run(cfg: "Config", *, name: str | None = None, nested: bool = False, tags: dict[str, str] | None = None,
-        run_id: str | None = None) -> Iterator[Any]:
+def run(
+    cfg: "Config",
+    *,
+    name: str | None = None,
+    nested: bool = False,
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> Iterator[Any]:
     """An MLflow run (a new one, or ``run_id`` continued), or ``None`` when tracking is disabled."""
     if not cfg.mlflow.enabled:
         yield None
@@ -133,8 +143,6 @@ def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> 
     import mlflow
     from mlflow.models import infer_signature
 
-    from cxr.predictor import Predictor
-
     predictor = Predictor.from_dir(model_dir)
     output = predictor.predict_proba(example)
     signature = infer_signature(example, output)
@@ -142,7 +150,7 @@ def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> 
         name=name,
         python_model=str(PYFUNC_CODE),
         artifacts={"cxr_model": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
+        code_paths=[str(PACKAGE_DIR)],
         signature=signature,
         input_example=example,
         pip_requirements=pip_requirements(),
@@ -156,8 +164,21 @@ def pip_requirements() -> list[str]:
     """Pinned from the running environment: resolving them is what makes log_model slow otherwise."""
     from importlib.metadata import version
 
-    pkgs = ["torch", "torchvision", "numpy", "safetensors", "pydicom", "pillow", "pandas", "pyyaml", "pydantic",
-            "mlflow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"]
+    pkgs = [
+        "torch",
+        "torchvision",
+        "numpy",
+        "safetensors",
+        "pydicom",
+        "pillow",
+        "pandas",
+        "pyyaml",
+        "pydantic",
+        "mlflow",
+        "pylibjpeg",
+        "pylibjpeg-libjpeg",
+        "pylibjpeg-openjpeg",
+    ]
     out = []
     for p in pkgs:
         try:

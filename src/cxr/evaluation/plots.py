@@ -4,7 +4,7 @@ Figures are drawn with ``matplotlib.figure.Figure`` on an Agg canvas, never thro
 ``matplotlib.pyplot``: importing this module neither selects a global backend nor keeps figures
 alive in pyplot's registry, so it is safe in servers, workers and notebooks alike. Every function
 writes one PNG (100 dpi, 5 x 5 inches unless many classes need more room), creates the parent
-folder if needed and returns the path. The numbers shown come from :mod:`cxr.metrics`.
+folder if needed and returns the path. The numbers shown come from :mod:`cxr.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr import metrics as M
+from cxr.evaluation import metrics as M
 
 __all__ = [
     "DPI",
@@ -92,9 +92,10 @@ def plot_roc(
     if threshold is not None:
         op = _operating_point(y_true, y_score, threshold)
         ax.plot(
-            [1 - op["specificity"]], [op["sensitivity"]], **_OP_STYLE,
-            label=f"threshold {threshold:.3g}: sens {_fmt(op['sensitivity'])}, "
-            f"spec {_fmt(op['specificity'])}",
+            [1 - op["specificity"]],
+            [op["sensitivity"]],
+            **_OP_STYLE,
+            label=f"threshold {threshold:.3g}: sens {_fmt(op['sensitivity'])}, spec {_fmt(op['specificity'])}",
         )
     _unit_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)", title)
     ax.legend(loc="lower right", fontsize=8)
@@ -117,17 +118,16 @@ def plot_pr(
     prevalence = float(np.mean(y == 1))
     fig = _figure()
     ax = fig.add_subplot()
-    ax.axhline(prevalence, linestyle="--", color="grey", linewidth=1,
-               label=f"chance (prevalence = {prevalence:.3f})")
-    ax.step(pts.recall, pts.precision, where="post", color="tab:blue", linewidth=2,
-            label=f"model (AUPRC = {ap:.3f})")
+    ax.axhline(prevalence, linestyle="--", color="grey", linewidth=1, label=f"chance (prevalence = {prevalence:.3f})")
+    ax.step(pts.recall, pts.precision, where="post", color="tab:blue", linewidth=2, label=f"model (AUPRC = {ap:.3f})")
     if threshold is not None:
         op = _operating_point(y_true, y_score, threshold)
         if op["ppv"] is not None:
             ax.plot(
-                [op["sensitivity"]], [op["ppv"]], **_OP_STYLE,
-                label=f"threshold {threshold:.3g}: sens {_fmt(op['sensitivity'])}, "
-                f"PPV {_fmt(op['ppv'])}",
+                [op["sensitivity"]],
+                [op["ppv"]],
+                **_OP_STYLE,
+                label=f"threshold {threshold:.3g}: sens {_fmt(op['sensitivity'])}, PPV {_fmt(op['ppv'])}",
             )
     _unit_axes(ax, "Recall (sensitivity)", "Precision (PPV)", title)
     ax.legend(loc="lower left", fontsize=8)
@@ -172,11 +172,11 @@ def plot_confusion(
             text = f"{int(count)}" if float(count).is_integer() else f"{count:.3g}"
             if rows[i, 0] > 0:
                 text += f"\n{100 * frac[i, j]:.0f}%"
-            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
-                    color="white" if frac[i, j] > 0.5 else "black")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=fontsize, color="white" if frac[i, j] > 0.5 else "black"
+            )
     rotate = k > 2 or max(len(n) for n in names) > 10
-    ax.set_xticks(range(k), labels=names, rotation=45 if rotate else 0,
-                  ha="right" if rotate else "center", fontsize=9)
+    ax.set_xticks(range(k), labels=names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=9)
     ax.set_yticks(range(k), labels=names, fontsize=9)
     ax.set_xlabel("Predicted class", fontsize=10)
     ax.set_ylabel("True class", fontsize=10)
@@ -203,8 +203,14 @@ def plot_calibration(
     grid = fig.add_gridspec(2, 1, height_ratios=[3, 1])
     ax = fig.add_subplot(grid[0])
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
-    ax.plot(pts.mean_predicted, pts.fraction_positive, marker="o", color="tab:blue", linewidth=2,
-            label=f"model (ECE = {ece:.3f}, Brier = {brier:.3f})")
+    ax.plot(
+        pts.mean_predicted,
+        pts.fraction_positive,
+        marker="o",
+        color="tab:blue",
+        linewidth=2,
+        label=f"model (ECE = {ece:.3f}, Brier = {brier:.3f})",
+    )
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_ylabel("Observed fraction positive", fontsize=10)
@@ -259,8 +265,7 @@ def plot_roc_per_class(
             pts = M.roc_points(col, S[:, j])
             auc = roc_auc_score(col, S[:, j])
             aucs.append(auc)
-            ax.plot(pts.fpr, pts.tpr, color=cmap(j % cmap.N), linewidth=1.5,
-                    label=f"{name} (AUROC = {auc:.3f})")
+            ax.plot(pts.fpr, pts.tpr, color=cmap(j % cmap.N), linewidth=1.5, label=f"{name} (AUROC = {auc:.3f})")
         else:
             ax.plot([], [], linestyle="none", label=f"{name} (n/a: one label only)")
     if aucs:

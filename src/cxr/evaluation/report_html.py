@@ -95,10 +95,16 @@ def render(report: dict[str, Any], images: list[Path]) -> str:
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     metric_rows = [(k, v) for k, v in report["metrics"].items() if isinstance(v, dict) and "value" in v]
     model = report["model"]
-    title = f"{model.get('name') or model.get('uri') or 'model'}" + (f" v{model['version']}" if model.get("version") else "")
+    title = f"{model.get('name') or model.get('uri') or 'model'}" + (
+        f" v{model['version']}" if model.get("version") else ""
+    )
     ci = (report["metrics"].get("bootstrap") or {}).get("ci", 0.95)
     return env.from_string(TEMPLATE).render(
-        r=report, title=title, metric_rows=metric_rows, comparison=report["comparison"].get("metrics", {}),
+        r=report,
+        title=title,
+        metric_rows=metric_rows,
+        comparison=report["comparison"].get("metrics", {}),
         images=[(p.stem, base64.b64encode(p.read_bytes()).decode("ascii")) for p in images],
-        fmt_ci=_fmt_ci, ci_pct=round(100 * ci),
+        fmt_ci=_fmt_ci,
+        ci_pct=round(100 * ci),
     )

@@ -65,13 +65,17 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
             built = build_source(source_cfg, workdir)
             table, notes, root, description = built.manifest, built.notes, path.parent, f"manifest {path}"
         else:
-            raise SourceError(f"--data {path} does not exist; give a folder of images, a manifest CSV, "
-                              "or leave it out and set -s data.source=... -s data.path=...")
+            raise SourceError(
+                f"--data {path} does not exist; give a folder of images, a manifest CSV, "
+                "or leave it out and set -s data.source=... -s data.path=..."
+            )
     images = [Path(p) if Path(p).is_absolute() or root is None else root / p for p in table["image"]]
     images = [p.resolve() for p in images]
-    table = table.assign(image=[str(p) for p in images],
-                         file=[_shown(p, root) for p in images],  # what reports show: relative to the data
-                         sha256=[sha256_file(p) for p in images])
+    table = table.assign(
+        image=[str(p) for p in images],
+        file=[_shown(p, root) for p in images],  # what reports show: relative to the data
+        sha256=[sha256_file(p) for p in images],
+    )
     return ExternalSet(table.reset_index(drop=True), description, list(notes))
 
 
@@ -86,8 +90,10 @@ def folder_table(root: Path) -> pd.DataFrame:
             continue
         rows.append({"image": str(image), "label": folders[0]})
     if unlabelled:
-        raise SourceError(f"{len(unlabelled)} images in {root} are not in a label folder (e.g. {unlabelled[0]}); "
-                          "put them in sub-folders named after their label (NORMAL/, PNEUMONIA/)")
+        raise SourceError(
+            f"{len(unlabelled)} images in {root} are not in a label folder (e.g. {unlabelled[0]}); "
+            "put them in sub-folders named after their label (NORMAL/, PNEUMONIA/)"
+        )
     if not rows:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in label sub-folders of {root}")
     return standardise(pd.DataFrame(rows).assign(source="folder"))
@@ -109,8 +115,9 @@ def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> di
     names (the manifest source's lists) map onto the model's negative and positive label.
     """
     by_lower = {m.lower(): m for m in model_labels}
-    names = sorted({p.strip() for lab in data_labels for p in (lab.split("|") if task == "multilabel" else [lab])
-                    if p.strip()})
+    names = sorted(
+        {p.strip() for lab in data_labels for p in (lab.split("|") if task == "multilabel" else [lab]) if p.strip()}
+    )
     mapping: dict[str, str] = {}
     unknown = []
     for name in names:
@@ -124,11 +131,15 @@ def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> di
         else:
             unknown.append(name)
     if unknown:
-        raise SourceError(f"labels {unknown} of the external set match none of the model's labels {model_labels}; "
-                          "rename the folders or the CSV labels to the model's label names")
+        raise SourceError(
+            f"labels {unknown} of the external set match none of the model's labels {model_labels}; "
+            "rename the folders or the CSV labels to the model's label names"
+        )
     if task == "binary" and len(set(mapping.values())) < len(mapping):
-        raise SourceError(f"labels {names} map onto the model's labels {model_labels} ambiguously ({mapping}); "
-                          "use exactly one negative and one positive label name")
+        raise SourceError(
+            f"labels {names} map onto the model's labels {model_labels} ambiguously ({mapping}); "
+            "use exactly one negative and one positive label name"
+        )
     return mapping
 
 

@@ -1,0 +1,131 @@
+"""Building models: a fresh network from the config's names, or any saved model rebuilt from its JSON spec."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxr.models.linear import LinearBaseline
+from cxr.models.networks import (
+    GOOGLENET_PRETRAINED_MEAN,
+    GOOGLENET_PRETRAINED_STD,
+    PRETRAINED_MEAN,
+    PRETRAINED_STD,
+    RANDOM_MEAN,
+    RANDOM_STD,
+    SPEC_KEYS,
+    CXRNet,
+    ModelError,
+    check_arch,
+    check_params,
+)
+from cxr.models.weights import load_imagenet_state_dict, load_weights
+from cxr.models.wrappers import Ensemble, TestTimeAugmentation
+
+
+def _weights_kind(weights: str | Path | None) -> str:
+    if weights is None:
+        return "none"
+    if isinstance(weights, str) and weights.strip().lower() in ("", "none"):
+        return "none"
+    if isinstance(weights, str) and weights.strip().lower() == "imagenet":
+        return "imagenet"
+    return "path"
+
+
+def _norm_stats(arch: str, kind: str) -> tuple[float, float]:
+    if kind == "none" or arch == "simple_cnn":
+        return RANDOM_MEAN, RANDOM_STD
+    if arch == "googlenet":
+        return GOOGLENET_PRETRAINED_MEAN, GOOGLENET_PRETRAINED_STD
+    return PRETRAINED_MEAN, PRETRAINED_STD
+
+
+def model_spec(
+    arch: str,
+    n_outputs: int,
+    *,
+    weights: str | Path = "none",
+    dropout: float = 0.2,
+    width: int = 32,
+    n_tabular: int = 0,
+) -> dict[str, Any]:
+    """The spec ``build_model`` would produce (for a full CXRNet weights file the file's buffers win)."""
+    check_arch(arch)
+    check_params(n_outputs, dropout, width, n_tabular)
+    mean, std = _norm_stats(arch, _weights_kind(weights))
+    return {
+        "arch": arch,
+        "n_outputs": int(n_outputs),
+        "dropout": float(dropout),
+        "width": int(width),
+        "n_tabular": int(n_tabular),
+        "norm_mean": mean,
+        "norm_std": std,
+    }
+
+
+def build_model(
+    arch: str,
+    n_outputs: int,
+    *,
+    weights: str = "none",
+    dropout: float = 0.2,
+    width: int = 32,
+    n_tabular: int = 0,
+) -> CXRNet:
+    """Build a :class:`CXRNet`.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        n_outputs: number of logits (1 for binary).
+        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision default weights from the torch
+            hub cache or downloaded; :class:`ModelError` if neither works) or a path to a local
+            ``.safetensors``/``.pt``/``.pth`` state dict of the torchvision backbone or of a CXRNet.
+        dropout: dropout before the head.
+        width: base channel count of ``simple_cnn`` (ignored by torchvision archs).
+        n_tabular: length of the tabular vector fused with the image features (0 = none).
+    """
+    check_arch(arch)
+    kind = _weights_kind(weights)
+    if kind == "imagenet" and arch == "simple_cnn":
+        raise ModelError("no pretrained weights for simple_cnn: use weights='none' or a local weights file")
+    spec = model_spec(arch, n_outputs, weights=weights, dropout=dropout, width=width, n_tabular=n_tabular)
+    model = build_from_spec(spec)
+    if kind == "imagenet":
+        model.load_backbone_state_dict(load_imagenet_state_dict(arch), source=f"ImageNet weights for {arch}")
+    elif kind == "path":
+        load_weights(model, weights)
+    return model
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
+    """Rebuild a randomly initialised :class:`CXRNet` from :attr:`CXRNet.spec` (load its weights afterwards)."""
+    if not isinstance(spec, Mapping):
+        raise ModelError(f"model spec must be a mapping, got {type(spec).__name__}")
+    if spec.get("arch") == "tta":
+        return TestTimeAugmentation(build_from_spec(spec["network"]), torch.tensor(spec["views"]))  # type: ignore[return-value]
+    if spec.get("arch") == "ensemble":
+        return Ensemble([build_from_spec(member) for member in spec.get("members", [])])  # type: ignore[return-value]
+    if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
+        return LinearBaseline.from_spec(dict(spec))  # type: ignore[return-value]
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if missing or unknown:
+        raise ModelError(
+            f"invalid model spec: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+            f"expected keys {', '.join(SPEC_KEYS)}"
+        )
+    check_arch(spec["arch"])
+    return CXRNet(
+        spec["arch"],
+        int(spec["n_outputs"]),
+        dropout=float(spec["dropout"]),
+        width=int(spec["width"]),
+        n_tabular=int(spec["n_tabular"]),
+        norm_mean=float(spec["norm_mean"]),
+        norm_std=float(spec["norm_std"]),
+    )
