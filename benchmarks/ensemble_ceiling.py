@@ -38,9 +38,9 @@ def saved_networks(run: str) -> dict[str, Path]:
 
 
 def member_scores(run: str, model_dir: Path) -> dict:
-    predictor = Predictor.from_uri(model_dir)
+    predictor = Predictor.from_dir(model_dir)
     data = PreparedData(WORK / run / "prepared", predictor.spec.size)
-    arch = predictor.info["architecture"]
+    arch = predictor.card.architecture
     if arch["arch"] == "ensemble":  # a train.ensemble run's model
         arch = {"arch": f"{arch['members'][0]['arch']} x{len(arch['members'])}"}
     out = {"arch": arch["arch"], "size": predictor.spec.size}

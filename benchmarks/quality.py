@@ -35,6 +35,7 @@ from cxr.data.prepare import prepare
 from cxr.evaluation.evaluate import evaluate, score_split
 from cxr.evaluation.metrics import choose_threshold
 from cxr.models.predictor import Predictor
+from cxr.training.callbacks import EpochFigures
 from cxr.training.fit import fit
 
 MEDMNIST_V2 = {  # Table 3 of the MedMNIST v2 paper, PneumoniaMNIST test AUC / ACC
@@ -60,9 +61,9 @@ def threshold_diagnostics(cfg) -> dict:
     """
     import torch
 
-    from cxr.training.fit import threshold_scores
+    from cxr.training.threshold import threshold_scores
 
-    predictor = Predictor.from_uri(cfg.paths.model)
+    predictor = Predictor.from_dir(cfg.paths.model)
     data = PreparedData(cfg.paths.prepared, predictor.spec.size)
     (iv, yv, pv), (_, yt, pt) = (score_split(predictor, data, split) for split in ("val", "test"))
     yt, pt = np.asarray(yt).ravel(), np.asarray(pt).ravel()  # binary task: (N,) probabilities
@@ -104,7 +105,7 @@ def epoch_trace(cfg, base_cfg) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from cxr.training.fit import predict_split
+    from cxr.training.scoring import predict_split
     from cxr.tuning.study import make_yardstick
 
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
@@ -114,7 +115,7 @@ def epoch_trace(cfg, base_cfg) -> dict:
         probs = predict_split(model, data, test, 256, torch.device("cpu"), data.task, cfg.train.precision)
         return {"test_auroc_diagnostic": float(roc_auc_score(data.targets[test], probs))}
 
-    return {"yardstick": make_yardstick(base_cfg), "epoch_hook": test_auroc}
+    return {"yardstick": make_yardstick(base_cfg), "callbacks": [EpochFigures(test_auroc)]}
 
 
 def trace_figures(history: list[dict], best_epoch: int) -> dict:
@@ -148,7 +149,7 @@ def train_and_score(cfg, trace_of=None) -> dict:
     if cfg.model.tta_views:  # paired: the same network scored without its test-time views
         from sklearn.metrics import roc_auc_score
 
-        predictor = Predictor.from_uri(cfg.paths.model)
+        predictor = Predictor.from_dir(cfg.paths.model)
         data = PreparedData(cfg.paths.prepared, predictor.spec.size)
         predictor.model = predictor.model.network
         _, y, without = score_split(predictor, data, "test")

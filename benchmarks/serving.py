@@ -40,21 +40,23 @@ def make_model(arch: str, size: int, out: Path) -> Path:
     """A random-init model directory (the cxr format) of the given architecture and input size."""
     import torch
 
+    from cxr.imaging import ReadLimits
     from cxr.models import build_model
-    from cxr.models.predictor import FORMAT, Predictor
+    from cxr.models.card import Limits, Lineage, ModelCard, Preprocessing
+    from cxr.models.predictor import Predictor
     from cxr.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     model = build_model(arch, 1)
-    info = {
-        "format": FORMAT,
-        "architecture": model.spec,
-        "preprocess": PreprocessSpec(size=size).to_dict(),
-        "task": "binary",
-        "labels": ["normal", "pneumonia"],
-        "threshold": 0.5,
-        "training": {"dataset_hash": "benchmark-random-weights"},
-    }
+    info = ModelCard(
+        architecture=model.spec,
+        preprocess=Preprocessing.of(PreprocessSpec(size=size)),
+        read_limits=Limits(**vars(ReadLimits())),
+        task="binary",
+        labels=["normal", "pneumonia"],
+        threshold=0.5,
+        training=Lineage(dataset_hash="benchmark-random-weights", source="none"),
+    )
     return Predictor(model, info).save(out / arch)
 
 
@@ -83,7 +85,7 @@ def bare_forward(model_dir: Path, threads: int, precision: str, seconds: float =
     torch.set_num_threads(threads)
     try:
         predictor = Predictor.from_dir(model_dir, precision=precision)
-        size = predictor.info["preprocess"]["size"]
+        size = predictor.spec.size
         rates = {}
         for bs in (1, 8, 32):
             x = np.random.default_rng(0).integers(0, 256, (bs, size, size), dtype=np.uint8)
@@ -166,7 +168,7 @@ def main() -> None:
     os.environ.setdefault("CXR_NO_PROGRESS", "1")
     if args.torch_threads:
         os.environ["CXR_TORCH_THREADS"] = str(args.torch_threads)
-    from cxr import service  # imported after the environment is set: its settings are what the servers use
+    from cxr.serving import service  # imported after the environment is set: its settings are what the servers use
 
     data = inputs()
     figures: dict = {

@@ -34,8 +34,8 @@ from cxr.config import load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
-from cxr.models.predictor import Predictor
 from cxr.tracking import registry
+from cxr.tracking.uris import load_predictor
 from cxr.tuning.study import register_best, tune
 
 SPACE = {
@@ -58,7 +58,7 @@ def test_auroc_per_trial(study, data: PreparedData) -> list[dict]:
     for t in study.trials:
         if t.state.name != "COMPLETE" or "mlflow_run_id" not in t.user_attrs:
             continue
-        predictor = Predictor.from_uri(f"runs:/{t.user_attrs['mlflow_run_id']}/model")
+        predictor = load_predictor(f"runs:/{t.user_attrs['mlflow_run_id']}/model")
         probs = predictor.predict_proba(data.images[idx]).reshape(len(idx), -1)[:, -1]  # P(positive)
         rows.append(
             {

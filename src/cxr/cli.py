@@ -13,6 +13,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from cxr.config import load_config
 from cxr.errors import UserError
 
 app = typer.Typer(
@@ -43,8 +44,6 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(params: Path, overrides: list[str] | None):
-    from cxr.config import load_config
-
     return load_config(params, overrides)
 
 
@@ -60,7 +59,7 @@ def config(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None
 @_user_errors
 def ingest(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Materialise the configured data source into paths.raw (images + manifest)."""
-    from cxr.data.ingest import ingest as run
+    from cxr.data.ingest import ingest as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     out = run(cfg)
@@ -71,7 +70,7 @@ def ingest(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None
 @_user_errors
 def prepare(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Decode, preprocess and split the raw data into memory-mappable arrays plus a dataset card."""
-    from cxr.data.prepare import prepare as run
+    from cxr.data.prepare import prepare as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     card = run(cfg)
@@ -85,7 +84,7 @@ def prepare(params: ParamsFile = Path("params.yaml"), overrides: Overrides = Non
 @_user_errors
 def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:
     """Train a model on the prepared data; writes paths.model and an MLflow run."""
-    from cxr.training.fit import fit
+    from cxr.training.fit import fit  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     result = fit(cfg)
@@ -109,7 +108,7 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory or MLflow URI (default: paths.model).")] = None,
 ) -> None:
     """Evaluate the model on val and test: metrics with CIs, subgroups, PNG plots in paths.reports."""
-    from cxr.evaluation.evaluate import evaluate as run
+    from cxr.evaluation.evaluate import evaluate as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     report = run(cfg, model)
@@ -138,7 +137,7 @@ def tune(
     overrides: Overrides = None,
 ) -> None:
     """Search hyperparameters (tune.space) with Optuna; every trial is an MLflow child run. Re-run to resume."""
-    from cxr.tuning.study import tune as run
+    from cxr.tuning.study import tune as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     try:
@@ -168,7 +167,7 @@ def register(
     overrides: Overrides = None,
 ) -> None:
     """Register a trained model as a new version, with lineage and metric tags."""
-    from cxr.tracking.registry import register as run
+    from cxr.tracking.registry import register as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     version = run(cfg, run_id)
@@ -190,7 +189,7 @@ def promote(
     overrides: Overrides = None,
 ) -> None:
     """Move the champion alias to VERSION if it beats the champion on validation AUROC (same data)."""
-    from cxr.tracking.registry import promote as run
+    from cxr.tracking.registry import promote as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     decision = run(cfg, version, force=force, reason=reason)
@@ -205,7 +204,7 @@ def rollback(
     overrides: Overrides = None,
 ) -> None:
     """Return the champion alias to the version that held it before."""
-    from cxr.tracking.registry import rollback as run
+    from cxr.tracking.registry import rollback as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     version = run(cfg, reason=reason)
@@ -222,7 +221,7 @@ def models(
     """List registered versions with aliases and metrics (or the promotion history)."""
     from rich.table import Table
 
-    from cxr.tracking import registry
+    from cxr.tracking import registry  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     rows = registry.history(cfg) if history else registry.versions(cfg)
@@ -266,10 +265,10 @@ def evaluate_external(
     retries: Annotated[int, typer.Option(help="Retries on connection errors, 5xx and 429 (never on other 4xx).")] = 4,
 ) -> None:
     """Evaluate the served model on an external test set; report (JSON + HTML) logged to MLflow."""
-    from cxr.evaluation.external import evaluate_external as run
+    from cxr.evaluation.external import evaluate_external  # lazy: pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
-    report = run(
+    report = evaluate_external(
         cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout, retries=retries
     )
     req, result = report["requests"], report["metrics"]

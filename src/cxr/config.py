@@ -7,6 +7,12 @@ Loading a config has no side effects: no folders are created and no tracking URI
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import threading
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +28,35 @@ class ConfigError(UserError):
     """A user-facing configuration problem (unknown key, wrong type, unreadable file)."""
 
 
+# The keys read while :func:`record_reads` is active in this context; None (the normal case): nothing is recorded.
+_READS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("cxr_config_reads", default=None)
+
+
+def _not_a_read(validator: Callable[..., Any]) -> Callable[..., Any]:
+    """For a model validator reading its values: checking a config is not a stage reading it (record_reads)."""
+
+    @functools.wraps(validator)
+    def unrecorded(*args: Any, **kwargs: Any) -> Any:
+        token = _READS.set(None)
+        try:
+            return validator(*args, **kwargs)
+        finally:
+            _READS.reset(token)
+
+    return unrecorded
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        dumped = super().model_dump(*args, **kwargs)
+        if _READS.get() is not None:  # a section dumped (e.g. into a card) is a read of every key it holds
+            _record_dump(self, dumped)
+        return dumped
+
 
 class ProjectConfig(Section):
-    name: str = "cxr"
     seed: int = 42
 
 
@@ -148,7 +177,6 @@ class TrainConfig(Section):
     # bfloat16 autocast for the forward passes of training and validation. auto: on CUDA only. bf16 on a CPU
     # with AMX: resnet18 at 64 px 1.5x faster, but slower at 28 px (0.86x) and for simple_cnn (0.45-0.85x).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: int = Field(0, ge=0)
     deterministic: bool = True
     max_train_batches: int | None = None  # cap for smoke runs
 
@@ -186,6 +214,7 @@ class SpaceParam(Section):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
+    @_not_a_read
     def _complete(self) -> "SpaceParam":
         if self.type == "categorical":
             if not self.choices:
@@ -205,7 +234,6 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "model.width": {"type": "categorical", "choices": [16, 32, 48]},
     "train.augment.strength": {"type": "float", "low": 0.0, "high": 3.0},
-    "model.image_size": {"type": "categorical", "choices": [64]},
 }
 
 
@@ -255,6 +283,7 @@ class Config(Section):
     registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
+    @_not_a_read
     def _size_is_prepared(self) -> "Config":
         if self.model.image_size not in self.prepare.sizes:
             raise ValueError(
@@ -350,3 +379,107 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | l
     for key, value in _as_pairs(overrides):
         _set_dotted(data, key, value)
     return _validate(data, str(path))
+
+
+# --- which config keys code reads --------------------------------------------------------------------------------
+
+
+@contextmanager
+def record_reads() -> Iterator[set[str]]:
+    """Record the dotted keys of config values read in this context (``train.lr``, ``prepare.split.val``).
+
+    A value read from any section instance counts (copies and ``model_copy`` included: a section class sits at one
+    place in :class:`Config`), as does ``model_dump`` of a section below the root (it holds every key it dumps);
+    reading a section itself, dumping the whole config (``flat``, ``override``, logging to MLflow) and validation
+    do not. Values in a ``dict`` of sections are keyed ``*`` (``tune.space.*.low``). Contexts nest: an inner
+    recording's keys are also the outer one's. Reads in other threads or processes are not seen (contextvars).
+
+    Zero cost otherwise: the attribute hook is on :class:`Section` only while some recording is active.
+    """
+    global _HOOK_USERS
+    with _HOOK_LOCK:
+        if _HOOK_USERS == 0:
+            type.__setattr__(Section, "__getattribute__", _recording_getattribute)
+        _HOOK_USERS += 1
+    outer = _READS.get()
+    reads: set[str] = set()
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+        if outer is not None:
+            outer |= reads
+        with _HOOK_LOCK:
+            _HOOK_USERS -= 1
+            if _HOOK_USERS == 0:
+                type.__delattr__(Section, "__getattribute__")
+
+
+_HOOK_LOCK = threading.Lock()
+_HOOK_USERS = 0
+
+
+def _recording_getattribute(self: Section, name: str) -> Any:
+    value = object.__getattribute__(self, name)
+    if name[0] != "_" and _READS.get() is not None:
+        _record_field(self, name, value)
+    return value
+
+
+def _section_types(annotation: Any) -> Iterator[tuple[type[Section], bool]]:
+    """The Section classes an annotation holds, each with whether it sits in a dict (keyed ``*``)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        yield annotation, False
+        return
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is dict and len(args) == 2:
+        for cls, _ in _section_types(args[1]):
+            yield cls, True
+    else:
+        for arg in args:
+            yield from _section_types(arg)
+
+
+def _section_prefixes(root: type[Section]) -> dict[type[Section], tuple[str, ...]]:
+    """Section class -> its dotted place(s) in the config ("" for the root)."""
+    found: dict[type[Section], list[str]] = {root: [""]}
+    todo: list[tuple[type[Section], str]] = [(root, "")]
+    while todo:
+        cls, prefix = todo.pop()
+        for name, info in cls.__pydantic_fields__.items():
+            for sub, in_dict in _section_types(info.annotation):
+                place = f"{prefix}{name}." + ("*." if in_dict else "")
+                if place not in found.setdefault(sub, []):
+                    found[sub].append(place)
+                    todo.append((sub, place))
+    return {cls: tuple(places) for cls, places in found.items()}
+
+
+_PREFIXES: dict[type[Section], tuple[str, ...]] = {}
+
+
+def _prefixes(cls: type[Section]) -> tuple[str, ...]:
+    if not _PREFIXES:
+        _PREFIXES.update(_section_prefixes(Config))
+    # a section class outside Config's tree: a key no params entry covers, so a check reports it
+    return _PREFIXES.get(cls, (f"<{cls.__name__}>.",))
+
+
+def _record_field(section: Section, name: str, value: Any) -> None:
+    reads = _READS.get()
+    cls = type(section)
+    if reads is None or name not in cls.__pydantic_fields__ or isinstance(value, Section):
+        return  # a method, a property, or a section (its values are recorded when they are read)
+    for prefix in _prefixes(cls):
+        reads.add(prefix + name)
+
+
+def _record_dump(section: Section, dumped: Any) -> None:
+    reads = _READS.get()
+    prefixes = [p for p in _prefixes(type(section)) if p]
+    if reads is None or not prefixes or not isinstance(dumped, dict):
+        return  # the whole config (flat, override, MLflow params) is not a read of every key
+    for key in flatten(dumped):
+        for prefix in prefixes:
+            reads.add(prefix + key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 60_000_000
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
+MAX_AGE_YEARS = 120  # older is a data-entry error (NIH's 2017 table has ages such as 414): unknown
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$", re.IGNORECASE)
+_AGE_PER_YEAR = {"": 1, "Y": 1, "M": 12, "W": 52.18, "D": 365.25}
 # The salt keeps raw patient ids from being recoverable by hashing a list of known ids.
 SALT_ENV = "CXR_PATIENT_SALT"
 DEFAULT_SALT = "cxr-patient-key-v1"
@@ -237,7 +241,7 @@ def _read_dicom(data: bytes, limits: ReadLimits, label: str) -> Image:
         "body_part": str(ds.get("BodyPartExamined", "")).upper() or None,
         "view": _view(ds),
         "sex": _sex(ds.get("PatientSex")),
-        "age": _age(ds.get("PatientAge")),
+        "age": age_years(ds.get("PatientAge")),
         "patient_key": patient_key(ds.get("PatientID"), "dicom"),
     }
     return Image(np.ascontiguousarray(arr), meta)
@@ -278,10 +282,15 @@ def _sex(value: Any) -> str | None:
     return v if v in ("M", "F") else None
 
 
-def _age(value: Any) -> float | None:
-    """DICOM AS ("045Y", "006M", "003W", "010D") -> years."""
-    text = str(value or "").strip().upper()
-    if len(text) < 2 or not text[:-1].isdigit():
+def age_years(value: Any) -> float | None:
+    """An age in years from a DICOM Age String ("045Y", "006M", "003W", "010D") or a number of years as
+    text ("58", as source tables write it). None when missing, unreadable or over MAX_AGE_YEARS. Whole
+    years stay an int, so a manifest (and its dataset hash) reads as it did."""
+    match = _AGE.match(str(value if value is not None else "").strip())
+    if not match:
         return None
-    n = int(text[:-1])
-    return {"Y": n, "M": n / 12, "W": n / 52.18, "D": n / 365.25}.get(text[-1])
+    number, unit = match.groups()
+    per_year = _AGE_PER_YEAR[unit.upper()]
+    n = float(number) if "." in number else int(number)
+    years = n if per_year == 1 else n / per_year
+    return years if years <= MAX_AGE_YEARS else None

@@ -16,6 +16,7 @@ import torch
 from cxr.imaging import read_image
 from cxr.models.predictor import Predictor
 from cxr.tracking.runs import use_store
+from cxr.tracking.uris import load_predictor
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_mlflow_uri_loads_the_same_model(project: Path):
     info = json.loads((project / "models" / "cxr" / "model.json").read_text())
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     local = Predictor.from_dir(project / "models" / "cxr")
-    remote = Predictor.from_uri(f"runs:/{info['training']['run_id']}/model")
+    remote = load_predictor(f"runs:/{info['training']['run_id']}/model")
     x = np.load(project / "data" / "prepared" / "images_32.npy")[:4]
     np.testing.assert_array_equal(local.predict_proba(x), remote.predict_proba(x))
 

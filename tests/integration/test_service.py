@@ -28,6 +28,7 @@ from PIL import Image as PILImage
 
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.tracking.runs import use_store
+from cxr.tracking.uris import load_predictor
 from support.serve_process import ServiceProcess as Server
 
 pytestmark = pytest.mark.slow
@@ -86,11 +87,9 @@ def server(project: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def champion(project: Path):
     """The champion loaded in this process through the same Predictor (the reference answers)."""
-    from cxr.models.predictor import Predictor
-
     uri = f"sqlite:///{project / 'mlflow.db'}"
     use_store(uri)
-    return Predictor.from_uri("models:/cxr@champion")
+    return load_predictor("models:/cxr@champion")
 
 
 # --- inputs -----------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ from cxr.data.prepare import prepare
 from cxr.evaluation.evaluate import evaluate, score_split
 from cxr.evaluation.metrics import choose_threshold
 from cxr.models.predictor import Predictor
-from cxr.training.fit import fit, threshold_scores
+from cxr.tracking.uris import load_predictor
+from cxr.training.callbacks import EpochFigures
+from cxr.training.fit import fit
+from cxr.training.threshold import threshold_scores
 
 pytestmark = pytest.mark.slow
 CLASSES = ["covid", "lung_opacity", "normal", "viral_pneumonia"]
@@ -121,7 +124,7 @@ def test_logistic_regression_baseline_runs_through_the_same_evaluate(tmp_path):
         **{"model.arch": "logistic_regression", "data.positive_label": "covid"},
     )
     p = Predictor.from_dir(cfg.paths.model)
-    assert p.info["architecture"]["arch"] == "logistic_regression"
+    assert p.card.arch == "logistic_regression"
     assert report["splits"]["test"]["auroc"]["value"] > 0.9
 
 
@@ -186,12 +189,12 @@ def test_ensemble_trains_seeded_members_and_saves_them_as_one_model(tmp_path):
         },
     )
     predictor = Predictor.from_dir(cfg.paths.model)
-    assert predictor.info["architecture"]["arch"] == "ensemble" and len(predictor.model.members) == 2
+    assert predictor.card.arch == "ensemble" and len(predictor.model.members) == 2
     alone = Predictor.from_dir(cfg_alone.paths.model).model.state_dict()
     first, second = (m.state_dict() for m in predictor.model.members)
     assert alone.keys() == first.keys() and all(torch.equal(alone[k], first[k]) for k in alone)
     assert not torch.equal(first["head.weight"], second["head.weight"])
-    assert [m["seed"] for m in predictor.info["training"]["members"]] == [7, 8]
+    assert [m.seed for m in predictor.card.training.members] == [7, 8]
     assert len(result.best_epoch) == 2 and result.epochs_trained == 4
     # the threshold and the validation AUROC are the saved ensemble's, as evaluation and serving score it
     _, y, probs = score_split(predictor, PreparedData(cfg.paths.prepared, 32), "val")
@@ -233,7 +236,7 @@ def test_test_time_augmentation_is_saved_with_the_network_and_scored_as_served(t
         },
     )
     predictor = Predictor.from_dir(cfg.paths.model)
-    assert predictor.info["architecture"]["arch"] == "tta"
+    assert predictor.card.arch == "tta"
     plain = Predictor.from_dir(cfg_plain.paths.model).model.state_dict()
     network = predictor.model.network.state_dict()
     assert plain.keys() == network.keys() and all(torch.equal(plain[k], network[k]) for k in plain)
@@ -248,7 +251,7 @@ def test_test_time_augmentation_is_saved_with_the_network_and_scored_as_served(t
     assert report["splits"]["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(yt, pt), abs=1e-9)
     plain_scores = score_split(Predictor.from_dir(cfg_plain.paths.model), data, "test")[2]
     assert not np.allclose(pt, plain_scores, rtol=0, atol=1e-7)  # 2 epochs: the scores are still close together
-    served = Predictor.from_uri(f"runs:/{result.run_id}/model")  # the logged MLflow model rebuilds it too
+    served = load_predictor(f"runs:/{result.run_id}/model")  # the logged MLflow model rebuilds it too
     np.testing.assert_allclose(served.predict_proba(data.images[idx[:8]]), probs[:8], rtol=1e-5, atol=1e-6)
     image = predictor.read(tmp_path / "tta" / "src" / "0.png")
     shown = explain(predictor, image)  # the network's map, beside the saved model's probability
@@ -264,7 +267,7 @@ def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
         tmp_path, labels, "binary", **{"evaluate.threshold": "youden", "evaluate.threshold_augmented_copies": 3}
     )
     predictor = Predictor.from_dir(cfg.paths.model)
-    assert predictor.info["threshold_augmented_copies"] == 3
+    assert predictor.card.threshold_augmented_copies == 3
     data = PreparedData(cfg.paths.prepared, 32)
     idx, y, clean = score_split(predictor, data, "val")
     y3, p3 = threshold_scores(predictor.model, data, idx, clean, cfg, torch.device("cpu"))
@@ -275,13 +278,13 @@ def test_threshold_is_chosen_on_augmented_copies_of_validation(tmp_path):
     assert report["model"]["threshold_augmented_copies"] == 3
 
 
-def test_epoch_hook_sees_the_validated_model_after_every_epoch_and_changes_nothing(tmp_path):
-    """fit(epoch_hook=...) (quality.py --trace scores the test split with it): called after every epoch with
+def test_epoch_figures_see_the_validated_model_after_every_epoch_and_change_nothing(tmp_path):
+    """fit(callbacks=[EpochFigures(hook)]) (quality.py --trace scores the test split with it): called after every epoch with
     the model validation scored (the hook's own validation AUROC equals the epoch's), its figures join that
     epoch's history row, and training is the same as without it."""
     from sklearn.metrics import roc_auc_score
 
-    from cxr.training.fit import predict_split
+    from cxr.training.scoring import predict_split
 
     def hook(model):
         data = PreparedData(tmp_path / "hook" / "prepared", 32)
@@ -292,7 +295,9 @@ def test_epoch_hook_sees_the_validated_model_after_every_epoch_and_changes_nothi
     labels = ["pneumonia" if i % 3 == 0 else "normal" for i in range(96)]
     (tmp_path / "plain").mkdir(), (tmp_path / "hook").mkdir()
     _, plain, _ = run(tmp_path / "plain", labels, "binary", **{"train.epochs": 3})
-    _, hooked, _ = run(tmp_path / "hook", labels, "binary", fit_kwargs={"epoch_hook": hook}, **{"train.epochs": 3})
+    _, hooked, _ = run(
+        tmp_path / "hook", labels, "binary", fit_kwargs={"callbacks": [EpochFigures(hook)]}, **{"train.epochs": 3}
+    )
     assert len(hooked.history) == 3
     val = [row["val_auroc"] for row in hooked.history]
     assert [row["hook_val_auroc"] for row in hooked.history] == pytest.approx(val, abs=1e-6)
@@ -306,7 +311,7 @@ def test_early_stopping_can_monitor_augmented_validation(tmp_path, monkeypatch):
     yardstick's AUROC (made to peak at epoch 1 here), not the clean validation AUROC (which peaks later)."""
     from sklearn.metrics import roc_auc_score
 
-    from cxr.training.fit import Yardstick
+    from cxr.training.scoring import Yardstick
 
     told = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     monkeypatch.setattr(Yardstick, "auroc", lambda self, *args: next(told))

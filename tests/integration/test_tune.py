@@ -19,9 +19,9 @@ import yaml
 
 from cxr.config import load_config
 from cxr.data.loader import PreparedData
-from cxr.models.predictor import Predictor
 from cxr.tracking.runs import use_store
-from cxr.training.fit import Yardstick
+from cxr.tracking.uris import load_predictor
+from cxr.training.scoring import Yardstick
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     for t in complete:
         run = by_number[t.number]
-        model = Predictor.from_uri(f"runs:/{run.info.run_id}/model").model
+        model = load_predictor(f"runs:/{run.info.run_id}/model").model
         rescored = yardstick.auroc(model, data, data.split("val"), torch.device("cpu"), "fp32")
         assert t.value == pytest.approx(rescored, abs=1e-6) == run.data.metrics["best_val_auroc_augmented"]
         assert t.user_attrs["val_auroc"] == pytest.approx(run.data.metrics["best_val_auroc"])

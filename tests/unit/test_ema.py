@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from cxr.training.fit import make_ema
+from cxr.training.setup import make_ema
 
 
 def _per_tensor_reference(avg: dict[str, torch.Tensor], model: torch.nn.Module, n: int, decay: float) -> None:

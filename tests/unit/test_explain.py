@@ -10,6 +10,7 @@ import torch
 from PIL import Image as PILImage
 
 from cxr.data.sources.synthetic import render_layers
+from cxr.errors import UserError
 from cxr.imaging import Image
 from cxr.models import Ensemble, build_model
 from cxr.preprocess import PreprocessSpec, preprocess
@@ -117,7 +118,5 @@ def test_explain_multiclass_defaults_to_the_top_label_and_refuses_unknown_labels
     probs = predictor.predict_proba(predictor.prepare_input(image)[None])[0]
     assert explain(predictor, image).label == "abc"[int(np.argmax(probs))]
     assert explain(predictor, image, label="c").label == "c"
-    from cxr.errors import UserError
-
     with pytest.raises(UserError, match="cannot explain label 'd'"):
         explain(predictor, image, label="d")

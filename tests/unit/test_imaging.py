@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxr.imaging import ImageReadError, ReadLimits, patient_key, read_image
+from cxr.imaging import ImageReadError, ReadLimits, age_years, patient_key, read_image
 
 
 def make_dicom(pixels: np.ndarray, **attrs) -> bytes:
@@ -166,3 +166,23 @@ def test_size_limit_on_bytes(tmp_path):
         read_image(p, ReadLimits(max_bytes=100))
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.dcm")
+
+
+@pytest.mark.parametrize(
+    "value,years",
+    [
+        ("045Y", 45),
+        ("006M", 0.5),
+        ("010D", 10 / 365.25),
+        ("003W", 3 / 52.18),
+        (" 58 ", 58),  # a source table's plain number of years
+        ("45 y", 45),
+        ("414", None),  # implausible: a data-entry error
+        ("999Y", None),
+        ("", None),
+        (None, None),
+        ("unknown", None),
+    ],
+)
+def test_one_age_parser_for_dicom_headers_and_source_tables(value, years):
+    assert age_years(value) == (None if years is None else pytest.approx(years))

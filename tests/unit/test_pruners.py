@@ -69,7 +69,7 @@ def test_trials_are_judged_on_the_yardstick_their_epochs_were_picked_on():
     """The yardstick is the study's (same films for every trial); picking each trial's epoch on it while the
     study is judged on clean validation would mix two objectives, so that combination is refused."""
     from cxr.errors import UserError
-    from cxr.training.fit import Yardstick
+    from cxr.training.scoring import Yardstick
     from cxr.tuning.study import make_yardstick
 
     cfg = Config().override({"tune.objective_copies": 3})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from PIL import Image as PILImage
 from cxr.config import Config
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.errors import UserError
-from cxr.serving.served import NoModelToServe, ServedModel, resolve
+from cxr.serving.served import NoModelToServe, ServedModel
+from cxr.tracking.uris import ModelUriError, load_predictor, local_model_dir, resolve
 
 
 def dicom(seed: int = 0, **header) -> bytes:
@@ -79,12 +81,42 @@ def test_no_champion_is_one_clear_error_and_creates_no_store(tmp_path, monkeypat
     monkeypatch.delenv("CXR_MODEL_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(NoModelToServe, match="no MLflow store at sqlite:///mlflow.db.*cxr promote") as err:
-        resolve(Config())
+        ServedModel.load(Config())
     assert f"i.e. {tmp_path.resolve() / 'mlflow.db'}; use an absolute path" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
     monkeypatch.setenv("CXR_MODEL_URI", "no/such/dir")
-    with pytest.raises(NoModelToServe, match="neither a model directory nor an MLflow URI"):
-        resolve(Config())
+    with pytest.raises(NoModelToServe, match="neither a model directory nor an MLflow URI.*CXR_MODEL_URI"):
+        ServedModel.load(Config())
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_one_resolver_for_every_kind_of_model_location(tmp_path, monkeypatch, tiny_predictor):
+    """A directory is itself; a registry alias needs the store; anything else says what a location may be."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model = tiny_predictor(32).save(tmp_path / "model")
+    ref, load_uri = resolve(Config(), str(model))
+    assert (ref.name, ref.version, load_uri) == ("model", None, str(model.resolve()))
+    assert local_model_dir(model) == model
+    assert load_predictor(model).card == tiny_predictor(32).card
+    for bad in ("no/such/dir", tmp_path / "missing"):
+        with pytest.raises(ModelUriError, match="neither a model directory nor an MLflow URI"):
+            resolve(Config(), bad)
+        with pytest.raises(ModelUriError, match="neither a model directory nor an MLflow URI"):
+            load_predictor(bad)
+    with pytest.raises(ModelUriError, match="no MLflow store at sqlite:///mlflow.db"):
+        resolve(Config(), "models:/cxr@champion")
+
+
+def test_the_weightless_copy_says_what_the_model_says(served):
+    """The entry service rebuilds the served model from the model service's card (plain JSON)."""
+    card = served.card()
+    copy = ServedModel.without_weights(json.loads(json.dumps(card)))
+    assert copy.metadata() == served.metadata()
+    assert copy.predictor.card == served.predictor.card
+    assert copy.prepare(dicom(0)).x.tolist() == served.prepare(dicom(0)).x.tolist()
+    with pytest.raises(RuntimeError, match="no weights"):
+        copy.infer([(served.prepare(dicom(0)).x, None)])
 
 
 def test_bf16_serving_stays_close_to_fp32_and_says_so(tmp_path, monkeypatch, tiny_predictor):

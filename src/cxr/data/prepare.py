@@ -218,6 +218,11 @@ def _card(cfg, info, prepared, errors, manifest, results, tmp: Path) -> dict[str
         "classes": info["classes"],
         "sizes": list(cfg.prepare.sizes),
         "preprocess": {"resize": cfg.prepare.resize, "clip_percentiles": list(cfg.prepare.clip_percentiles)},
+        "read_limits": {
+            "min_side": cfg.imaging.min_side,
+            "max_pixels": cfg.imaging.max_pixels,
+            "max_bytes": cfg.imaging.max_bytes,
+        },
         "n_images": int(len(prepared)),
         "n_rejected": len(errors),
         "counts": _counts(prepared, info["task"], info["classes"]),

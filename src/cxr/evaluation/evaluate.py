@@ -18,6 +18,7 @@ from cxr.errors import UserError
 from cxr.evaluation import metrics, plots
 from cxr.models.predictor import Predictor
 from cxr.tracking import runs as tracking
+from cxr.tracking.uris import load_predictor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,14 +100,14 @@ def plots_for(
 
 def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, Any]:
     """Score val and test; write reports/metrics.json, reports/evaluation.json and PNG plots."""
-    predictor = Predictor.from_uri(model_dir or cfg.paths.model)
+    predictor = load_predictor(model_dir or cfg.paths.model)
     data = PreparedData(cfg.paths.prepared, predictor.spec.size)
     if data.task != predictor.task or data.classes != predictor.labels:
         raise UserError(
             f"the model predicts {predictor.task} {predictor.labels} but the prepared data is {data.task} {data.classes}"
         )
-    trained_on = predictor.info.get("training", {}).get("dataset_hash")
-    same_data = trained_on == data.card["dataset_hash"]
+    card = predictor.card.to_dict()
+    same_data = predictor.card.training.dataset_hash == data.card["dataset_hash"]
     if not same_data:
         log.warning("evaluating on a prepared dataset other than the one the model was trained on")
     reports = Path(cfg.paths.reports)
@@ -115,9 +116,9 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
             "task": predictor.task,
             "labels": predictor.labels,
             "threshold": predictor.threshold,
-            "threshold_method": predictor.info.get("threshold_method"),
-            "threshold_augmented_copies": predictor.info.get("threshold_augmented_copies", 0),
-            **predictor.info.get("training", {}),
+            "threshold_method": card.get("threshold_method"),
+            "threshold_augmented_copies": card["threshold_augmented_copies"],
+            **card["training"],
         },
         "data": {
             "source": data.card["source"],
@@ -156,7 +157,7 @@ def _log_to_mlflow(
     import mlflow
 
     tracking.configure(cfg)
-    run_id = predictor.info.get("training", {}).get("run_id")
+    run_id = predictor.card.training.run_id
     try:
         ctx = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate")
     except Exception:  # the training run lives in another tracking store: log a fresh run instead

@@ -16,7 +16,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from cxr.progress import progress_bar
 from cxr.serving.client import Answer, ServiceClient
 from cxr.serving.served import ServedModel
 from cxr.tracking import runs as tracking
+from cxr.tracking.uris import registry_version
 
 if TYPE_CHECKING:
     import httpx
@@ -123,22 +123,6 @@ def load_in_process(uri: str | Path, cfg: "Config | None" = None) -> "Served":
     (``models:/NAME@ALIAS`` resolved to its version once, so the version reported is the one that answered)."""
 
     return ServedModel.load(cfg, uri)
-
-
-def registry_version(uri: str) -> Any:
-    """The registered model version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, else None."""
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", str(uri))
-    if not match:
-        return None
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name, alias, number = match.groups()
-    client = MlflowClient()
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-    except MlflowException:
-        return None
 
 
 # --- scoring --------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """The one way to load and use a trained model: evaluation, serving, tuning and tests all use it.
 
-A model directory holds ``model.safetensors`` (weights, no pickle) and ``model.json`` (architecture,
-preprocessing spec, task, labels, decision threshold, lineage). Loading never executes code from the
-model files.
+A model directory holds ``model.safetensors`` (weights, no pickle) and ``model.json``, the typed
+:class:`~cxr.models.card.ModelCard` (architecture, preprocessing, read limits, task, labels, threshold,
+lineage). Loading never executes code from the model files.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from cxr.data.loader import tabular_features
 from cxr.errors import UserError
 from cxr.fsutil import atomic_dir
-from cxr.imaging import Image, ReadLimits, read_image
-from cxr.models import build_from_spec
-from cxr.preprocess import PreprocessSpec, preprocess
+from cxr.imaging import Image, read_image
+from cxr.models.build import build_from_spec
+from cxr.models.card import ModelCard
+from cxr.preprocess import preprocess
 
 WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "model.json"
-FORMAT = "cxr-model/1"
+CARD_FILE = "model.json"
 
 
 class ModelLoadError(UserError):
@@ -41,7 +40,7 @@ class Predictor:
     without native bf16. Grad-CAM (``cxr.serving.explain``) always runs in fp32."""
 
     def __init__(
-        self, model: torch.nn.Module, info: dict[str, Any], device: str | torch.device = "cpu", precision: str = "fp32"
+        self, model: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu", precision: str = "fp32"
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -50,56 +49,36 @@ class Predictor:
         # channels_last like the inputs (and like training): oneDNN's fast convolutions need both; measured on
         # 2 Xeon cores, resnet18 224 px: 1.3x the images/s in fp32, 2.5x in bf16 at batch 8, than NCHW weights
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.info = info
-        self.spec = PreprocessSpec.from_dict(info["preprocess"])
-        self.task: str = info["task"]
-        self.labels: list[str] = list(info["labels"])
-        self.threshold = info.get("threshold")
-        self.uses_tabular = bool(info["architecture"].get("n_tabular", 0))
-        self.limits = ReadLimits(**info.get("read_limits", {}))
+        self.card = card
+        self.spec = card.preprocess_spec
+        self.task: str = card.task
+        self.labels: list[str] = list(card.labels)
+        self.threshold = card.threshold
+        self.uses_tabular = card.n_tabular > 0
+        self.limits = card.limits
 
     # --- loading and saving -------------------------------------------------------------------
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
         path = Path(path)
-        info_path, weights_path = path / INFO_FILE, path / WEIGHTS_FILE
-        if not info_path.exists() or not weights_path.exists():
+        card_path, weights_path = path / CARD_FILE, path / WEIGHTS_FILE
+        if not card_path.exists() or not weights_path.exists():
             raise ModelLoadError(
-                f"no cxr model at {path} (expected {INFO_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
+                f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
             )
-        info = json.loads(info_path.read_text())
-        if info.get("format") != FORMAT:
-            raise ModelLoadError(f"{info_path} is not a {FORMAT} model (format={info.get('format')!r})")
-        model = build_from_spec(info["architecture"])
+        card = ModelCard.from_json(card_path.read_text(), str(card_path))
+        model = build_from_spec(card.architecture)
         state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
         model.load_state_dict(state)
-        return cls(model, info, device, precision)
-
-    @classmethod
-    def from_uri(cls, uri: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
-        """A local model directory, or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``)."""
-        if Path(uri).is_dir():
-            return cls.from_dir(uri, device, precision)
-        if "://" not in str(uri) and ":/" not in str(uri):
-            raise ModelLoadError(f"{uri} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS)")
-        import mlflow
-
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri)))
-        except Exception as exc:  # registry/tracking errors: say what was asked for and why it failed
-            raise ModelLoadError(f"cannot fetch {uri} from MLflow ({mlflow.get_tracking_uri()}): {exc}") from None
-        found = sorted(p.parent for p in local.rglob(INFO_FILE))
-        if not found:
-            raise ModelLoadError(f"{uri} holds no {INFO_FILE}: it was not logged by cxr")
-        return cls.from_dir(found[0], device, precision)
+        return cls(model, card, device, precision)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         with atomic_dir(path) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
-            (tmp / INFO_FILE).write_text(json.dumps(self.info, indent=2, allow_nan=False) + "\n")
+            (tmp / CARD_FILE).write_text(self.card.to_json())
         return path
 
     # --- inference ----------------------------------------------------------------------------
@@ -124,7 +103,7 @@ class Predictor:
             t = None
             if self.uses_tabular:
                 if tabular is None:
-                    tabular = np.zeros((len(images), self.info["architecture"]["n_tabular"]), np.float32)
+                    tabular = np.zeros((len(images), self.card.n_tabular), np.float32)
                 t = torch.from_numpy(np.asarray(tabular[start : start + batch_size], np.float32)).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = self.model(x, t).float()

@@ -181,8 +181,9 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     network = getattr(predictor.model, "network", predictor.model)
     networks = list(getattr(network, "members", [network]))
     if not hasattr(networks[0], "gradcam_module"):
-        arch = predictor.info["architecture"].get("arch")
-        raise UserError(f"a {arch} model has no convolutional feature map, so there is no Grad-CAM to show")
+        raise UserError(
+            f"a {predictor.card.arch} model has no convolutional feature map, so there is no Grad-CAM to show"
+        )
     x_u8 = predictor.prepare_input(image)
     x = torch.from_numpy(x_u8).to(predictor.device).float().div(255.0)[None, None]
     tab = predictor.tabular_for([image])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +21,14 @@ import torch
 
 from cxr.config import load_config
 from cxr.errors import UserError
+from cxr.models.card import ModelCard
 from cxr.models.predictor import ModelLoadError, Predictor
 from cxr.serving.explain import explain
 from cxr.serving.input_checks import input_warnings, refuse_non_chest
-from cxr.tracking.runs import tracking_uri, use_store
+from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, resolve
 
 if TYPE_CHECKING:
     from cxr.config import Config
-    from cxr.models.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +40,13 @@ WHAT_TO_DO = (
 )
 # Run metrics worth showing in /metadata (the rest are per-epoch training curves).
 METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
+# The lineage fields /metadata shows (None when the card has none).
+METADATA_LINEAGE = ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
 
 
 class NoModelToServe(UserError):
     """The configured model cannot be found or loaded; the service cannot start."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: str | None
-    uri: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def service_config() -> "Config":
@@ -64,66 +56,20 @@ def service_config() -> "Config":
     return load_config(path) if path else load_config()
 
 
-def _use_store(cfg: "Config") -> str:
-    """Point mlflow at the tracking store and registry without writing to them."""
-
-    uri = tracking_uri(cfg)
-    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-    if db is not None and not db.exists():
-        # mlflow would silently create an empty store here. A relative path is relative to the working
-        # directory, which for a built bento is the bento's own folder: say where it looked.
-        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
-        where = "" if db.is_absolute() else f", i.e. {db.resolve()}; use an absolute path"
-        raise NoModelToServe(f"no MLflow store at {uri} (from {source}{where}). {WHAT_TO_DO}.")
-    use_store(uri)
-    return uri
-
-
 def model_uri(cfg: "Config") -> str:
     """$CXR_MODEL_URI, else the configured registry alias (``models:/cxr@champion`` by default)."""
     return os.environ.get(MODEL_URI_ENV) or f"models:/{cfg.mlflow.registered_model}@{cfg.registry.alias}"
 
 
-def resolve(cfg: "Config", uri: str | None = None) -> tuple[ModelRef, str]:
-    """What to serve: (reference reported in every response, URI to load it from)."""
-    uri = str(uri or model_uri(cfg))
-    if Path(uri).is_dir():
-        path = Path(uri).resolve()
-        return ModelRef(path.name, None, str(path)), str(path)
-    if ":/" not in uri:
-        raise NoModelToServe(
-            f"model {uri!r} is neither a model directory nor an MLflow URI (models:/NAME@ALIAS). {WHAT_TO_DO}."
-        )
-    store = _use_store(cfg)
-    if not uri.startswith("models:/"):
-        return ModelRef(uri, None, uri), uri
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    spec = uri[len("models:/") :]
-    name, at, alias = spec.partition("@")
-    try:
-        if at:
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
-        else:
-            name, _, version = spec.partition("/")
-            if not version.isdigit():  # a stage name: load as given
-                return ModelRef(name, None, uri), uri
-            MlflowClient().get_model_version(name, version)
-    except MlflowException as exc:
-        reason = exc.message.splitlines()[0]
-        raise NoModelToServe(f"no model {uri} in the registry at {store} ({reason}). {WHAT_TO_DO}.") from None
-    return ModelRef(name, str(version), uri), f"models:/{name}/{version}"
-
-
-def _metrics(load_uri: str, info: dict[str, Any]) -> dict[str, float]:
+def _metrics(load_uri: str, card: ModelCard) -> dict[str, float]:
     """Validation/test metrics of the run behind the model (best effort: never fatal)."""
-    training = info.get("training", {})
-    fallback = {"val_auroc": training["val_auroc"]} if training.get("val_auroc") is not None else {}
-    run_id = training.get("run_id")
-    if ":/" not in load_uri or not run_id:
+    training = card.training
+    fallback = {"val_auroc": training.val_auroc} if training.val_auroc is not None else {}
+    run_id = training.run_id
+    if not is_mlflow_uri(load_uri) or not run_id:
         return fallback
     try:
+        # mlflow is heavy and only needed for a model that came from MLflow
         from mlflow import MlflowClient
 
         metrics = MlflowClient().get_run(run_id).data.metrics
@@ -170,18 +116,18 @@ class ServedModel:
         """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg."""
 
         cfg = cfg or service_config()
-        ref, load_uri = resolve(cfg, str(uri) if uri else None)
         try:
-            predictor = Predictor.from_uri(load_uri, device=device, precision=precision)
-        except ModelLoadError as exc:
+            ref, load_uri = resolve(cfg, str(uri or model_uri(cfg)))
+            predictor = load_predictor(load_uri, device=device, precision=precision)
+        except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
-        served = cls(predictor, ref, _metrics(load_uri, predictor.info))
+        served = cls(predictor, ref, _metrics(load_uri, predictor.card))
         log.info(
             "serving %s version %s (%s): %s, labels %s, %s",
             ref.name,
             ref.version,
             ref.uri,
-            predictor.info["architecture"].get("arch"),
+            predictor.card.arch,
             predictor.labels,
             precision,
         )
@@ -190,7 +136,7 @@ class ServedModel:
     def card(self) -> dict[str, Any]:
         """Everything but the weights: enough for ``without_weights`` to prepare inputs and answer."""
         return {
-            "info": self.predictor.info,
+            "card": self.predictor.card.to_dict(),
             "ref": self.ref.to_dict(),
             "metrics": self.metrics,
             "precision": self.predictor.precision,
@@ -203,29 +149,30 @@ class ServedModel:
         card, it can never disagree with it about version, labels or threshold."""
 
         return cls(
-            Predictor(WeightsElsewhere(), card["info"], precision=card["precision"]),
+            Predictor(
+                WeightsElsewhere(),
+                ModelCard.from_dict(card["card"], "the model service's card"),
+                precision=card["precision"],
+            ),
             ModelRef(**card["ref"]),
             card["metrics"],
         )
 
     def metadata(self) -> dict[str, Any]:
-        info = self.predictor.info
-        training = info.get("training", {})
+        card = self.predictor.card.to_dict()
+        training = card["training"]
         return {
             "model": self.ref.to_dict(),
             "task": self.predictor.task,
             "labels": self.predictor.labels,
             "threshold": self.predictor.threshold,
-            "threshold_method": info.get("threshold_method"),
-            "threshold_augmented_copies": info.get("threshold_augmented_copies", 0),
-            "architecture": info["architecture"],
-            "preprocess": info["preprocess"],
-            "read_limits": info.get("read_limits"),
+            "threshold_method": card.get("threshold_method"),
+            "threshold_augmented_copies": card["threshold_augmented_copies"],
+            "architecture": card["architecture"],
+            "preprocess": card["preprocess"],
+            "read_limits": card["read_limits"],
             "precision": self.predictor.precision,
-            "training": {
-                k: training.get(k)
-                for k in ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
-            },
+            "training": {k: training.get(k) for k in METADATA_LINEAGE},
             "metrics": self.metrics,
         }
 

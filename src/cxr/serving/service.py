@@ -15,6 +15,10 @@ Two BentoML services, each in its own worker process:
   front of calls that cross a service boundary, hence the second service). The topology is the
   same with batching off, so a built bento can be served either way.
 
+Importing this module declares the two services and nothing else: the form-parser adapter
+(cxr.serving.bentoml_forms) is installed when the HTTP worker starts, and the exit-status hook
+when `bentoml serve` deploys the services.
+
 Environment (read when the module is imported, i.e. at `bentoml serve` start):
 
 * ``CXR_DEVICE`` (cpu): where the model runs (``cuda``, ``cuda:1``);
@@ -46,15 +50,22 @@ import atexit
 import json
 import logging
 import os
+import signal
+import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp
 import anyio
 import bentoml
+import psutil
+import torch
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
 
 from cxr.errors import UserError
+from cxr.serving import bentoml_forms
 from cxr.serving.served import ServedModel, is_refusal, service_config
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,7 @@ def _flag(name: str, default: bool) -> bool:
     return os.environ.get(name, "1" if default else "0").strip().lower() not in ("0", "false", "no", "off", "")
 
 
+# Module constants: the decorators below are configured from them, so they are part of the declaration.
 DEVICE = os.environ.get("CXR_DEVICE", "cpu")
 BATCHING = _flag("CXR_BATCHING", True)
 MAX_BATCH_SIZE = int(os.environ.get("CXR_MAX_BATCH_SIZE", "32" if DEVICE.startswith("cuda") else "8"))
@@ -80,8 +92,6 @@ class CxrModel:
     """The loaded model, in its own worker process; reached by CxrService only."""
 
     def __init__(self) -> None:
-        import torch
-
         logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
         # One forward pass at a time (threads=1 above), so intra-op threads are what uses the cores.
         torch.set_num_threads(TORCH_THREADS)
@@ -117,11 +127,7 @@ def _stop_server(message: str) -> None:
     """Without its model the service is useless, and BentoML's process manager would restart this
     worker forever, each time with a traceback: say why once, then stop `bentoml serve` (our parent),
     leaving it a mark so that it exits with EXIT_CANNOT_START rather than 0 (supervisors, Docker restart
-    policies and scripts read the status)."""
-    import signal
-
-    import psutil
-
+    policies and scripts read the status; CxrService.exit_status_hook reads the mark)."""
     log.critical("the cxr service cannot start: %s", message)
     parent = psutil.Process().parent()
     if parent is not None and any("bentoml" in part for part in parent.cmdline()):
@@ -135,18 +141,12 @@ def _stop_server(message: str) -> None:
 
 def _cannot_start_mark(process: Any) -> Path:
     """Named by pid and start time, so that a later process given the same pid never reads it."""
-    import tempfile
-
     return Path(tempfile.gettempdir()) / f"cxr-serve-cannot-start-{process.pid}-{int(process.create_time())}"
 
 
 def _exit_cannot_start_if_marked() -> None:
-    """Runs at exit in every process that imported this module; in `bentoml serve` itself, after the
-    graceful stop our SIGTERM began (status 0), it turns a worker's mark into EXIT_CANNOT_START."""
-    import sys
-
-    import psutil
-
+    """Runs at exit in `bentoml serve` itself: after the graceful stop a worker's SIGTERM began
+    (status 0), it turns the worker's mark into EXIT_CANNOT_START."""
     mark = _cannot_start_mark(psutil.Process())
     if mark.exists():
         mark.unlink(missing_ok=True)
@@ -155,7 +155,10 @@ def _exit_cannot_start_if_marked() -> None:
         os._exit(EXIT_CANNOT_START)  # sys.exit is ignored inside an atexit handler
 
 
-atexit.register(_exit_cannot_start_if_marked)
+def watch_for_cannot_start() -> None:
+    """Make this process exit with EXIT_CANNOT_START when a worker marked it (idempotent)."""
+    atexit.unregister(_exit_cannot_start_if_marked)
+    atexit.register(_exit_cannot_start_if_marked)
 
 
 def _refused(result: dict[str, Any]) -> JSONResponse:
@@ -168,8 +171,15 @@ class CxrService:
 
     model = bentoml.depends(CxrModel)
 
+    @bentoml.on_deployment
+    def exit_status_hook() -> None:
+        """Runs once in `bentoml serve` itself, before any worker starts: the process whose exit status
+        supervisors read, and the one a worker that cannot load the model stops (see _stop_server)."""
+        watch_for_cannot_start()
+
     def __init__(self) -> None:
         logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+        bentoml_forms.install()  # client mistakes in a form upload answer 400, not 500
         self._served = None  # a weightless copy of the served model, built from the model service's card
         # Uploads are decoded here, in threads, while the model process runs forward passes.
         self._decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
@@ -188,8 +198,6 @@ class CxrService:
         return client
 
     async def _remote(self, name: str, *args: Any) -> Any:
-        import aiohttp
-
         # Every call here is a pure function of its input, so a call that lost its connection anyway
         # (a restarted model worker) is simply sent again.
         for attempt in range(INTERNAL_RETRIES + 1):
@@ -341,37 +349,4 @@ class UploadLimit:
                 return
 
 
-def _refuse_form_mistakes() -> None:
-    """BentoML 1.4's form parser answers HTTP 500 to two client mistakes: a text value in a file field
-    (it tries to download it as a URL) and a file under an unknown field name. Check the parsed form
-    first (Starlette caches it, so nothing is parsed twice) and answer 400 like any invalid input."""
-    from _bentoml_impl import serde
-    from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
-    from starlette.datastructures import UploadFile
-
-    class FormSerde(serde.MultipartSerde):
-        async def parse_request(self, request: Any, cls: Any) -> Any:
-            form = await request.form()
-            wanted = ", ".join(f"`{k}`" for k in cls.multipart_fields) or "no file"
-            errors = []
-            for key, value in form.multi_items():
-                if key in cls.multipart_fields and not isinstance(value, UploadFile):
-                    errors.append((key, f"`{key}` must be a file upload (URLs and text are not fetched)"))
-                elif key not in cls.multipart_fields and isinstance(value, UploadFile):
-                    errors.append((key, f"unexpected file field `{key}`: this API takes {wanted}"))
-            if errors:
-                raise ValidationError.from_exception_data(
-                    cls.__name__,
-                    [
-                        InitErrorDetails(type=PydanticCustomError("upload", msg), loc=(key,), input=key)
-                        for key, msg in errors
-                    ],
-                )
-            return await super().parse_request(request, cls)
-
-    for media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        serde.ALL_SERDE[media_type] = FormSerde  # type: ignore[index]
-
-
 CxrService.add_asgi_middleware(UploadLimit)
-_refuse_form_mistakes()

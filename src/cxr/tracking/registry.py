@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr.errors import UserError
+from cxr.models.card import ModelCard
+from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
 
 if TYPE_CHECKING:
@@ -59,10 +61,10 @@ def _client(cfg: "Config") -> "MlflowClient":
 
 
 def _model_dir_run_id(cfg: "Config") -> str:
-    info_path = Path(cfg.paths.model) / "model.json"
-    if not info_path.exists():
+    card_path = Path(cfg.paths.model) / CARD_FILE
+    if not card_path.exists():
         raise RegistryError(f"no trained model at {cfg.paths.model}; train one (`cxr train`) or pass --run-id")
-    run_id = json.loads(info_path.read_text()).get("training", {}).get("run_id")
+    run_id = ModelCard.from_json(card_path.read_text(), str(card_path)).training.run_id
     if not run_id:
         raise RegistryError(f"the model at {cfg.paths.model} was trained without MLflow (mlflow.enabled=false)")
     return run_id
@@ -84,12 +86,13 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
     model_uri = run.data.tags.get("model_uri")
     if not model_uri:
         raise RegistryError(f"run {run_id} logged no model (trained with log_model off?); retrain with `cxr train`")
-    info = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/model_info.json"))
+    where = f"runs:/{run_id}/{tracking.MODEL_CARD_ARTIFACT}"
+    card = ModelCard.from_json(mlflow.artifacts.load_text(where), where)
     tags = {
         "run_id": run_id,
-        "arch": info["architecture"].get("arch", "?"),
-        "threshold": json.dumps(info.get("threshold")),
-        "labels": json.dumps(info["labels"]),
+        "arch": card.arch,
+        "threshold": json.dumps(card.threshold),
+        "labels": json.dumps(card.labels),
     }
     tags |= {k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}
     for tag, names in METRIC_TAGS.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 
 from cxr.models.predictor import Predictor
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cxr package, shipped with every logged model
+MODEL_CARD_ARTIFACT = "model_info.json"  # the logged model's card, next to the model in the run
 
 
 URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -128,6 +130,15 @@ def run(
         yield active
 
 
+def log_training_inputs(cfg: "Config", data_card: dict[str, Any]) -> None:
+    """The training run's parameters (every config key), its config as YAML and the prepared data's card."""
+    import mlflow
+
+    mlflow.log_params(cfg.flat())
+    mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
+    log_dict_artifact(data_card, "data/card.json")
+
+
 def log_dict_artifact(data: dict[str, Any], name: str) -> None:
     import mlflow
 
@@ -138,7 +149,8 @@ def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> 
     """Log a cxr model directory as an MLflow pyfunc model (models-from-code: nothing is pickled).
 
     The pyfunc takes preprocessed uint8 images (B, H, W) and returns probabilities; the cxr files
-    travel as an artifact so ``Predictor.from_uri`` rebuilds the model from safetensors + JSON.
+    travel as an artifact so ``cxr.tracking.uris.load_predictor`` rebuilds the model from safetensors + JSON;
+    the model card is also logged on its own (``model_info.json``), for `cxr register` to read.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -156,7 +168,7 @@ def log_cxr_model(model_dir: Path, example: np.ndarray, name: str = "model") -> 
         pip_requirements=pip_requirements(),
     )
     mlflow.set_tag("model_uri", info.model_uri)  # what `cxr register` registers
-    log_dict_artifact(predictor.info, "model_info.json")
+    log_dict_artifact(predictor.card.to_dict(), MODEL_CARD_ARTIFACT)
     return info.model_uri
 
 

@@ -1,7 +1,7 @@
-"""`cxr tune`: an Optuna study whose objective is the one training function, ``fit(cfg.override(params), trial)``.
+"""`cxr tune`: an Optuna study whose objective is the one training function, ``fit(cfg.override(params), callbacks)``.
 
 Seeded multivariate TPE, a median, percentile or hyperband pruner fed the trial's objective after every epoch
-(by default AUROC on augmented copies of validation, see ``cxr.train.Yardstick``), RDB storage
+(by default AUROC on augmented copies of validation, see ``cxr.training.scoring.Yardstick``), RDB storage
 (SQLite by default, PostgreSQL for many workers) with heartbeats so a killed worker's trial is marked failed,
 and `--trials N` meaning N finished (complete or pruned) trials in the study. MLflow gets one parent run per
 study and one child run per trial; we log them ourselves (optuna's MLflowCallback is deprecated and its
@@ -34,14 +34,15 @@ from cxr.evaluation.evaluate import evaluate
 from cxr.progress import progress_bar
 from cxr.tracking import registry
 from cxr.tracking import runs as tracking
-from cxr.training.fit import TrialPrunedSignal, Yardstick, fit
+from cxr.training.callbacks import OptunaPruning, StopOnEvent, TrialPruned
+from cxr.training.fit import fit
+from cxr.training.scoring import Yardstick
 
 if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
 
     from cxr.config import Config, SpaceParam
-    from cxr.training.fit import Yardstick
 
 log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"
@@ -377,13 +378,11 @@ def make_objective(
 
     yardstick = make_yardstick(cfg)
 
-    def stop_if_interrupted(_model: Any = None) -> dict[str, float]:
-        if interrupted is not None and interrupted.is_set():
-            raise KeyboardInterrupt
-        return {}
+    interrupted = interrupted or threading.Event()
 
     def objective(trial: optuna.Trial) -> float:
-        stop_if_interrupted()
+        if interrupted.is_set():
+            raise KeyboardInterrupt
         params = suggest(trial, cfg.tune.space)
         # A trial trains one network (n times cheaper than the configured ensemble) unless the space searches it.
         trial_cfg = cfg.override({"train.ensemble": 1, **params})
@@ -418,15 +417,14 @@ def make_objective(
         try:
             result = fit(
                 trial_cfg,
-                trial,
+                [OptunaPruning(trial, tracked=run_id is not None), StopOnEvent(interrupted)],
                 model_dir=model_dir / "model",
                 run_id=run_id,
                 log_model=cfg.tune.log_models and run_id is not None,
                 yardstick=yardstick,
                 extra_tags={"optuna.trial_number": str(trial.number)},
-                epoch_hook=stop_if_interrupted,
             )
-        except TrialPrunedSignal as pruned:
+        except TrialPruned as pruned:
             trial.set_user_attr("epochs_trained", pruned.epoch)
             _close(client, run_id, "PRUNED", "KILLED")
             raise optuna.TrialPruned(str(pruned)) from None

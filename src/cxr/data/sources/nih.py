@@ -8,7 +8,6 @@ when present, give the official patient-level split (train_val -> train; prepare
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ import pandas as pd
 
 from cxr.data.sources.base import SourceData, SourceError
 from cxr.data.sources.manifest import find_files, index_files, source_path
-from cxr.imaging import patient_key
+from cxr.imaging import age_years, patient_key
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -52,9 +51,6 @@ COLUMNS = {
     "View Position": "view",
 }
 SPLIT_LISTS = {"train_val_list.txt": "train", "test_list.txt": "test"}
-MAX_AGE = 120  # the 2017 table had ages such as 414; treat those as unknown
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$", re.IGNORECASE)
-_AGE_UNIT = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 1 / 52.18, "D": 1 / 365.25}
 EXPECTED = "the ChestX-ray14 folder holding Data_Entry_2017*.csv and the images_*/ folders"
 
 
@@ -122,7 +118,7 @@ def parse_table(csv_path: str | Path, mode: str = "multilabel") -> pd.DataFrame:
             "label": _labels(findings, mode),
             "patient_key": _patient_keys(raw["patient_id"]),
             "view": raw["view"].str.upper().where(raw["view"] != "", None),
-            "age": [_age_years(a) for a in raw["age"].tolist()],
+            "age": [_age(a) for a in raw["age"].tolist()],
             "sex": raw["sex"].str.upper().str[:1].where(lambda s: s.isin(["M", "F"]), None),
             "follow_up": pd.to_numeric(raw["follow_up"], errors="coerce"),
             "source": SOURCE,
@@ -165,9 +161,7 @@ def _patient_keys(ids: pd.Series) -> list[str | None]:
     return normalised.map(keys).tolist()
 
 
-def _age_years(text: str) -> float | None:
-    match = _AGE.match(text)
-    if not match:
-        return None
-    years = float(match.group(1)) * _AGE_UNIT[match.group(2).upper()]
-    return years if years <= MAX_AGE else None
+def _age(text: str) -> float | None:
+    """The table's age as a float (as this source always wrote it); implausible ages are unknown."""
+    years = age_years(text)
+    return None if years is None else float(years)

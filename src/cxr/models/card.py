@@ -1,0 +1,137 @@
+"""The model card: what a trained model is besides its weights, as one typed, versioned record (model.json).
+
+Training writes it; the Predictor, evaluation, serving and the registry read it, and nothing rebuilds it
+from the current config. Its preprocessing and read limits are the prepared data's (card.json), so a model
+serves exactly the input it was trained on. Loading validates it and refuses a schema it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cxr.errors import UserError
+from cxr.imaging import ReadLimits
+from cxr.preprocess import PreprocessSpec
+
+SCHEMA = "cxr-model/2"
+# cxr-model/1 cards hold the same fields (written before the card was typed); they load as they are.
+READABLE = (SCHEMA, "cxr-model/1")
+Task = Literal["binary", "multiclass", "multilabel"]
+Threshold = float | list[float] | None
+
+
+class ModelCardError(UserError):
+    """A model.json that is not a card this version of cxr can read."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class Preprocessing(_Record):
+    size: int = Field(ge=8)
+    resize: Literal["squash", "pad", "crop"]
+    clip_percentiles: tuple[float, float]
+    version: int = 1
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(self.size, self.resize, self.clip_percentiles, self.version)
+
+    @classmethod
+    def of(cls, spec: PreprocessSpec) -> "Preprocessing":
+        return cls(**spec.to_dict())
+
+
+class Limits(_Record):
+    min_side: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    max_bytes: int = Field(ge=1)
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(self.min_side, self.max_pixels, self.max_bytes)
+
+
+class Member(_Record):
+    seed: int
+    best_epoch: int
+    val_auroc: float
+
+
+class Lineage(_Record):
+    """Where the model came from: the data it saw, the run that trained it, what training reached."""
+
+    dataset_hash: str
+    source: str
+    synthetic: bool = False
+    run_id: str | None = None
+    git_commit: str | None = None
+    best_epoch: int | list[int] | None = None
+    val_auroc: float | None = None
+    epochs_trained: int | None = None
+    members: list[Member] | None = None  # an ensemble's networks
+
+
+class ModelCard(_Record):
+    format: str = SCHEMA
+    architecture: dict[str, Any]  # the network's own spec: models.build.build_from_spec rebuilds it
+    preprocess: Preprocessing
+    read_limits: Limits
+    task: Task
+    labels: list[str]
+    threshold: Threshold = None
+    threshold_method: str | None = None
+    threshold_augmented_copies: int = 0
+    training: Lineage
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.preprocess.spec()
+
+    @property
+    def limits(self) -> ReadLimits:
+        return self.read_limits.read_limits()
+
+    @property
+    def arch(self) -> str:
+        return str(self.architecture.get("arch", "?"))
+
+    @property
+    def n_tabular(self) -> int:
+        return int(self.architecture.get("n_tabular", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def with_run(self, **lineage: Any) -> "ModelCard":
+        """The same card with lineage fields added (the run id once a run exists)."""
+        return self.model_copy(update={"training": self.training.model_copy(update=lineage)})
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "model.json") -> "ModelCard":
+        if not isinstance(data, dict):
+            raise ModelCardError(f"{where} is not a model card (a JSON object)")
+        found = data.get("format")
+        if found not in READABLE:
+            raise ModelCardError(
+                f"{where} has model card format {found!r}; this cxr reads {', '.join(READABLE)}. "
+                "Retrain the model with this version (`cxr train`), or use the cxr version that wrote it"
+            )
+        try:
+            return cls.model_validate({**data, "format": SCHEMA})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors()[:5])
+            raise ModelCardError(f"{where} is not a valid model card ({problems})") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "model.json") -> "ModelCard":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelCardError(f"{where} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, where)

@@ -1,0 +1,159 @@
+"""The training loop of one network: epochs of augmented batches, validation, the best epoch kept.
+
+Everything else (timing, logging, early stopping, pruning, diagnostics) is a callback (cxr.training.callbacks).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cxr.data.augment import augment
+from cxr.data.loader import N_TABULAR, PreparedData
+from cxr.models.build import build_model
+from cxr.progress import progress_bar
+from cxr.training.callbacks import Callback, EpochState, run_hook
+from cxr.training.scoring import autocast, predict_split, task_auroc
+from cxr.training.setup import make_ema, make_loss, make_optimizer, make_scheduler, sample_weights, seed_everything
+
+if TYPE_CHECKING:
+    from cxr.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One trained network: its best weights (loaded), where they were found and its history."""
+
+    model: torch.nn.Module
+    seed: int
+    best_epoch: int
+    best_val_auroc: float
+    best_objective: float  # the monitored yardstick's AUROC at the best epoch (best_val_auroc without one)
+    val_probs: np.ndarray  # validation scores at the best epoch, in the training precision
+    history: list[dict[str, float]]
+
+
+@dataclass
+class _Best:
+    score: float = -1.0
+    auroc: float = -1.0
+    objective: float = -1.0
+    epoch: int = 0
+    state: dict[str, Any] | None = None
+    val_probs: np.ndarray | None = None
+
+
+class _Network:
+    """The network, its optimiser, schedule and EMA, built from the config in a fixed order (seeded)."""
+
+    def __init__(self, cfg: "Config", data: PreparedData, device: torch.device) -> None:
+        self.train_idx = data.split("train")
+        self.n_tab = N_TABULAR if cfg.model.tabular else 0
+        m = cfg.model
+        model = build_model(
+            m.arch, data.n_outputs, weights=m.weights, dropout=m.dropout, width=m.width, n_tabular=self.n_tab
+        )
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.loss_fn = make_loss(data, self.train_idx, cfg, device)
+        self.opt = make_optimizer(self.model, cfg)
+        steps = int(np.ceil(len(self.train_idx) / cfg.train.batch_size))
+        self.steps = min(steps, cfg.train.max_train_batches) if cfg.train.max_train_batches else steps
+        self.sched, self.sched_kind = make_scheduler(self.opt, cfg, self.steps)
+        self.ema = make_ema(self.model, cfg.train.ema_decay)
+        self.scored = self.ema.module if self.ema is not None else self.model  # what is validated and saved
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, precision: str, device: torch.device):
+        with autocast(device, precision):
+            logits = self.model(x, t if self.n_tab else None)
+        loss = self.loss_fn(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.sched_kind == "step":
+            self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.detach()
+
+    def end_epoch(self, val_auroc: float) -> None:
+        if self.sched_kind == "epoch":
+            self.sched.step()
+        elif self.sched_kind == "plateau":
+            self.sched.step(val_auroc)
+
+
+def _train_epoch(net: _Network, cfg: "Config", data: PreparedData, gen, weights, device, label: str) -> tuple:
+    """One pass over the training batches: (summed loss, batches, images)."""
+    net.model.train()
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+    n_batches = images = 0
+    bs = cfg.train.batch_size
+    batches = data.batches(net.train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
+    with progress_bar(label, total=net.steps) as advance:
+        for b, (x, y, t, _) in enumerate(batches):
+            if b >= net.steps:
+                break
+            x = augment(x, cfg.train.augment, gen).contiguous(memory_format=torch.channels_last)
+            total += net.step(x, y, t, cfg.train.precision, device)
+            n_batches, images = n_batches + 1, images + len(x)
+            advance(**({"loss": float(total) / n_batches} if n_batches % 20 == 0 else {}))
+    return total, n_batches, images
+
+
+def train_network(
+    cfg: "Config",
+    data: PreparedData,
+    seed: int,
+    device: torch.device,
+    callbacks: list[Callback],
+    *,
+    member: tuple[int, int] = (1, 1),
+    step0: int = 0,
+) -> Member:
+    """Train one network from ``seed``; keep the epoch with the best ``train.early_stopping.monitor`` figure
+    (clean validation AUROC, or the yardstick's when a callback sets the objective) and return it loaded."""
+    gen = seed_everything(seed, cfg.train.deterministic, device)
+    net, weights = _Network(cfg, data, device), sample_weights(data, cfg)
+    val_idx, watch = data.split("val"), cfg.train.early_stopping
+    label = f"member {member[0]}/{member[1]} " if member[1] > 1 else ""
+    history: list[dict[str, float]] = []
+    best, since_best = _Best(), 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        state = EpochState(epoch, step0 + epoch, member, net.scored)
+        run_hook(callbacks, "on_epoch_start", state)
+        total, n_batches, images = _train_epoch(
+            net, cfg, data, gen, weights, device, f"{label}epoch {epoch}/{cfg.train.epochs}"
+        )
+        run_hook(callbacks, "on_epoch_trained", state, images, n_batches)
+        val_probs = predict_split(
+            net.scored, data, val_idx, cfg.train.batch_size * 2, device, data.task, cfg.train.precision
+        )
+        val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+        net.end_epoch(val_auroc)
+        state.row = {"train_loss": float(total) / max(1, n_batches), "val_auroc": val_auroc,
+                     "lr": net.opt.param_groups[0]["lr"], **state.row}  # fmt: skip
+        state.objective = val_auroc
+        run_hook(callbacks, "on_validated", state)
+        history.append(state.row if member[1] == 1 else {"member": member[0], **state.row})
+        log.info("%sepoch %d: loss %.4f val AUROC %.4f", label, epoch, state.row["train_loss"], val_auroc)
+        score = state.objective if watch.monitor == "augmented_val_auroc" else val_auroc
+        if score > best.score + watch.min_delta:
+            # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
+            best = _Best(score, val_auroc, state.objective, epoch, copy.deepcopy(net.scored.state_dict()), val_probs)
+            since_best, state.improved = 0, True
+        else:
+            since_best += 1
+        state.epochs_since_best = since_best
+        run_hook(callbacks, "on_epoch_end", state)
+        if state.stop:
+            log.info("%searly stopping at epoch %d; best epoch %d", label, epoch, best.epoch)
+            break
+    net.model.load_state_dict(best.state)
+    return Member(net.model, seed, best.epoch, best.auroc, best.objective, best.val_probs, history)
