@@ -175,7 +175,7 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # bfloat16 autocast for the forward passes of training and validation. auto: on CUDA only. bf16 on a CPU
-    # with AMX: resnet18 at 64 px 1.5x faster, but slower at 28 px (0.86x) and for simple_cnn (0.45-0.85x).
+    # with AMX can be faster or slower depending on the network and input size (measurements: benchmarks/README.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deterministic: bool = True
     max_train_batches: int | None = None  # cap for smoke runs

@@ -44,7 +44,7 @@ class TestTimeAugmentation(nn.Module):
     saved in its spec, and every image of every batch sees the same ones, so a film's score does not depend
     on what it is batched with. Averaging over small acquisition changes can steady a network on films
     from elsewhere (PneumoniaMNIST's shifted test split, 8 views: +0.002 to +0.005 AUROC on six default
-    networks, but -0.003 on the tuned one; see the README), at ``len(views)`` times the inference cost.
+    networks, but -0.003 on the tuned one; see benchmarks/README.md), at ``len(views)`` times the inference cost.
     Weights live under ``network.``.
     """
 

@@ -95,7 +95,7 @@ def suggest(trial: "optuna.Trial", space: dict[str, "SpaceParam"]) -> dict[str, 
 def check_space(cfg: "Config") -> None:
     """Fail before any trial runs if a key or a choice would make an invalid config."""
     if not cfg.tune.space:
-        raise TuneError("tune.space is empty: add dotted parameters to params.yaml (see README, Tuning)")
+        raise TuneError("tune.space is empty: add dotted parameters to params.yaml (see README, '2. Tune')")
     for key, p in cfg.tune.space.items():
         for value in p.choices if p.type == "categorical" else [p.low, p.high]:
             if p.type == "int":
