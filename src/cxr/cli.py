@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,14 +13,28 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.table import Table
 
+from cxr import logs
 from cxr.config import load_config
 from cxr.errors import UserError
 
 app = typer.Typer(
     help="Chest X-ray classification: ingest, prepare, train, evaluate, tune, serve.", no_args_is_help=True
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, in logs too
+_verbose = False
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show libraries' log lines and logger names (or CXR_VERBOSE=1).")
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
+
 
 Overrides = Annotated[
     list[str] | None,
@@ -33,7 +48,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logs.setup(_verbose)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -41,6 +56,12 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def tables() -> Console:
+    """Standard output for tables; piped, it is not squeezed into 80 columns."""
+    out = Console()
+    return out if out.is_terminal else Console(width=200)
 
 
 def _config(params: Path, overrides: list[str] | None):
@@ -62,8 +83,7 @@ def ingest(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None
     from cxr.data.ingest import ingest as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
-    out = run(cfg)
-    console.print(f"ingested [bold]{cfg.data.source}[/] into {out}")
+    run(cfg)  # says what it ingested
 
 
 @app.command()
@@ -219,8 +239,6 @@ def models(
     overrides: Overrides = None,
 ) -> None:
     """List registered versions with aliases and metrics (or the promotion history)."""
-    from rich.table import Table
-
     from cxr.tracking import registry  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
@@ -234,10 +252,30 @@ def models(
         table.add_column(col)
     for row in rows:
         table.add_row(*[", ".join(v) if isinstance(v, list) else ("" if v is None else str(v)) for v in row.values()])
-    out = Console()
-    if not out.is_terminal:  # piped: do not squeeze the table into 80 columns
-        out = Console(width=200)
-    out.print(table)
+    tables().print(table)
+
+
+@app.command()
+@_user_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    model: Annotated[
+        str | None, typer.Option(help="A model directory or MLflow URI (default: models:/NAME@champion).")
+    ] = None,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """`bentoml serve` the champion, after checking that there is a model to serve and the port is free."""
+    from cxr.serving import launch  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
+
+    cfg = _config(params, None)
+    launch.check_port(host, port)
+    ref = launch.check_model(cfg, model)
+    console.print(f"serving {ref.name} version {ref.version or '-'} ({ref.uri}) on http://{host}:{port}")
+    env = dict(os.environ) | ({"CXR_PARAMS": str(params.resolve())} if params.exists() else {})
+    env |= {"CXR_MODEL_URI": model} if model else {}
+    sys.stdout.flush()
+    os.execvpe("bentoml", launch.bentoml_argv(host, port), env)
 
 
 @app.command("evaluate-external")
@@ -271,15 +309,10 @@ def evaluate_external(
     report = evaluate_external(
         cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout, retries=retries
     )
-    req, result = report["requests"], report["metrics"]
-    parts = [
-        f"{k} {result[k]['value']:.4f}"
-        for k in ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
-        if isinstance(result.get(k), dict) and result[k].get("value") is not None
-    ]
+    req = report["requests"]
     console.print(
         f"{req['ok']} of {report['data']['n_images']} images scored ({req['sent']} sent, "
-        f"{req['from_cache']} from cache): " + ", ".join(parts)
+        f"{req['from_cache']} from cache)"
     )
     if req["refused"] or req["failed"]:
         console.print(
@@ -287,10 +320,39 @@ def evaluate_external(
             + ("; run again to re-send the failed ones" if req["failed"] else ""),
             highlight=False,
         )
+    tables().print(external_table(report))
     console.print(
         f"report: {out / 'report' / 'external.html'}"
         + (f"; MLflow run {report['mlflow_run_id']}" if report.get("mlflow_run_id") else "")
     )
+
+
+SUMMARY_METRICS = ("auroc", "macro_auroc", "accuracy", "sensitivity", "specificity")
+
+
+def _with_ci(metric: Any) -> str:
+    if not isinstance(metric, dict) or metric.get("value") is None:
+        return "-"
+    low, high = metric.get("ci_low"), metric.get("ci_high")
+    return f"{metric['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if None not in (low, high) else "")
+
+
+def external_table(report: dict[str, Any]) -> Table:
+    """Internal test vs external metrics with their CIs and the drop, for the model that answered."""
+    model, compared = report["model"], report["comparison"].get("metrics", {})
+    who = f"{model.get('name', 'model')} version {model['version']}" if model.get("version") else "the model"
+    table = Table(title=f"{who} at its threshold: internal test vs external [bootstrap CI]")
+    for column in ("metric", "internal test", "external", "drop"):
+        table.add_column(column)
+    for key in SUMMARY_METRICS:
+        row = compared.get(key, {"external": report["metrics"].get(key)})
+        if _with_ci(row.get("external")) == "-":
+            continue
+        drop = row.get("drop")
+        table.add_row(
+            key, _with_ci(row.get("internal")), _with_ci(row["external"]), "-" if drop is None else f"{drop:+.3f}"
+        )
+    return table
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -127,7 +127,6 @@ def prepare(cfg: "Config") -> dict[str, Any]:
         prepared.to_csv(tmp / "manifest.csv", index=False)
         card = _card(cfg, info, prepared, errors, manifest, results, tmp)
         (tmp / "card.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-    log.info("prepared %d images (%d rejected) into %s", card["n_images"], card["n_rejected"], out)
     return card
 
 

@@ -6,6 +6,7 @@ MLflow loads this file as code (no pickle); the weights come from the ``cxr_mode
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 from cxr.models.predictor import Predictor
@@ -16,9 +17,8 @@ class CxrPyfunc(PythonModel):
 
         self.predictor = Predictor.from_dir(context.artifacts["cxr_model"])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
-
+    # an ndarray hint tells mlflow not to infer a schema from hints (the logged signature has it): no warning
+    def predict(self, context, model_input: np.ndarray, params=None):
         return self.predictor.predict_proba(np.asarray(model_input, dtype=np.uint8))
 
 

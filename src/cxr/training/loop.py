@@ -96,7 +96,7 @@ def _train_epoch(net: _Network, cfg: "Config", data: PreparedData, gen, weights,
     n_batches = images = 0
     bs = cfg.train.batch_size
     batches = data.batches(net.train_idx, bs, shuffle=True, generator=gen, sample_weights=weights, device=device)
-    with progress_bar(label, total=net.steps) as advance:
+    with progress_bar(label, total=net.steps, plain_lines=False) as advance:
         for b, (x, y, t, _) in enumerate(batches):
             if b >= net.steps:
                 break
@@ -125,35 +125,38 @@ def train_network(
     label = f"member {member[0]}/{member[1]} " if member[1] > 1 else ""
     history: list[dict[str, float]] = []
     best, since_best = _Best(), 0
-    for epoch in range(1, cfg.train.epochs + 1):
-        state = EpochState(epoch, step0 + epoch, member, net.scored)
-        run_hook(callbacks, "on_epoch_start", state)
-        total, n_batches, images = _train_epoch(
-            net, cfg, data, gen, weights, device, f"{label}epoch {epoch}/{cfg.train.epochs}"
-        )
-        run_hook(callbacks, "on_epoch_trained", state, images, n_batches)
-        val_probs = predict_split(
-            net.scored, data, val_idx, cfg.train.batch_size * 2, device, data.task, cfg.train.precision
-        )
-        val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
-        net.end_epoch(val_auroc)
-        state.row = {"train_loss": float(total) / max(1, n_batches), "val_auroc": val_auroc,
-                     "lr": net.opt.param_groups[0]["lr"], **state.row}  # fmt: skip
-        state.objective = val_auroc
-        run_hook(callbacks, "on_validated", state)
-        history.append(state.row if member[1] == 1 else {"member": member[0], **state.row})
-        log.info("%sepoch %d: loss %.4f val AUROC %.4f", label, epoch, state.row["train_loss"], val_auroc)
-        score = state.objective if watch.monitor == "augmented_val_auroc" else val_auroc
-        if score > best.score + watch.min_delta:
-            # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
-            best = _Best(score, val_auroc, state.objective, epoch, copy.deepcopy(net.scored.state_dict()), val_probs)
-            since_best, state.improved = 0, True
-        else:
-            since_best += 1
-        state.epochs_since_best = since_best
-        run_hook(callbacks, "on_epoch_end", state)
-        if state.stop:
-            log.info("%searly stopping at epoch %d; best epoch %d", label, epoch, best.epoch)
-            break
+    with progress_bar(f"{label}training {cfg.model.arch}", total=cfg.train.epochs) as epochs:
+        for epoch in range(1, cfg.train.epochs + 1):
+            state = EpochState(epoch, step0 + epoch, member, net.scored)
+            run_hook(callbacks, "on_epoch_start", state)
+            total, n_batches, images = _train_epoch(
+                net, cfg, data, gen, weights, device, f"{label}epoch {epoch}/{cfg.train.epochs}"
+            )
+            run_hook(callbacks, "on_epoch_trained", state, images, n_batches)
+            val_probs = predict_split(
+                net.scored, data, val_idx, cfg.train.batch_size * 2, device, data.task, cfg.train.precision
+            )
+            val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
+            net.end_epoch(val_auroc)
+            state.row = {"train_loss": float(total) / max(1, n_batches), "val_auroc": val_auroc,
+                         "lr": net.opt.param_groups[0]["lr"], **state.row}  # fmt: skip
+            state.objective = val_auroc
+            run_hook(callbacks, "on_validated", state)
+            history.append(state.row if member[1] == 1 else {"member": member[0], **state.row})
+            epochs(loss=state.row["train_loss"], val_auroc=val_auroc)
+            score = state.objective if watch.monitor == "augmented_val_auroc" else val_auroc
+            if score > best.score + watch.min_delta:
+                # val_probs kept: with evaluate.threshold_augmented_copies=0 the threshold is chosen on them
+                best = _Best(
+                    score, val_auroc, state.objective, epoch, copy.deepcopy(net.scored.state_dict()), val_probs
+                )
+                since_best, state.improved = 0, True
+            else:
+                since_best += 1
+            state.epochs_since_best = since_best
+            run_hook(callbacks, "on_epoch_end", state)
+            if state.stop:
+                log.info("%searly stopping at epoch %d; best epoch %d", label, epoch, best.epoch)
+                break
     net.model.load_state_dict(best.state)
     return Member(net.model, seed, best.epoch, best.auroc, best.objective, best.val_probs, history)

@@ -1,0 +1,144 @@
+"""`make demo`: the whole mission on the built-in synthetic data, with the commands a team types.
+
+dvc repro → a short `cxr tune` (its own study, pruning on) that registers its best trial → `cxr promote`
+through the gate → a synthetic second hospital → `cxr serve` in the background on 127.0.0.1 →
+`cxr evaluate-external` through the HTTP API → the server stopped → a summary and the next commands.
+Run again, it reuses what is done: DVC's cache, the finished study, the registered version, the site's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+
+from cxr.cli import external_table, tables
+from cxr.config import load_config
+from cxr.tracking import registry
+
+STUDY = "demo"
+SITE, SITE_DIR = "hospital_b", Path("data/external/hospital_b")
+EXTERNAL_OUT = Path("reports/external")
+SERVE_LOG = Path("reports/demo/serve.log")
+READY_TIMEOUT_S = 300
+# A study small enough for two CPU cores: a handful of short trials of the small CNN, pruned from the third on.
+TUNE = [
+    "--trials", "6", "--study", STUDY, "--register",
+    "-s", "train.epochs=8",
+    "-s", "tune.startup_trials=2",
+    "-s", "tune.warmup_epochs=2",
+    "-s", "tune.space={train.lr: {type: float, low: 0.001, high: 0.01, log: true}, "
+    "model.dropout: {type: float, low: 0.0, high: 0.5}, model.width: {type: categorical, choices: [16, 32]}, "
+    "train.augment.strength: {type: float, low: 0.0, high: 3.0}}",
+]  # fmt: skip
+console = Console()
+
+
+def step(number: int, title: str) -> None:
+    console.rule(f"[bold]{number}/6  {title}", align="left")
+
+
+def run(*argv: str) -> None:
+    console.print(f"[cyan]$ {shlex.join(argv)}", highlight=False)
+    if subprocess.run(argv).returncode != 0:
+        console.print(f"[red]demo stopped: `{shlex.join(argv)}` failed (its message is above)")
+        sys.exit(1)
+
+
+def promote_newest() -> str:
+    """The version `cxr tune --register` made, promoted through the gate unless it already is the champion."""
+    cfg = load_config()
+    newest = registry.versions(cfg)[0]
+    if cfg.registry.alias in newest["aliases"]:
+        console.print(f"version {newest['version']} already is the {cfg.registry.alias}")
+    else:
+        run("cxr", "promote", newest["version"])
+    return newest["version"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    """`cxr serve` in its own process group, its log in a file; returns once /readyz answers 200."""
+    argv = ["cxr", "serve", "--port", str(port)]
+    console.print(f"[cyan]$ {shlex.join(argv)} &[/]   (log: {SERVE_LOG})", highlight=False)
+    SERVE_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with SERVE_LOG.open("w") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    console.print(f"the service answers on http://127.0.0.1:{port} (pid {server.pid})")
+                    return server
+        except OSError:
+            time.sleep(1)
+    stop_server(server)
+    console.print(f"[red]demo stopped: the service did not become ready; the end of {SERVE_LOG}:")
+    console.print(SERVE_LOG.read_text()[-2000:], markup=False, highlight=False)
+    sys.exit(1)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    console.print(f"stopped the service (pid {server.pid})")
+
+
+def summary(version: str) -> None:
+    report = json.loads((EXTERNAL_OUT / "report" / "external.json").read_text())
+    console.print(f"champion: {load_config().mlflow.registered_model} version {version}")
+    tables().print(external_table(report))
+    console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}; internal: reports/metrics.json")
+    console.print(
+        "\n[bold]Next:[/]\n"
+        f"  mlflow ui --backend-store-uri {load_config().mlflow.tracking_uri}   # runs, the study, the registry\n"
+        "  cxr serve                      # or `bentoml serve`: the champion on http://127.0.0.1:3000\n"
+        "  cxr tune --trials 50           # the full search (tune.space in params.yaml)\n"
+        f"  cxr evaluate-external --url http://127.0.0.1:3000 --data {SITE_DIR}",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    started = time.monotonic()
+    step(1, "Build a model: ingest → prepare → train → evaluate")
+    run("dvc", "repro")
+    step(2, f"Tune: study {STUDY!r}, every trial an MLflow run; the best one registered")
+    run("cxr", "tune", *TUNE)
+    step(3, "Promote the registered version to champion through the gate")
+    version = promote_newest()
+    step(4, f"A second hospital: synthetic films from another site ({SITE})")
+    run("cxr", "synthesize-site", "--site", SITE, "--out", str(SITE_DIR))
+    step(5, "Serve the champion and score the second hospital through its HTTP API")
+    port = free_port()
+    server = start_server(port)
+    try:
+        run("cxr", "evaluate-external", "--url", f"http://127.0.0.1:{port}", "--data", str(SITE_DIR))
+    finally:
+        stop_server(server)
+    step(6, f"Summary ({time.monotonic() - started:.0f} s)")
+    summary(version)
+
+
+if __name__ == "__main__":
+    main()
