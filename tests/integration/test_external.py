@@ -194,6 +194,7 @@ class StandIn:
         from starlette.routing import Route
 
         self.calls: list[bytes] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, whatever its answer
         self.script, self.fail_after = script or {}, fail_after
 
         async def metadata(request):
@@ -214,9 +215,16 @@ class StandIn:
                 else JSONResponse(result)
             )
 
-        self.app = Starlette(
+        app = Starlette(
             routes=[Route("/metadata", metadata, methods=["POST"]), Route("/predict", predict, methods=["POST"])]
         )
+
+        async def recording(scope, receive, send):
+            if scope["type"] == "http":
+                self.requests.append((scope["method"], scope["path"]))
+            await app(scope, receive, send)
+
+        self.app = recording
 
     def transport(self) -> httpx.ASGITransport:
         return httpx.ASGITransport(app=self.app)
@@ -240,6 +248,8 @@ def test_retries_transient_errors_but_never_a_refusal(project: Path, png_folder,
     calls = Counter(standin.calls)
     assert calls.pop((root / "chest_xray/test/NORMAL/normal_0.png").read_bytes()) == 4
     assert set(calls.values()) == {1} and len(calls) == 27
+    # the metadata is asked for once, by POST (the method of the service's API): no GET probe first
+    assert [r for r in standin.requests if r[1] == "/metadata"] == [("POST", "/metadata")]
 
 
 def test_interrupted_run_resumes_and_matches_in_process(project: Path, png_folder, tmp_path: Path):

@@ -207,7 +207,7 @@ def test_synthetic_dicoms_get_the_in_process_answer(server: Server, champion, pr
             want["positive"],
             want["threshold"],
         )
-    assert any("view unknown" in w for w in body["warnings"])  # the PNG carries no view
+    assert not any("view" in w for w in body["warnings"])  # a PNG cannot carry a view: nothing to warn about
 
 
 def test_real_dicoms_get_the_in_process_answer(server: Server, champion, dicom_dir: Path):
@@ -283,8 +283,11 @@ def test_explain_returns_a_heatmap_png_and_the_lung_share(server: Server):
     image = PILImage.open(io.BytesIO(r.content))
     assert image.size == (384, 384) and image.mode == "RGB"
     assert r.headers["x-cxr-label"] == "pneumonia"
-    share = r.headers["x-cxr-lung-share"]
-    assert share == "unknown" or 0.0 <= float(share) <= 1.0
+    share, warnings = r.headers["x-cxr-lung-share"], json.loads(r.headers["x-cxr-warnings"])
+    if share == "none":  # an empty Grad-CAM (a barely trained model) or no lung mask, and the warning says which
+        assert any(w.startswith(("Grad-CAM is empty", "no lung fields")) for w in warnings), warnings
+    else:
+        assert 0.0 <= float(share) <= 1.0
     assert json.loads(r.headers["x-cxr-model"])["version"] == "1"
     refused = httpx.post(f"{server.url}/explain", files={"file": ("x.dcm", b"junk")}, timeout=60)
     assert refused.status_code == 422 and "not a DICOM" in refused.json()["error"]

@@ -14,7 +14,7 @@ from cxr.errors import UserError
 from cxr.imaging import Image
 from cxr.models import Ensemble, build_model
 from cxr.preprocess import PreprocessSpec, preprocess
-from cxr.serving.explain import explain, gradcam, lung_mask, lung_share
+from cxr.serving.explain import EMPTY_GRADCAM, NO_LUNG_MASK, explain, gradcam, is_empty, lung_mask, lung_share
 
 
 def test_gradcam_is_the_weighted_feature_map_of_the_gradcam_layer():
@@ -84,18 +84,67 @@ def test_lung_share():
     assert lung_share(heat, mask) == 1.0
     assert lung_share(1.0 - heat, mask) == 0.0
     assert lung_share(np.ones((8, 8)), mask) == 0.5
-    assert lung_share(np.zeros((8, 8)), mask) == 0.0
+    assert lung_share(np.zeros((8, 8)), mask) is None  # no heat has no share, not a share of 0
+
+
+@pytest.mark.parametrize(
+    "heat,empty",
+    [
+        (np.zeros((8, 8)), True),
+        (np.full((8, 8), 0.7), True),
+        (np.full((8, 8), 1.0) + np.random.default_rng(0).random((8, 8)) * 1e-8, True),  # float noise
+        (np.where(np.eye(8) > 0, np.nan, 0.5), True),
+        (np.eye(8), False),
+        (np.linspace(0, 1e-3, 64).reshape(8, 8), False),  # faint is still a location
+    ],
+    ids=["zeros", "constant", "noise", "nan", "diagonal", "faint"],
+)
+def test_is_empty(heat, empty):
+    assert is_empty(heat) is empty
+
+
+def with_heat(predictor):
+    """The network's score rises with every feature channel, so its Grad-CAM has heat wherever features fire
+    (at random init the channel weights often all cancel out to an empty map)."""
+    with torch.no_grad():
+        predictor.model.head.weight.abs_()
+    return predictor
+
+
+def film(seed: int = 3) -> Image:
+    """A synthetic frontal film (256 px) whose lung mask the crude estimator finds."""
+    return Image(render_layers(np.random.default_rng(seed), 1, 0.3, 256).image.astype(np.float32), {"view": "PA"})
+
+
+def test_an_empty_gradcam_is_reported_as_such_never_as_a_share_of_zero(tiny_predictor):
+    predictor = with_heat(tiny_predictor(32))
+    normal = explain(predictor, film())
+    assert normal.lung_share is not None and 0.0 < normal.lung_share <= 1.0 and normal.warnings == []
+    with torch.no_grad():  # the score ignores the image: the gradient reaching the feature map is zero
+        predictor.model.head.weight.zero_()
+    result = explain(predictor, film())
+    assert result.warnings == [EMPTY_GRADCAM] and result.lung_share is None
+    assert result.lung_area == normal.lung_area  # the mask is still there: the share is missing, not the lungs
+    assert not result.heatmap.any()
+    rgb = np.asarray(PILImage.open(io.BytesIO(result.png)))
+    assert (rgb == rgb[..., :1]).all()  # grey film and white outline: not one coloured pixel
+
+
+def test_no_lung_mask_is_a_warning_and_no_share(tiny_predictor):
+    noise = Image(np.random.default_rng(0).random((64, 64)).astype(np.float32), {"format": "jpeg"})
+    result = explain(with_heat(tiny_predictor(32)), noise)
+    assert result.lung_share is None and result.lung_area is None and result.warnings == [NO_LUNG_MASK]
 
 
 def test_explain_returns_a_png_over_the_image_and_the_lung_share(tiny_predictor):
-    predictor = tiny_predictor(32)
+    predictor = with_heat(tiny_predictor(32))
     r = render_layers(np.random.default_rng(3), 1, 0.3, 256)
     result = explain(predictor, Image(r.image.astype(np.float32), {"view": "PA"}))
     assert result.heatmap.shape == (32, 32)
     assert result.label == "pneumonia"
     p = predictor.predict_proba(predictor.prepare_input(Image(r.image.astype(np.float32)))[None])[0]
     assert result.probability == pytest.approx(float(p), abs=1e-6)
-    assert result.lung_share is not None and 0.0 <= result.lung_share <= 1.0
+    assert result.lung_share is not None and 0.0 < result.lung_share <= 1.0 and result.warnings == []
     assert 0.05 < result.lung_area < 0.6
     png = PILImage.open(io.BytesIO(result.png))
     assert png.format == "PNG" and png.mode == "RGB" and png.size == (384, 384)

@@ -103,10 +103,13 @@ def test_transient_errors_exhaust_retries_into_a_failed_answer():
     assert len(calls) == 3
 
 
-def test_metadata_falls_back_to_post_and_a_wrong_url_is_a_clear_error():
+def test_metadata_is_one_post_and_a_wrong_url_is_a_clear_error():
+    sent = []
+
     def handler(request):
+        sent.append((request.method, request.url.path))
         if request.url.path == "/metadata":
-            if request.method == "GET":
+            if request.method != "POST":  # as BentoML answers any API called with another method
                 return httpx.Response(405)
             return httpx.Response(200, json={"task": "binary", "labels": ["normal", "pneumonia"]})
         return httpx.Response(404)
@@ -119,6 +122,7 @@ def test_metadata_falls_back_to_post_and_a_wrong_url_is_a_clear_error():
             return meta
 
     assert asyncio.run(go())["labels"] == ["normal", "pneumonia"]
+    assert sent == [("POST", "/metadata"), ("POST", "/predict")]  # no GET probe that can only get 405
 
 
 def test_comparison_reports_drop_and_ci_overlap():

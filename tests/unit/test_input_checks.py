@@ -42,9 +42,14 @@ def test_frontal_chest_film_has_no_warnings():
     assert input_warnings({"view": "AP"}, film(1, size=224)) == []
 
 
-def test_view_warnings():
-    assert any("non-frontal" in w and "LL" in w for w in input_warnings({"view": "LL"}, film()))
-    assert any("view unknown" in w for w in input_warnings({"format": "png"}, film()))
+def test_view_warnings_only_where_the_format_could_carry_a_view():
+    dicom = {"format": "dicom"}
+    assert any("non-frontal" in w and "LL" in w for w in input_warnings({**dicom, "view": "LL"}, film()))
+    assert any("view unknown" in w for w in input_warnings({**dicom, "view": None}, film()))
+    assert input_warnings({**dicom, "view": "PA"}, film()) == []
+    # PNG/JPEG have no view field: a chest film in them gets no warning at all
+    assert input_warnings({"format": "png"}, film()) == []
+    assert input_warnings({"format": "jpeg"}, film(1, size=224)) == []
 
 
 @pytest.mark.parametrize(

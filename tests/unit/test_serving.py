@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image as PILImage
 
 from cxr.config import Config
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.errors import UserError
+from cxr.preprocess import PreprocessSpec, preprocess
+from cxr.serving.explain import EMPTY_GRADCAM
 from cxr.serving.served import NoModelToServe, ServedModel
 from cxr.tracking.uris import ModelUriError, load_predictor, local_model_dir, resolve
 
@@ -52,7 +55,15 @@ def test_a_model_directory_is_served_as_is(served, tmp_path):
 
 def test_predict_matches_the_predictor_and_refuses_per_upload(served):
     good = [dicom(0), dicom(1, ViewPosition="LL"), png(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))]
-    uploads = [good[0], b"not an image", good[1], dicom(2, BodyPartExamined="HAND"), good[2], b""]
+    uploads = [
+        good[0],
+        b"not an image",
+        good[1],
+        dicom(2, BodyPartExamined="HAND"),
+        good[2],
+        b"",
+        dicom(4, ViewPosition=""),
+    ]
     results = served.predict(uploads)
     expected = served.predictor.predict_files(good)
     for got, want in zip([results[0], results[2], results[4]], expected):
@@ -61,7 +72,8 @@ def test_predict_matches_the_predictor_and_refuses_per_upload(served):
         assert got["model"] == served.ref.to_dict()
     assert results[0]["warnings"] == []
     assert any("non-frontal" in w for w in results[2]["warnings"])
-    assert any("view unknown" in w for w in results[4]["warnings"])
+    assert not any("view" in w for w in results[4]["warnings"])  # a PNG cannot say its view: nothing to warn
+    assert any("view unknown" in w for w in results[6]["warnings"])  # a DICOM could have, and did not
     assert results[1] == {"error": "upload: not a DICOM, PNG or JPEG file", "status": 422}
     assert "BodyPartExamined=HAND" in results[3]["error"] and results[3]["status"] == 422
     assert "empty" in results[5]["error"]
@@ -70,10 +82,25 @@ def test_predict_matches_the_predictor_and_refuses_per_upload(served):
 
 
 def test_explain_answer(served):
+    with torch.no_grad():  # every feature channel raises the score: the Grad-CAM has heat
+        served.predictor.model.head.weight.abs_()
     out = served.explain(dicom(3))
     assert out["png"][:8] == b"\x89PNG\r\n\x1a\n" and out["label"] == "pneumonia"
     assert out["warnings"] == [] and out["model"] == served.ref.to_dict()
+    assert 0.0 < out["lung_share"] <= 1.0
+    # the same film as a PNG: no view warning, and the lung share is computed the same way
+    same_film = png(preprocess(render(np.random.default_rng(3), 1, 0.6, 96), PreprocessSpec(size=96)))
+    as_png = served.explain(same_film)
+    assert as_png["warnings"] == [] and as_png["lung_share"] == pytest.approx(out["lung_share"], abs=0.01)
     assert served.explain(b"garbage")["status"] == 422
+
+
+def test_explain_says_when_the_gradcam_is_empty(served):
+    with torch.no_grad():  # the score ignores the image
+        served.predictor.model.head.weight.zero_()
+    out = served.explain(dicom(3))
+    assert out["lung_share"] is None and out["warnings"] == [EMPTY_GRADCAM]  # never a share of 0
+    assert out["lung_area"] is not None and out["png"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_no_champion_is_one_clear_error_and_creates_no_store(tmp_path, monkeypatch):

@@ -133,11 +133,9 @@ class ServiceClient:
         return response, attempts
 
     async def metadata(self) -> dict[str, Any]:
-        """The served model's info. BentoML APIs are POST by default, so GET falls back to POST."""
+        """The served model's info: one POST, the method of every BentoML API (CxrService.metadata)."""
         try:
-            response, _ = await self._send("GET", "/metadata")
-            if response.status_code == 405:
-                response, _ = await self._send("POST", "/metadata", json={})
+            response, _ = await self._send("POST", "/metadata", json={})
         except (httpx.TransportError, _Transient) as exc:
             raise ServiceUnavailable(
                 f"cannot reach the cxr service at {self.url} ({exc}); start it with `bentoml serve` "

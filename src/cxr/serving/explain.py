@@ -2,8 +2,18 @@
 
 ``explain(predictor, image)`` is the one entry point (the service's ``explain`` API calls it): it
 runs Grad-CAM on the model input, estimates a crude lung mask and returns the heatmap, the share of
-the heat inside the lungs and a PNG overlay. A model that looks mostly outside the lungs (at
-markers, borders, text) is a hint of shortcut learning.
+the heat inside the lungs, a PNG overlay and warnings. A model that looks mostly outside the lungs
+(at markers, borders, text) is a hint of shortcut learning.
+
+The lung share is a number only when it means something; otherwise it is ``None`` and a warning
+says which of the two reasons applies:
+
+* the Grad-CAM is empty (no heat anywhere, the same heat everywhere, or not finite): no region raises
+  the explained score at the explained layer (a score that ignores the image, or channel weights
+  that are all negative, as in a barely trained network), so there is no region to show. A share
+  of 0 would read as "the model looks outside the lungs";
+* no lung mask could be estimated for this image (see below). This depends on the pixels only,
+  never on the file format: a PNG/JPEG and a DICOM of the same film get the same mask.
 
 Grad-CAM (Selvaraju et al., 2017): the gradient of the explained logit with respect to the last
 spatial feature map (``CXRNet.gradcam_module``), averaged over space, weights the feature channels;
@@ -41,6 +51,16 @@ DISPLAY_SIZE = 384  # side of the PNG overlay
 PRIOR_ROW, PRIOR_HALF_H, PRIOR_COLS, PRIOR_HALF_W = 0.47, 0.36, (0.30, 0.70), 0.20
 MIN_PRIOR_STD = 0.02  # a flat prior region (blank image) has no lung to find
 MIN_PRIOR_FILL = 0.2  # a side whose lung component covers less of its prior is not a usable estimate
+# A heatmap (scaled to [0, 1]) whose range is below this holds no location: float noise, not heat.
+MIN_HEAT_RANGE = 1e-6
+EMPTY_GRADCAM = (
+    "Grad-CAM is empty (no heat, or the same heat everywhere): no region of the image raises the model's score "
+    "at the explained layer, so there is no region to show and no lung share"
+)
+NO_LUNG_MASK = (
+    "no lung fields could be estimated on this image (not a frontal chest film, opaque lungs, or an unusual "
+    "framing), so the share of the heat inside the lungs is unknown"
+)
 
 
 @dataclass
@@ -48,9 +68,10 @@ class Explanation:
     heatmap: np.ndarray  # float32 (S, S) in [0, 1] over the model input (S = preprocess size)
     label: str  # the label whose logit is explained
     probability: float  # the model's probability for that label
-    lung_share: float | None  # fraction of the heat inside the lung mask; None when no mask could be estimated
+    lung_share: float | None  # fraction of the heat inside the lung mask; None when empty or no mask (warnings say)
     lung_area: float | None  # fraction of the image the lung mask covers (the share a uniform heatmap would get)
     png: bytes  # the heatmap over the image, lung outline drawn when estimated
+    warnings: list[str]  # why the heatmap or the lung share is missing (empty when both are there)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -137,10 +158,16 @@ def lung_mask(image: np.ndarray) -> np.ndarray | None:
     return sides[0] | sides[1]
 
 
-def lung_share(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """Fraction of the total heat inside ``mask`` (both on the same grid); 0 for an all-zero heatmap."""
+def is_empty(heatmap: np.ndarray) -> bool:
+    """No location in a Grad-CAM map (values in [0, 1]): not finite, or (nearly) the same value everywhere."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    return not np.isfinite(heat).all() or float(np.ptp(heat)) < MIN_HEAT_RANGE
+
+
+def lung_share(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
+    """Fraction of the total heat inside ``mask`` (both on the same grid); None for a map without heat."""
     total = float(heatmap.sum())
-    return float(heatmap[mask].sum()) / total if total > 0 else 0.0
+    return float(heatmap[mask].sum()) / total if total > 0 else None
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
@@ -200,12 +227,13 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     else:
         raise UserError(f"cannot explain label {label!r}: this model explains {', '.join(names)}")
     heat = np.mean([gradcam(net, x, index, tabular) for net in networks], axis=0)
-    heat = heat / heat.max() if heat.max() > 0 else heat
+    empty = is_empty(heat)
+    # An empty map is shown as no heat at all (a uniform one would paint the whole film one colour).
+    heat = np.zeros_like(heat) if empty else heat / heat.max()
     # The mask is estimated on a finer copy of the same preprocessing (same crop/pad geometry).
     fine = preprocess(image, replace(predictor.spec, size=ANALYSIS_SIZE))
     mask = lung_mask(fine)
-    heat_fine = _resize(heat, ANALYSIS_SIZE)
-    share = lung_share(heat_fine, mask) if mask is not None else None
+    share = None if empty or mask is None else lung_share(_resize(heat, ANALYSIS_SIZE), mask)
     display = preprocess(image, replace(predictor.spec, size=DISPLAY_SIZE))
     return Explanation(
         heatmap=heat,
@@ -214,4 +242,5 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
         lung_share=None if share is None else round(share, 4),
         lung_area=None if mask is None else round(float(mask.mean()), 4),
         png=overlay_png(display, heat, mask),
+        warnings=([EMPTY_GRADCAM] if empty else []) + ([NO_LUNG_MASK] if mask is None else []),
     )

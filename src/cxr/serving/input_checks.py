@@ -6,8 +6,9 @@ pneumonia probability for a tibia or a CT slice is an answer to a question nobod
 
 Warned (the prediction is returned, with the reason it may be unreliable):
 
-* a non-frontal view (ViewPosition other than PA/AP) or an unknown one (no ViewPosition, as in every
-  PNG/JPEG): the models are trained on frontal films;
+* a DICOM whose ViewPosition is non-frontal (other than PA/AP) or missing: the models are trained on
+  frontal films. PNG/JPEG carry no view at all, so warning on every one of them would say nothing
+  about the film; they get no view warning (the image statistics below still apply);
 * an image far from chest radiographs in general: three cheap statistics of the preprocessed model
   input (values in [0, 1]) against bands measured on real frontal chest films. model.json carries no
   image statistics of the training set, so the reference is the chest-film population itself:
@@ -69,7 +70,8 @@ def input_warnings(meta: dict[str, Any], x: np.ndarray) -> list[str]:
     out: list[str] = []
     view = (meta.get("view") or "").strip().upper()
     if not view:
-        out.append("view unknown (no DICOM ViewPosition): the model expects a frontal PA or AP chest film")
+        if meta.get("format") == "dicom":  # the one format that could have said
+            out.append("view unknown (no DICOM ViewPosition): the model expects a frontal PA or AP chest film")
     elif view not in FRONTAL_VIEWS:
         out.append(f"non-frontal view (ViewPosition={view}): the model was trained on frontal PA/AP chest films")
     s = image_stats(x)

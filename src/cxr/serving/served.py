@@ -215,7 +215,8 @@ class ServedModel:
         return results
 
     def explain(self, data: bytes, label: str | None = None) -> dict[str, Any]:
-        """Grad-CAM PNG plus the lung share, or a refusal."""
+        """Grad-CAM PNG plus the lung share, or a refusal. ``lung_share`` is None (never 0) when the
+        Grad-CAM is empty or no lung mask could be estimated; ``warnings`` then says which."""
         try:
             image, x = self._decode(data)
             result = explain(self.predictor, image, label)
@@ -227,7 +228,7 @@ class ServedModel:
             **result.summary(),
             "png": result.png,
             "model": self.ref.to_dict(),
-            "warnings": input_warnings(image.meta, x),
+            "warnings": input_warnings(image.meta, x) + result.warnings,
         }
 
 

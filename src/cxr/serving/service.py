@@ -258,15 +258,19 @@ class CxrService:
     @bentoml.api
     async def explain(self, file: Path, label: str | None = None) -> Annotated[Path, ContentType("image/png")]:
         """Grad-CAM heatmap over the image (PNG). Headers: X-CXR-Label (explained label),
-        X-CXR-Probability, X-CXR-Lung-Share (share of the heat inside a crude lung mask, `unknown`
-        when no mask could be estimated), X-CXR-Lung-Area (the share a uniform heatmap would get),
-        X-CXR-Warnings (JSON list)."""
+        X-CXR-Probability, X-CXR-Lung-Share (share of the heat inside a crude lung mask),
+        X-CXR-Lung-Area (the share a uniform heatmap would get), X-CXR-Model, X-CXR-Warnings (JSON list).
+
+        Lung-Share and Lung-Area are `none` (never 0) when there is no meaningful value, and a warning
+        says why: the Grad-CAM is empty (no heat, or the same everywhere: the PNG then shows none), or
+        no lung mask could be estimated on this image. The mask depends on the pixels only, so a
+        PNG/JPEG and a DICOM of the same film get the same answer."""
         result = await self._remote("explain_upload", await anyio.Path(file).read_bytes(), label)
         if "error" in result:
             return _refused(result)
 
         def number(v: float | None) -> str:
-            return "unknown" if v is None else f"{v:.4f}"
+            return "none" if v is None else f"{v:.4f}"
 
         headers = {
             "X-CXR-Label": result["label"],
