@@ -8,6 +8,7 @@ Loading a config has no side effects: no folders are created and no tracking URI
 from __future__ import annotations
 
 import contextvars
+import difflib
 import functools
 import threading
 import typing
@@ -349,6 +350,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _did_you_mean(key: str) -> str:
+    """The closest known key, so a typo names its fix; otherwise where the keys are listed."""
+    known = flatten(Config().model_dump(mode="json"))
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else " (`cxr config` lists every key)"
+
+
 def _validate(data: dict[str, Any], origin: str) -> Config:
     try:
         return Config.model_validate(data)
@@ -357,7 +365,7 @@ def _validate(data: dict[str, Any], origin: str) -> Config:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                lines.append(f"unknown config key {loc!r}")
+                lines.append(f"unknown config key {loc!r}{_did_you_mean(loc)}")
             else:
                 lines.append(f"{loc or 'config'}: {err['msg']}")
         raise ConfigError(f"invalid configuration ({origin}): " + "; ".join(lines)) from None
