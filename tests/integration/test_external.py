@@ -146,6 +146,8 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
     assert run.data.tags["model_run_id"] == info["training"]["run_id"]
     assert run.data.tags["external_dataset_hash"] == report["data"]["dataset_hash"]
     assert run.data.tags["endpoint"] == "in-process"
+    assert run.info.run_name.startswith("external synthetic: ")  # named after the data, not by MLflow
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["external synthetic"]
     assert run.data.metrics["external_auroc"] == m["auroc"]["value"]
     assert run.data.metrics["internal_test_auroc"] == auroc["internal"]["value"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "external")}

@@ -109,6 +109,10 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
         assert run.data.tags["trial_state"] == t.state.name
         assert run.info.status == ("FINISHED" if t.state.name == "COMPLETE" else "KILLED")
         assert float(run.data.params["train.lr"]) == t.params["train.lr"]
+        # listed as "trial N" under "tune s4"; every trial, pruned too, carries its value (compare view columns)
+        assert run.info.run_name == f"trial {t.number}" and parent.info.run_name == "tune s4"
+        assert run.data.metrics["objective"] == pytest.approx(t.value)
+        assert run.data.params.keys() == children[0].data.params.keys()
         epochs = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_auroc")
         assert len(epochs) == t.user_attrs["epochs_trained"] >= 1
     pruned = [t for t in trials if t.state.name == "PRUNED"]

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr.config import Config
 from cxr.data.sources.base import SourceError
-from cxr.evaluation.external import EvaluatedModel, _check_model, compare
-from cxr.evaluation.external_data import folder_table, map_labels, targets
+from cxr.evaluation.external import EvaluatedModel, _check_model, compare, external_run_name
+from cxr.evaluation.external_data import folder_table, load_external_set, map_labels, targets
 from cxr.evaluation.response_cache import ResponseCache, cache_key
 from cxr.serving.client import Answer, ServiceClient, ServiceUnavailable
 
@@ -152,3 +153,14 @@ def test_an_answer_from_another_model_version_is_not_a_result():
     same = Answer("ok", response={"probabilities": {}, "model": {"name": "cxr", "version": "3"}})
     assert _check_model(same, model) is same
     assert model.identity == "cxr/3"  # the cache key part: a new version never reuses old answers
+
+
+def test_external_runs_are_named_after_the_data_and_the_served_version(tmp_path):
+    for rel in ("chest_xray/test/NORMAL/a.png", "chest_xray/test/PNEUMONIA/b.png", "mine/NORMAL/c.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    kaggle = load_external_set(Config(), tmp_path / "chest_xray" / "test", "binary", tmp_path / "work")
+    mine = load_external_set(Config(), tmp_path / "mine", "binary", tmp_path / "work")
+    served = EvaluatedModel("binary", ["NORMAL", "PNEUMONIA"], 0.5, name="cxr", version="3")
+    assert external_run_name(kaggle, served) == "external chest_xray/test: cxr v3"  # a split folder says whose
+    assert external_run_name(mine, EvaluatedModel("binary", ["NORMAL", "PNEUMONIA"], 0.5)) == "external mine: model"

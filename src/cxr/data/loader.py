@@ -6,6 +6,8 @@ once, a larger one is read batch by batch (sorted indices, so reads stay mostly 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,14 @@ class PreparedData:
 
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.manifest["split"].to_numpy() == name)
+
+    def split_hash(self, name: str) -> str:
+        """A split's content: its images' pixel hashes and labels (not file names or order) and how they were
+        prepared at this size; the same films and labels prepared the same way hash the same."""
+        rows = self.manifest.iloc[self.split(name)]
+        recipe = json.dumps({"size": self.size, "preprocess": self.card.get("preprocess")}, sort_keys=True)
+        lines = sorted(f"{h}\t{label}" for h, label in zip(rows["pixel_hash"], rows["label"]))
+        return hashlib.sha256("\n".join([recipe, *lines]).encode()).hexdigest()
 
     def batches(
         self,

@@ -158,10 +158,11 @@ def _log_to_mlflow(
 
     tracking.configure(cfg)
     run_id = predictor.card.training.run_id
+    fresh = f"evaluate {predictor.card.arch} {predictor.spec.size}px"  # a model with no run in this store
     try:
-        ctx = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate")
+        ctx = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=fresh)
     except Exception:  # the training run lives in another tracking store: log a fresh run instead
-        ctx = mlflow.start_run(run_name="evaluate")
+        ctx = mlflow.start_run(run_name=fresh)
     with ctx:
         for split, values in summary.items():
             # "val_auroc" is the per-epoch training curve; the final validation numbers get their own prefix

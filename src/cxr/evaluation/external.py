@@ -403,7 +403,7 @@ def log_to_mlflow(
         "endpoint": report["endpoint"],
         "external_data": ext.description[:5000],
     }
-    with tracking.run(cfg, name=f"external-{model.name or 'model'}-v{model.version or '?'}", tags=tags) as active:
+    with tracking.run(cfg, name=external_run_name(ext, model), tags=tags) as active:
         if active is None:
             return None
         import mlflow
@@ -423,13 +423,19 @@ def log_to_mlflow(
         return active.info.run_id
 
 
+def external_run_name(ext: ExternalSet, model: EvaluatedModel) -> str:
+    """What the MLflow UI lists: ``external chest_xray/test: cxr v3`` (a model directory has no version)."""
+    served = f"{model.name} v{model.version}" if model.version else str(model.name or "model")
+    return f"external {ext.name}: {served}"
+
+
 def _mlflow_dataset(ext: ExternalSet) -> Any:
     """The external set as an MLflow dataset: content hashes and labels only, never paths or patient data."""
     import mlflow
 
     cols = [c for c in ("sha256", "label", "view", "sex", "age") if c in ext.table]
     table = ext.table[cols].astype({"age": float} if "age" in cols else {})  # ages may be missing
-    return mlflow.data.from_pandas(table, name=f"external-{ext.dataset_hash[:12]}", digest=ext.dataset_hash[:32])
+    return mlflow.data.from_pandas(table, name=f"external {ext.name}", digest=ext.dataset_hash[:32])
 
 
 def _logged_model_id(model: EvaluatedModel) -> str | None:

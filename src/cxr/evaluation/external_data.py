@@ -34,6 +34,7 @@ class ExternalSet:
     table: pd.DataFrame  # manifest columns; ``image`` absolute, plus ``file`` (shown in reports) and ``sha256``
     description: str
     notes: list[str] = field(default_factory=list)
+    name: str = "external"  # short, for MLflow: the source, or the folder or manifest the set came from
 
     @property
     def dataset_hash(self) -> str:
@@ -56,14 +57,16 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
             given = Path(cfg.data.path).expanduser().resolve()
             root = given if given.is_dir() else given.parent
         description = f"data.source={cfg.data.source}" + (f" data.path={cfg.data.path}" if cfg.data.path else "")
+        name = cfg.data.source + (f" {Path(cfg.data.path).name}" if cfg.data.path else "")
     else:
         path = Path(data).expanduser().resolve()
         if path.is_dir():
-            table, root, description = folder_table(path), path, f"folder {path}"
+            table, root, description, name = folder_table(path), path, f"folder {path}", _folder_name(path)
         elif path.is_file():
             source_cfg = cfg.override({"data.source": "manifest", "data.path": str(path), "data.manifest_task": task})
             built = build_source(source_cfg, workdir)
             table, notes, root, description = built.manifest, built.notes, path.parent, f"manifest {path}"
+            name = path.stem
         else:
             raise SourceError(
                 f"--data {path} does not exist; give a folder of images, a manifest CSV, "
@@ -76,7 +79,12 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
         file=[_shown(p, root) for p in images],  # what reports show: relative to the data
         sha256=[sha256_file(p) for p in images],
     )
-    return ExternalSet(table.reset_index(drop=True), description, list(notes))
+    return ExternalSet(table.reset_index(drop=True), description, list(notes), name)
+
+
+def _folder_name(path: Path) -> str:
+    """``chest_xray/test`` rather than ``test``: a split folder is named with the folder that holds it."""
+    return f"{path.parent.name}/{path.name}" if path.name.lower() in _NOT_LABELS and path.parent.name else path.name
 
 
 def folder_table(root: Path) -> pd.DataFrame:

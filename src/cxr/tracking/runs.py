@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from cxr.data.loader import PreparedData
 from cxr.models.predictor import Predictor
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cxr package, shipped with every logged model
 MODEL_CARD_ARTIFACT = "model_info.json"  # the logged model's card, next to the model in the run
+# The prepared splits a training run logs as datasets, with MLflow's context for each.
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+DATASET_COLUMNS = ("pixel_hash", "label", "view", "sex", "age")
+DIGEST_CHARS = 32  # MLflow stores at most 36 characters of a dataset digest
 
 
 URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -130,13 +136,38 @@ def run(
         yield active
 
 
-def log_training_inputs(cfg: "Config", data_card: dict[str, Any]) -> None:
-    """The training run's parameters (every config key), its config as YAML and the prepared data's card."""
+def log_training_inputs(cfg: "Config", data: PreparedData) -> None:
+    """The training run's parameters (every config key), its config as YAML, the prepared data's card, and its
+    splits as MLflow datasets (the run's lineage in the UI)."""
     import mlflow
 
     mlflow.log_params(cfg.flat())
     mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")
-    log_dict_artifact(data_card, "data/card.json")
+    log_dict_artifact(data.card, "data/card.json")
+    splits = [s for s in DATASET_CONTEXTS if len(data.split(s))]
+    mlflow.log_inputs(
+        datasets=[split_dataset(data, s) for s in splits],
+        contexts=[DATASET_CONTEXTS[s] for s in splits],
+        tags_list=[None] * len(splits),
+    )
+
+
+def split_dataset(data: PreparedData, split: str) -> Any:
+    """One prepared split as an MLflow dataset: its content hash as digest, hashes and labels as the table
+    (never paths or patient keys), the prepared manifest as source."""
+    import mlflow
+
+    rows = data.manifest.iloc[data.split(split)]
+    table = rows[[c for c in DATASET_COLUMNS if c in rows]].reset_index(drop=True)
+    with warnings.catch_warnings():  # mlflow registers the local source twice ("" and file://) and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+        return mlflow.data.from_pandas(
+            table,
+            source=str((data.root / "manifest.csv").resolve()),
+            targets="label",
+            name=f"{data.card['source']} {split}",
+            digest=data.split_hash(split)[:DIGEST_CHARS],
+        )
 
 
 def log_dict_artifact(data: dict[str, Any], name: str) -> None:

@@ -84,10 +84,10 @@ def fit(
         cfg = cfg.override({"evaluate.threshold_augmented_copies": 0})
     data = load_training_data(cfg)
     tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
-    with tracking.run(cfg, name=run_name, nested=nested, tags=tags, run_id=run_id) as active:
+    with tracking.run(cfg, name=run_name or training_run_name(cfg), nested=nested, tags=tags, run_id=run_id) as active:
         run_id = active.info.run_id if active else None
         if active:
-            tracking.log_training_inputs(cfg, data.card)
+            tracking.log_training_inputs(cfg, data)
         if cfg.model.arch == LINEAR_ARCH:
             linear = fit_linear(cfg, data)
             trained = Trained(linear.model, torch.device("cpu"), linear.val_probs, linear.val_auroc, linear.val_auroc,
@@ -96,6 +96,12 @@ def fit(
             trained = fit_networks(cfg, data, list(callbacks), yardstick, tracked=active is not None)
         return finish(cfg, data, trained, Path(model_dir or cfg.paths.model), run_id, tags.get("git_commit"),
                       log_model=log_model and active is not None)  # fmt: skip
+
+
+def training_run_name(cfg: "Config") -> str:
+    """What the MLflow UI lists: ``train simple_cnn 64px``, ``train 3x resnet18 224px`` for an ensemble."""
+    ensemble = f"{cfg.train.ensemble}x " if cfg.train.ensemble > 1 and cfg.model.arch != LINEAR_ARCH else ""
+    return f"train {ensemble}{cfg.model.arch} {cfg.model.image_size}px"
 
 
 def load_training_data(cfg: "Config") -> PreparedData:

@@ -266,7 +266,7 @@ def parent_run(
         return found[0].info.run_id
     mine = client.create_run(
         experiment_id,
-        run_name=f"study-{study.study_name}",
+        run_name=f"tune {study.study_name}",
         tags={"cxr.role": "study", "optuna.study": study.study_name, "optuna.storage": key, **tracking.git_state()},
     )
     found = find()
@@ -391,7 +391,7 @@ def make_objective(
         if parent_id is not None:
             run = client.create_run(
                 experiment_id,
-                run_name=f"{trial.study.study_name}-trial-{trial.number}",
+                run_name=f"trial {trial.number}",  # listed under its study's parent run
                 tags={
                     "mlflow.parentRunId": parent_id,
                     "cxr.role": "trial",
@@ -426,6 +426,7 @@ def make_objective(
             )
         except TrialPruned as pruned:
             trial.set_user_attr("epochs_trained", pruned.epoch)
+            _log_value(client, run_id, pruned.value, epochs_trained=pruned.epoch)  # fit logged no summary
             _close(client, run_id, "PRUNED", "KILLED")
             raise optuna.TrialPruned(str(pruned)) from None
         except UserError:
@@ -444,10 +445,21 @@ def make_objective(
         trial.set_user_attr("epochs_trained", result.epochs_trained)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("val_auroc", result.best_val_auroc)
+        _log_value(client, run_id, result.objective)
         _close(client, run_id, "COMPLETE", "FINISHED")
         return result.objective
 
     return objective
+
+
+def _log_value(client: "MlflowClient", run_id: str | None, value: float, epochs_trained: int | None = None) -> None:
+    """The trial's value as metric ``objective`` on every finished trial, pruned ones too (optuna's value of a
+    pruned trial is its last report), so the UI's compare view lines all trials up on one column."""
+    if run_id is None:
+        return
+    client.log_metric(run_id, "objective", value)
+    if epochs_trained is not None:
+        client.log_metric(run_id, "epochs_trained", epochs_trained)
 
 
 def _close(client: "MlflowClient", run_id: str | None, state: str, status: str, note: str | None = None) -> None:
