@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image as PILImage
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr.imaging import ImageReadError, ReadLimits, age_years, patient_key, read_image
+from support.reader_fuzz import rle_with_one_flipped_bit
 
 
 def make_dicom(pixels: np.ndarray, **attrs) -> bytes:
@@ -161,17 +158,6 @@ def test_decompression_bomb_refused_before_decoding():
     ds.save_as(buf)
     with pytest.raises(ImageReadError, match="exceed.* limit"):
         read_image(buf.getvalue())
-
-
-def rle_with_one_flipped_bit() -> bytes:
-    """pydicom's RLE test file with the top bit of its first RLE control byte flipped: a 14-byte literal run
-    becomes a 116-byte replicate run that overruns the segment's output."""
-    data = Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes()
-    frame = next(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
-    first_segment = data.find(frame) + struct.unpack_from("<I", frame, 4)[0]  # RLE header: count, then offsets
-    flipped = bytearray(data)
-    flipped[first_segment] ^= 0x80
-    return bytes(flipped)
 
 
 def test_a_decoder_panic_on_corrupt_rle_is_a_refusal():
