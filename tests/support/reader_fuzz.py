@@ -105,6 +105,15 @@ HUGE_SHAPES = [(7745, 7745), (65535, 915), (915, 65535)]
 def dicom_header(rng: Rng, data: bytes) -> bytes:
     """One to three header attributes (or the transfer syntax) set to absurd values, the file re-encoded."""
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about each invalid value: that is the point
+        _set_absurd_values(rng, ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    return buf.getvalue()
+
+
+def _set_absurd_values(rng: Rng, ds: pydicom.Dataset) -> None:
     for _ in range(int(rng.integers(1, 4))):
         pick = int(rng.integers(len(ABSURD) + 2))
         if pick == len(ABSURD):
@@ -114,9 +123,6 @@ def dicom_header(rng: Rng, data: bytes) -> bytes:
         else:
             key = list(ABSURD)[pick]
             setattr(ds, key, ABSURD[key][int(rng.integers(len(ABSURD[key])))])
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
-    return buf.getvalue()
 
 
 # --- PNG and JPEG header mutations -------------------------------------------------------------------
