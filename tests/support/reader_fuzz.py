@@ -326,7 +326,12 @@ def cap_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (vm + MEMORY_CAP, vm + MEMORY_CAP))
 
 
-def run(seeds: list[tuple[str, bytes, int]], work: Path, seed: int = 0, timeout: float = 600) -> dict:
+def current_case(work: Path) -> str:
+    progress = work / "current_case"
+    return progress.read_text().strip() if progress.exists() else "start-up"
+
+
+def run(seeds: list[tuple[str, bytes, int]], work: Path, seed: int = 0, timeout: float = 450) -> dict:
     """Fuzz ``(name, bytes, number of mutants)`` seeds in a child process; its report, or AssertionError if it died."""
     (work / "seeds").mkdir(parents=True, exist_ok=True)
     entries = []
@@ -335,20 +340,17 @@ def run(seeds: list[tuple[str, bytes, int]], work: Path, seed: int = 0, timeout:
         entries.append({"path": str(work / "seeds" / name), "mutants": mutants})
     (work / "plan.json").write_text(json.dumps({"seed": seed, "seeds": entries}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "RUST_BACKTRACE": "0"}
-    child = subprocess.run(
-        [sys.executable, __file__, str(work / "plan.json"), str(work)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    command = [sys.executable, __file__, str(work / "plan.json"), str(work)]
+    try:
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the fuzz process ran past {timeout} s, at {current_case(work)}") from None
+    if child.returncode < 0:
+        hung = f": a case ran past {HANG_SECONDS} s" if child.returncode == -signal.SIGALRM else ""
+        died = f"signal {signal.Signals(-child.returncode).name}{hung}"
+        raise AssertionError(f"the fuzz process died ({died}) on {current_case(work)}:\n{child.stderr[-3000:]}")
     if child.returncode != 0:
-        case = (work / "current_case").read_text().strip() if (work / "current_case").exists() else "?"
-        why = (
-            f"signal {signal.Signals(-child.returncode).name}" if child.returncode < 0 else f"status {child.returncode}"
-        )
-        hint = " (SIGALRM: a hang)" if child.returncode == -signal.SIGALRM else ""
-        raise AssertionError(f"the fuzz process died ({why}{hint}) on {case}:\n{child.stderr[-3000:]}")
+        raise AssertionError(f"the fuzz process failed ({child.returncode}):\n{child.stderr[-3000:]}")
     return json.loads((work / "report.json").read_text())
 
 
@@ -396,10 +398,11 @@ def main(plan_path: str, out_dir: str) -> None:
     plan, out = json.loads(Path(plan_path).read_text()), Path(out_dir)
     (out / "failures").mkdir(parents=True, exist_ok=True)
     seeds = [Path(s["path"]).read_bytes() for s in plan["seeds"]]
-    for data in seeds:  # warm up: every decoder's library is loaded before the cap is measured
+    progress = Progress(out / "current_case")
+    for entry, data in zip(plan["seeds"], seeds):  # warm up: every decoder is loaded before the cap is measured
+        progress.at(f"warm-up on {Path(entry['path']).name}")
         check(data)
     cap_address_space()
-    progress = Progress(out / "current_case")
     counts: dict[str, Counter] = {}
     failures, slowest, hungriest, start = [], (0.0, ""), (rss_mib(), "warm-up"), time.perf_counter()
     for name, kind, data in cases(plan, seeds):
