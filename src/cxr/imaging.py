@@ -78,8 +78,21 @@ def read_image(src: str | Path | bytes, limits: ReadLimits | None = None, name: 
         raise ImageReadError(f"{label}: image too large to decode in memory") from None
     except Exception as exc:  # a decoder's own error on a broken file is still a refused input
         raise ImageReadError(f"{label}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    except BaseException as exc:
+        if not _is_decoder_panic(exc):
+            raise  # KeyboardInterrupt, SystemExit, GeneratorExit: not the file's fault
+        raise ImageReadError(f"{label}: cannot decode image (the decoder crashed on it: {exc})") from None
     _check_pixels(image.pixels, limits, label)
     return image
+
+
+def _is_decoder_panic(exc: BaseException) -> bool:
+    """A Rust decoder's panic (pyo3's PanicException, e.g. pylibjpeg-rle indexing past corrupt RLE data).
+
+    pyo3 derives it from BaseException so that ``except Exception`` misses it, and each extension defines
+    its own class, so it is recognised by name: a crash on a corrupt file is a refused input.
+    """
+    return any(c.__name__ == "PanicException" and c.__module__ == "pyo3_runtime" for c in type(exc).__mro__)
 
 
 def _read_bytes(src: str | Path | bytes, limits: ReadLimits, label: str) -> bytes:
@@ -210,7 +223,9 @@ def _read_dicom(data: bytes, limits: ReadLimits, label: str) -> Image:
 
     try:
         raw = ds.pixel_array
-    except Exception as exc:
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and not _is_decoder_panic(exc):
+            raise  # KeyboardInterrupt, SystemExit: not the file's fault
         syntax = _transfer_syntax(ds)
         raise ImageReadError(f"{label}: cannot decode DICOM pixel data ({syntax}): {exc}") from None
     if raw.ndim != 2:

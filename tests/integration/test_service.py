@@ -25,10 +25,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image as PILImage
+from pydicom.uid import RLELossless
 
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
+from support.reader_fuzz import fixed_cases, mutant, png_ihdr, rle_with_one_flipped_bit
 from support.serve_process import ServiceProcess as Server
 
 pytestmark = pytest.mark.slow
@@ -150,6 +152,23 @@ def huge_png() -> bytes:
     return buf.getvalue()
 
 
+def rle_chest_dicom(seed: int = 21) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(seed, 64)))
+    ds.compress(RLELossless, generate_instance_uid=False)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def absurd_rows_dicom() -> bytes:
+    """Rows=65535 on a 96 x 96 image: within imaging.max_pixels, so the decoder meets the short pixel data."""
+    ds = pydicom.dcmread(io.BytesIO(synthetic_dicom(6)))
+    ds.Rows = 65535
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
 def nonchest(request: pytest.FixtureRequest) -> bytes:
     """The NEMA tibia: refused (422) rather than warned, because its header says EXTREMITY outright."""
     return (request.getfixturevalue("dicom_dir") / "wg04_RG3_J2KI_NONCHEST_extremity_jpeg2000.dcm").read_bytes()
@@ -160,6 +179,10 @@ BAD_INPUTS: list[tuple[str, str, Callable[[pytest.FixtureRequest], bytes], int, 
     ("garbage", "scan.bin", lambda _: np.random.default_rng(0).bytes(5000), 422, "not a DICOM, PNG or JPEG"),
     ("truncated dicom", "cut.dcm", lambda _: synthetic_dicom(4)[:3000], 422, "decode"),
     ("20000x20000 png", "huge.png", lambda _: huge_png(), 422, "exceed"),
+    ("png claiming 100000x100000", "bomb.png", lambda _: png_ihdr(100_000, 100_000, film_png()), 422, "exceed"),
+    ("rle dicom, one bit flipped", "rle.dcm", lambda _: rle_with_one_flipped_bit(), 422, "cannot decode DICOM pixel"),
+    ("absurd Rows", "rows.dcm", lambda _: absurd_rows_dicom(), 422, "cannot decode DICOM pixel"),
+    ("pdf named .dcm", "report.dcm", lambda _: dict(fixed_cases([]))["pdf"], 422, "not a DICOM"),
     ("empty", "empty.dcm", lambda _: b"", 422, "empty"),
     ("text named .dcm", "notes.dcm", lambda _: b"patient list\nnothing to see here\n" * 20, 422, "not a DICOM"),
     ("multi-frame dicom", "cine.dcm", lambda _: multiframe_dicom(), 422, "multi-frame"),
@@ -245,6 +268,58 @@ def test_bad_input_is_refused_and_the_service_lives_on(server: Server, request, 
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     ok = httpx.post(f"{server.url}/predict", files={"file": ("ok.png", film_png())}, timeout=60)
     assert ok.status_code == 200  # the model worker survived
+
+
+def fuzzed_uploads() -> list[tuple[str, bytes]]:
+    """Seeded mutants (support.reader_fuzz) of chest films in each container, and the fuzzer's fixed cases."""
+    jpeg = io.BytesIO()
+    PILImage.open(io.BytesIO(film_png(6))).save(jpeg, format="JPEG", quality=90)
+    seeds = {"dicom": synthetic_dicom(20, 64), "rle": rle_chest_dicom(), "png": film_png(5), "jpeg": jpeg.getvalue()}
+    cases = []
+    for i, (name, data) in enumerate(seeds.items()):
+        for k in range(12):
+            kind, bad = mutant(data, [26, i, k])
+            cases.append((f"{name} mutant {k} ({kind})", bad))
+    return cases + fixed_cases(list(seeds.values()))
+
+
+def test_fuzzed_uploads_are_answered_or_refused_never_a_server_error(server: Server):
+    """Every mutant gets 200 (it still decodes) or a 4xx with a JSON `error`; a good upload works afterwards."""
+    statuses: Counter = Counter()
+    cases = fuzzed_uploads()
+    for name, data in cases:
+        r = httpx.post(f"{server.url}/predict", files={"file": ("x.dcm", data)}, timeout=60)
+        statuses[r.status_code] += 1
+        assert r.status_code == 200 or 400 <= r.status_code < 500, f"{name}: HTTP {r.status_code} {r.text[:500]}"
+        assert r.status_code == 200 or isinstance(r.json().get("error"), str), f"{name}: {r.text[:500]}"
+    refused = [data for _, data in cases[:48:6]]  # mutants through the batch and explain endpoints too
+    batch = httpx.post(
+        f"{server.url}/predict_batch", files=[("files", (f"{i}.dcm", d)) for i, d in enumerate(refused)], timeout=60
+    )
+    assert batch.status_code in (200, 422), batch.text[:500]
+    for data in refused:
+        r = httpx.post(f"{server.url}/explain", files={"file": ("x.dcm", data)}, timeout=60)
+        assert r.status_code == 200 or (400 <= r.status_code < 500 and "error" in r.json()), r.text[:500]
+    print(f"service fuzz: {len(cases)} uploads, statuses {dict(statuses)}")
+    assert statuses[200] > 0 and statuses[422] > 0  # both decodable and refused mutants were sent
+    ok = httpx.post(f"{server.url}/predict", files={"file": ("ok.png", film_png())}, timeout=60)
+    assert ok.status_code == 200  # the model worker survived
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        {"content": b""},
+        {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        {"content": b"--x--\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        {"content": b"\x89PNG garbage", "headers": {"content-type": "image/png"}},
+    ],
+    ids=["no body", "empty multipart body", "multipart with no parts", "raw bytes, no form"],
+)
+def test_an_empty_or_formless_body_is_a_4xx_with_a_json_error(server: Server, request_kwargs):
+    r = httpx.post(f"{server.url}/predict", timeout=30, **request_kwargs)
+    assert 400 <= r.status_code < 500, f"HTTP {r.status_code}: {r.text[:500]}"
+    assert isinstance(r.json().get("error"), str), r.text[:500]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr.imaging import ImageReadError, ReadLimits, age_years, patient_key, read_image
+from support.reader_fuzz import rle_with_one_flipped_bit
 
 
 def make_dicom(pixels: np.ndarray, **attrs) -> bytes:
@@ -157,6 +158,25 @@ def test_decompression_bomb_refused_before_decoding():
     ds.save_as(buf)
     with pytest.raises(ImageReadError, match="exceed.* limit"):
         read_image(buf.getvalue())
+
+
+def test_a_decoder_panic_on_corrupt_rle_is_a_refusal():
+    data = rle_with_one_flipped_bit()
+    with pytest.raises(BaseException) as crash:
+        _ = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    # the premise: pylibjpeg-rle's Rust decoder panics, and pyo3's PanicException is no Exception
+    assert type(crash.value).__name__ == "PanicException" and not isinstance(crash.value, Exception)
+    with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data \\(RLE Lossless\\)"):
+        read_image(data)
+
+
+def test_an_interrupt_while_decoding_is_not_turned_into_a_refusal(monkeypatch):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        read_image(make_dicom(ramp(), BitsStored=12))
 
 
 def test_size_limit_on_bytes(tmp_path):
