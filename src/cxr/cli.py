@@ -52,7 +52,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even piped
             raise typer.Exit(2) from None
 
     return wrapper
@@ -186,15 +186,29 @@ def register(
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Register a trained model as a new version, with lineage and metric tags."""
-    from cxr.tracking.registry import register as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
+    """Register a trained model as a new version: lineage, the evaluation it came with, a model card."""
+    from cxr.tracking import registry  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
-    version = run(cfg, run_id)
+    version = registry.register(cfg, run_id)
+    tags = version.tags
     console.print(
-        f"registered {cfg.mlflow.registered_model} version {version.version} from run {version.run_id}; "
-        f"val AUROC {version.tags.get('val_auroc')}, test AUROC {version.tags.get('test_auroc')}"
+        f"registered {cfg.mlflow.registered_model} version {version.version} from run {tags.get('run_id')}; "
+        + (
+            f"val AUROC {tags.get('val_auroc')} (CI {tags.get('val_auroc_ci_low')} to {tags.get('val_auroc_ci_high')}), "
+            f"test AUROC {tags.get('test_auroc')} (CI {tags.get('test_auroc_ci_low')} to {tags.get('test_auroc_ci_high')})"
+            if tags.get("evaluated") == "true"
+            else "not evaluated"
+        ),
+        highlight=False,
+        soft_wrap=True,
     )
+    for refusal in registry.candidate_checks(tags):  # say now what `cxr promote` will say
+        console.print(
+            f"[yellow]warning:[/] the gate will refuse it (rule {refusal.rule}): {refusal.reason}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -202,13 +216,16 @@ def register(
 def promote(
     version: Annotated[str, typer.Argument(help="Model version to promote.")],
     force: Annotated[
-        bool, typer.Option("--force", help="Promote even if the gate refuses (recorded in the history).")
+        bool,
+        typer.Option(
+            "--force", help="Promote even if the gate refuses (needs --reason; both recorded in the history)."
+        ),
     ] = False,
     reason: Annotated[str | None, typer.Option(help="Why (kept in the promotion history).")] = None,
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,
 ) -> None:
-    """Move the champion alias to VERSION if it beats the champion on validation AUROC (same data)."""
+    """Move the champion alias to VERSION if it passes the gate: evaluated, not degenerate, beats the champion."""
     from cxr.tracking.registry import promote as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
@@ -247,12 +264,16 @@ def models(
         console.print(f"no {'promotions' if history else 'versions'} of {cfg.mlflow.registered_model!r} yet")
         return
     table = Table(title=f"{cfg.mlflow.registered_model}: {'promotion history' if history else 'versions'}")
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # promote and rollback records differ
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*[", ".join(v) if isinstance(v, list) else ("" if v is None else str(v)) for v in row.values()])
+        table.add_row(*[_cell(row.get(col)) for col in columns])
     tables().print(table)
+
+
+def _cell(value: Any) -> str:
+    return ", ".join(value) if isinstance(value, list) else ("" if value is None else str(value))
 
 
 @app.command()

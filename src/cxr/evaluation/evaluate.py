@@ -54,6 +54,28 @@ def task_metrics(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, cfg: "C
     )
 
 
+def score_spread(predictor: ModelTask, probs: np.ndarray) -> dict[str, Any]:
+    """How much the scores vary and how many distinct answers they give at the model's threshold.
+
+    What the promotion gate reads to tell a model that ranks cases from one that answers (nearly) the
+    same for everyone: ``std`` is the largest per-class standard deviation of the probabilities,
+    ``distinct_predictions`` the number of different predicted outcomes (classes, or label sets).
+    """
+    scores = probs.reshape(len(probs), -1).astype(np.float64)
+    if predictor.task == "multiclass":
+        predicted = np.argmax(scores, axis=1)[:, None]
+    else:
+        threshold = 0.5 if predictor.threshold is None else predictor.threshold
+        predicted = scores >= np.asarray(threshold, dtype=np.float64)
+    out: dict[str, Any] = {
+        "std": float(scores.std(axis=0).max()) if len(scores) else None,
+        "distinct_predictions": len(np.unique(predicted, axis=0)),
+    }
+    if predictor.task == "binary":
+        out["predicted_positive_share"] = float(predicted.mean()) if len(scores) else None
+    return out
+
+
 def subgroups(
     predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: np.ndarray, cfg: "Config"
 ) -> dict[str, Any]:
@@ -135,6 +157,7 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
             continue
         result = task_metrics(predictor, y, probs, cfg)
         result["subgroups"] = subgroups(predictor, data.manifest.iloc[idx], y, probs, cfg)
+        result["scores"] = score_spread(predictor, probs)
         report["splits"][split] = result
         if split == "test" or "test" not in set(data.manifest["split"]):
             figures = plots_for(predictor, y, probs, result, reports / "plots", cfg.evaluate.calibration_bins)

@@ -1,8 +1,11 @@
 """The MLflow model registry: register a trained model, gate its promotion to ``champion``, roll back.
 
-Aliases only (the stages API is deprecated). Every alias move is recorded as a registered-model tag
-``promotion.NNNN`` holding JSON (who, when, from, to, why), so the history lives next to the model in
-whatever registry the team uses, and ``rollback`` can walk it back.
+Aliases only (the stages API is deprecated). A version records the evaluation its run came with (tags the
+gate judges) and carries a Markdown model card as its description. The gate refuses a version that fails
+one of its rules (:class:`Rule`), naming the rule; ``--force`` with a reason overrides. Every alias move is
+recorded as a registered-model tag ``promotion.NNNN`` holding JSON (who, when, from, to, why, forced and the
+rule it overrode), so the history lives next to the model in whatever registry the team uses, and
+``rollback`` can walk it back.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import getpass
 import json
 import socket
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +23,7 @@ from cxr.errors import UserError
 from cxr.models.card import ModelCard
 from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
+from cxr.tracking.version_card import describe
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -27,16 +32,30 @@ if TYPE_CHECKING:
     from cxr.config import Config
 
 HISTORY_PREFIX = "promotion."
-# Run metrics copied onto the version as tags, so `cxr models` and the UI show them without the run.
-METRIC_TAGS = {
-    "val_auroc": ("eval_val_auroc", "best_val_auroc"),
-    "val_auroc_augmented": ("best_val_auroc_augmented",),  # a tuning trial's objective
-    "test_auroc": ("test_auroc",),
-    "test_accuracy": ("test_accuracy",),
-    "test_sensitivity": ("test_sensitivity",),
-    "test_specificity": ("test_specificity",),
+EVALUATION_ARTIFACT = "evaluation/evaluation.json"  # what `cxr evaluate` logs to the model's training run
+# Training-run metrics put on the version when no evaluation gives the number (a tuning trial's objective).
+RUN_METRIC_TAGS = {
+    "val_auroc": ("best_val_auroc",),
+    "val_auroc_augmented": ("best_val_auroc_augmented",),
 }
-RUN_TAGS = ("git_commit", "git_dirty", "dataset_hash", "data_source", "synthetic_data", "task")
+RUN_TAGS = ("git_commit", "git_dirty")
+TEST_METRICS = ("accuracy", "sensitivity", "specificity")  # test numbers shown beside the AUROC in `cxr models`
+
+# The promotion gate's numbers; every refusal names the rule (below) that refused.
+MIN_SCORE_STD = 0.01  # validation probabilities spread less than a point apart say the same thing of every patient
+CHANCE_AUROC = 0.5  # an AUROC interval reaching 0.5 has not shown the model ranks cases better than a coin
+
+
+class Rule(StrEnum):
+    """The gate's rules, by the name a refusal, the history and the version's card show."""
+
+    ALREADY_CHAMPION = "already-champion"  # nothing to move (not overridable)
+    NEVER_EVALUATED = "never-evaluated"  # registered without `cxr evaluate` on the data it was validated on
+    NEAR_CONSTANT = "near-constant-scores"  # validation probability std below MIN_SCORE_STD
+    SINGLE_CLASS = "single-predicted-class"  # every validation image gets the same prediction at the threshold
+    CHANCE = "auroc-ci-includes-chance"  # the validation AUROC CI does not lie above CHANCE_AUROC
+    OTHER_DATA = "different-data"  # validated on other data than the champion: numbers not comparable
+    NOT_BETTER = "does-not-beat-champion"  # validation AUROC not above the champion's by registry.promote_margin
 
 
 class RegistryError(UserError):
@@ -44,13 +63,14 @@ class RegistryError(UserError):
 
 
 class PromotionRefused(RegistryError):
-    """The candidate does not beat the champion (or is not comparable with it)."""
+    """The candidate fails a rule of the gate (or is not comparable with the champion)."""
 
 
 @dataclass
 class Decision:
     promote: bool
     reason: str
+    rule: Rule | None = None  # the rule that refused (None when the gate passes)
 
 
 def _client(cfg: "Config") -> "MlflowClient":
@@ -70,8 +90,83 @@ def _model_dir_run_id(cfg: "Config") -> str:
     return run_id
 
 
+def _logged_evaluation(run_id: str) -> dict[str, Any] | None:
+    """The evaluation `cxr evaluate` logged to the run (None if it never ran)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    where = f"runs:/{run_id}/{EVALUATION_ARTIFACT}"
+    try:
+        text = mlflow.artifacts.load_text(where)
+    except (MlflowException, OSError):
+        return None
+    try:
+        report = json.loads(text)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict) or not isinstance(report.get("splits"), dict) or not report.get("data"):
+        raise RegistryError(f"{where} is not an evaluation report; run `cxr evaluate` again")
+    return report
+
+
+def _auroc(result: dict[str, Any]) -> dict[str, Any]:
+    """The split's AUROC entry: binary ``auroc``, or ``macro_auroc`` for multiclass/multilabel."""
+    entry = result.get("auroc") or result.get("macro_auroc")
+    return entry if isinstance(entry, dict) else {}
+
+
+def evaluation_tags(report: dict[str, Any] | None) -> dict[str, str]:
+    """What the gate judges, from the evaluation the version was registered with."""
+    if report is None:
+        return {"evaluated": "false"}
+    tags = {"evaluated": "true", "eval_dataset_hash": str(report["data"].get("dataset_hash"))}
+    for split, result in report["splits"].items():
+        auc = _auroc(result)
+        spread = result.get("scores") or {}
+        numbers = {
+            f"{split}_auroc": auc.get("value"),
+            f"{split}_auroc_ci_low": auc.get("ci_low"),
+            f"{split}_auroc_ci_high": auc.get("ci_high"),
+            f"{split}_score_std": spread.get("std"),
+            f"{split}_positive_share": spread.get("predicted_positive_share"),
+        }
+        if split == "test":
+            numbers |= {f"test_{k}": (result.get(k) or {}).get("value") for k in TEST_METRICS}
+        tags |= {k: f"{v:.6f}" for k, v in numbers.items() if v is not None}
+        if spread.get("distinct_predictions") is not None:
+            tags[f"{split}_distinct_predictions"] = str(spread["distinct_predictions"])
+    return tags
+
+
+def version_tags(
+    run_id: str, card: ModelCard, run_tags: dict[str, str], run_metrics: dict[str, float], report: Any
+) -> dict[str, str]:
+    """The version's tags: the model card's facts, the run's lineage, and the evaluation it came with."""
+    tags = {
+        "run_id": run_id,
+        "arch": card.arch,
+        "task": card.task,
+        "labels": json.dumps(card.labels),
+        "threshold": json.dumps(card.threshold),
+        "threshold_method": str(card.threshold_method),
+        "dataset_hash": card.training.dataset_hash,
+        "data_source": card.training.source,
+        "synthetic_data": str(card.training.synthetic).lower(),
+    }
+    tags |= {k: run_tags[k] for k in RUN_TAGS if k in run_tags}
+    for tag, names in RUN_METRIC_TAGS.items():
+        value = next((run_metrics[n] for n in names if n in run_metrics), None)
+        if value is not None:
+            tags[tag] = f"{value:.6f}"
+    return tags | evaluation_tags(report)
+
+
 def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
-    """A new version of ``mlflow.registered_model`` from a training run (default: the one behind paths.model)."""
+    """A new version of ``mlflow.registered_model`` from a training run (default: the one behind paths.model).
+
+    The version records the evaluation the run came with (tags the gate judges) and carries a model card
+    in Markdown as its description.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -88,50 +183,107 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
         raise RegistryError(f"run {run_id} logged no model (trained with log_model off?); retrain with `cxr train`")
     where = f"runs:/{run_id}/{tracking.MODEL_CARD_ARTIFACT}"
     card = ModelCard.from_json(mlflow.artifacts.load_text(where), where)
-    tags = {
-        "run_id": run_id,
-        "arch": card.arch,
-        "threshold": json.dumps(card.threshold),
-        "labels": json.dumps(card.labels),
-    }
-    tags |= {k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}
-    for tag, names in METRIC_TAGS.items():
-        value = next((run.data.metrics[n] for n in names if n in run.data.metrics), None)
-        if value is not None:
-            tags[tag] = f"{value:.6f}"
+    report = _logged_evaluation(run_id)
+    tags = version_tags(run_id, card, run.data.tags, run.data.metrics, report)
     name = cfg.mlflow.registered_model
     version = mlflow.register_model(model_uri, name, tags=tags)
-    client.update_model_version(
-        name,
-        version.version,
-        description=f"{tags['arch']} trained in run {run_id} on {tags.get('data_source', '?')} "
-        f"data {tags.get('dataset_hash', '?')[:12]}",
-    )
+    findings = [f"rule {d.rule}: {d.reason}" for d in candidate_checks(tags)]
+    description = describe(name, str(version.version), card, tags, report, findings)
+    client.update_model_version(name, version.version, description=description)
     return client.get_model_version(name, version.version)
 
 
+def _refuse(rule: Rule, why: str) -> Decision:
+    return Decision(False, why, rule)
+
+
+def _evaluated(tags: dict[str, str]) -> Decision | None:
+    if tags.get("evaluated") != "true":
+        return _refuse(
+            Rule.NEVER_EVALUATED,
+            "registered without an evaluation: run `cxr evaluate` on its model, then register again",
+        )
+    trained, evaluated = tags.get("dataset_hash"), tags.get("eval_dataset_hash")
+    if trained != evaluated:
+        return _refuse(
+            Rule.NEVER_EVALUATED,
+            f"evaluated on data {str(evaluated)[:12]}, not on the data it was trained and validated on "
+            f"({str(trained)[:12]}): evaluate it on its own prepared data, then register again",
+        )
+    return None
+
+
+def _spread(tags: dict[str, str]) -> Decision | None:
+    std = _float_tag(tags, "val_score_std")
+    if std is None:
+        return _refuse(
+            Rule.NEAR_CONSTANT,
+            "its evaluation recorded no validation scores (no val split, or an older cxr): evaluate, register again",
+        )
+    if std < MIN_SCORE_STD:
+        return _refuse(
+            Rule.NEAR_CONSTANT, f"validation probabilities are near-constant (std {std:.4g} < {MIN_SCORE_STD})"
+        )
+    if tags.get("val_distinct_predictions") == "1":
+        return _refuse(
+            Rule.SINGLE_CLASS,
+            f"every validation image gets the same prediction at its threshold {tags.get('threshold')}",
+        )
+    return None
+
+
+def _above_chance(tags: dict[str, str]) -> Decision | None:
+    auc = _float_tag(tags, "val_auroc")
+    low, high = _float_tag(tags, "val_auroc_ci_low"), _float_tag(tags, "val_auroc_ci_high")
+    if auc is None or low is None or high is None:
+        return _refuse(
+            Rule.CHANCE,
+            "no validation AUROC confidence interval recorded (evaluate.bootstrap=0, or one class in val): "
+            "evaluate with bootstrap, register again",
+        )
+    if low <= CHANCE_AUROC:
+        return _refuse(
+            Rule.CHANCE,
+            f"validation AUROC {auc:.4f} has CI [{low:.4f}, {high:.4f}], which does not lie above chance ({CHANCE_AUROC})",
+        )
+    return None
+
+
+def candidate_checks(tags: dict[str, str]) -> list[Decision]:
+    """The rules a version must pass on its own, whatever the champion: each failing one's refusal."""
+    checks = [_evaluated(tags)]
+    if checks[0] is None:  # the score rules read an evaluation
+        checks += [_spread(tags), _above_chance(tags)]
+    return [c for c in checks if c is not None]
+
+
 def compare(candidate: "ModelVersion", champion: "ModelVersion | None", margin: float) -> Decision:
-    """The promotion gate: better validation AUROC by ``margin`` on the same validation data."""
+    """The promotion gate: a healthy evaluated model, better than the champion by ``margin`` on the same data."""
+    if champion is not None and str(candidate.version) == str(champion.version):
+        return _refuse(Rule.ALREADY_CHAMPION, f"version {candidate.version} already is the champion")
+    refusals = candidate_checks(candidate.tags)
+    if refusals:
+        return refusals[0]
     if champion is None:
-        return Decision(True, "no current champion")
-    if str(candidate.version) == str(champion.version):
-        return Decision(False, f"version {candidate.version} already is the champion")
+        return Decision(True, "no current champion; the candidate passes the checks")
     c_hash, h_hash = candidate.tags.get("dataset_hash"), champion.tags.get("dataset_hash")
     if not c_hash or c_hash != h_hash:
-        return Decision(
-            False,
+        return _refuse(
+            Rule.OTHER_DATA,
             f"not comparable: candidate was validated on data {str(c_hash)[:12]}, the champion "
             f"(version {champion.version}) on {str(h_hash)[:12]}; retrain on the same prepared data",
         )
-    c_auc, h_auc = _float_tag(candidate, "val_auroc"), _float_tag(champion, "val_auroc")
-    if c_auc is None or h_auc is None:
-        return Decision(False, "validation AUROC missing from the version tags; register versions with `cxr register`")
+    c_auc, h_auc = _float_tag(candidate.tags, "val_auroc"), _float_tag(champion.tags, "val_auroc")
+    if h_auc is None:
+        return _refuse(
+            Rule.NOT_BETTER, f"champion v{champion.version} has no validation AUROC to beat; promote with --force"
+        )
     if c_auc > h_auc + margin:
         return Decision(
             True, f"val AUROC {c_auc:.4f} beats champion v{champion.version} {h_auc:.4f} by more than {margin}"
         )
-    return Decision(
-        False,
+    return _refuse(
+        Rule.NOT_BETTER,
         f"val AUROC {c_auc:.4f} does not beat champion v{champion.version} {h_auc:.4f} "
         f"by more than the margin {margin}",
     )
@@ -144,8 +296,13 @@ def _short(value: str | None) -> str | None:
         return value
 
 
-def _float_tag(version: "ModelVersion", key: str) -> float | None:
-    value = version.tags.get(key)
+def _interval(tags: dict[str, str]) -> str | None:
+    low, high = _short(tags.get("val_auroc_ci_low")), _short(tags.get("val_auroc_ci_high"))
+    return f"[{low}, {high}]" if low and high else None
+
+
+def _float_tag(tags: dict[str, str], key: str) -> float | None:
+    value = tags.get(key)
     return float(value) if value not in (None, "") else None
 
 
@@ -169,20 +326,40 @@ def _version(client: "MlflowClient", name: str, version: str | int) -> "ModelVer
 
 
 def promote(cfg: "Config", version: str | int, *, force: bool = False, reason: str | None = None) -> Decision:
-    """Move the alias to ``version`` if it passes the gate (or ``force``); raises PromotionRefused otherwise."""
+    """Move the alias to ``version`` if it passes the gate; raises PromotionRefused otherwise.
+
+    ``force`` with a ``reason`` overrides a refusal (not "already champion"); the history records both.
+    """
     client = _client(cfg)
     name = cfg.mlflow.registered_model
     candidate = _version(client, name, version)
     current = champion(cfg, client)
     decision = compare(candidate, current, cfg.registry.promote_margin)
+    overridden = None
     if not decision.promote:
-        if not force or (current is not None and str(current.version) == str(candidate.version)):
+        overridable = decision.rule is not Rule.ALREADY_CHAMPION
+        if not force or not overridable:
+            hint = "; `--force --reason WHY` overrides, on the record" if overridable and not force else ""
             raise PromotionRefused(
-                f"version {candidate.version} not promoted: {decision.reason}"
-                + ("" if force else " (--force overrides)")
+                f"version {candidate.version} not promoted (rule {decision.rule}): {decision.reason}{hint}"
             )
-        decision = Decision(True, f"forced ({reason or 'no reason given'}); gate said: {decision.reason}")
-    _move_alias(cfg, client, current, candidate, "promote", decision.reason, forced=force)
+        if not reason:
+            raise RegistryError(
+                f"--force needs --reason: version {candidate.version} fails rule {decision.rule}, and the "
+                "history keeps why it was promoted anyway"
+            )
+        overridden = decision.rule
+        decision = Decision(True, f"forced ({reason}); rule {decision.rule} refused: {decision.reason}", overridden)
+    _move_alias(
+        cfg,
+        client,
+        current,
+        candidate,
+        "promote",
+        decision.reason,
+        forced=overridden is not None,
+        overrode=None if overridden is None else str(overridden),
+    )
     return decision
 
 
@@ -274,7 +451,10 @@ def versions(cfg: "Config") -> list[dict[str, Any]]:
                 "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).isoformat(timespec="seconds"),
                 "run_id": v.run_id or v.tags.get("run_id"),
                 "arch": v.tags.get("arch"),
-                **{k: _short(v.tags.get(k)) for k in ("val_auroc", "test_auroc", "test_accuracy", "threshold")},
+                "evaluated": v.tags.get("evaluated", "?"),
+                "val_auroc": _short(v.tags.get("val_auroc")),
+                "val_auroc_ci": _interval(v.tags),
+                **{k: _short(v.tags.get(k)) for k in ("test_auroc", "test_accuracy", "threshold")},
                 "dataset_hash": (v.tags.get("dataset_hash") or "")[:12],
             }
         )
