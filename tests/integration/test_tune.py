@@ -207,21 +207,24 @@ GRACE = 2  # seconds without a heartbeat before a killed worker's trial is marke
 def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu_hog: int):
     url = f"sqlite:///{prepared / 'optuna.db'}"
     # the objective and model logging are covered above; here they would only slow each trial
-    fast = ["tune.pruner=none", "tune.objective=val_auroc", "tune.log_models=false", "train.epochs=4"]
+    fast = ["tune.pruner=none", "tune.objective=val_auroc", "tune.log_models=false", "train.epochs=2"]
     argv = [
         "tune",
         "--trials",
-        "3",
+        "2",
         "--study",
         "resume",
         *args([*TINY, *fast, "tune.heartbeat_interval=1", f"tune.grace_period={GRACE}", SPACE]),
     ]
 
+    storage = optuna.storages.RDBStorage(url)  # made here, so that polling never races the command to make it
+
     def state(name: str) -> list:
         try:
-            return [t for t in study_trials(url, "resume") if t.state.name == name]
+            study_id = storage.get_study_id_from_name("resume")
         except KeyError:  # study not created yet
             return []
+        return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.name == name]
 
     def trial_runs() -> dict[int, list]:
         found: dict[int, list] = {}
@@ -258,7 +261,7 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu
 
     cxr(prepared, *argv)
     trials = study_trials(url, "resume")
-    assert len([t for t in trials if t.state.name == "COMPLETE"]) == 3
+    assert len([t for t in trials if t.state.name == "COMPLETE"]) == 2
     assert {t.number: t.value for t in trials if t.number in finished} == finished  # kept, not rerun
     assert next(t for t in trials if t.number == killed[0]).state.name == "FAIL"
     assert len({t.number for t in trials}) == len(trials)
