@@ -275,13 +275,35 @@ def parent_run(
     return found[0].info.run_id
 
 
-def sync_failed_runs(client: "MlflowClient", study: "optuna.Study") -> None:
-    """Trials optuna marked failed (killed workers, Ctrl-C) get their MLflow run closed as failed."""
+def trial_run_tags(study_name: str, number: int, parent_id: str) -> dict[str, str]:
+    """What makes an MLflow run a trial's: found by these tags when the trial never recorded its run id."""
+    return {
+        "mlflow.parentRunId": parent_id,
+        "cxr.role": "trial",
+        "optuna.study": study_name,
+        "optuna.trial_number": str(number),
+    }
+
+
+def trial_run_name(study_name: str, number: int) -> str:
+    return f"trial {number}"  # listed under its study's parent run, which names the study
+
+
+def sync_failed_runs(client: "MlflowClient", study: "optuna.Study", experiment_id: str, parent_id: str) -> None:
+    """Trials optuna marked failed (killed workers, Ctrl-C) get their MLflow run closed as failed: the run the
+    trial recorded, else the one tagged with its number (killed before recording it), else a new one (killed
+    before its run was made), so that every trial of the study is an MLflow run."""
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get(RUN_ID_ATTR)
-        if not run_id:
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    unrecorded = [t for t in failed if not t.user_attrs.get(RUN_ID_ATTR)]
+    tagged = _trial_runs(client, experiment_id, parent_id) if unrecorded else {}
+    parent_start = client.get_run(parent_id).info.start_time if unrecorded else 0
+    for t in failed:
+        run_id = t.user_attrs.get(RUN_ID_ATTR) or tagged.get(t.number)
+        if run_id is None:
+            if _millis(t.datetime_start) >= parent_start:  # older trials ran with MLflow off: they never had runs
+                _record_lost_trial(client, experiment_id, parent_id, study.study_name, t)
             continue
         try:
             run = client.get_run(run_id)
@@ -290,6 +312,41 @@ def sync_failed_runs(client: "MlflowClient", study: "optuna.Study") -> None:
         if run.info.status == "RUNNING" or run.data.tags.get("trial_state") in (None, "RUNNING"):
             client.set_tag(run_id, "trial_state", "FAIL")
             client.set_terminated(run_id, "FAILED")
+
+
+def _trial_runs(client: "MlflowClient", experiment_id: str, parent_id: str) -> dict[int, str]:
+    """The study's trial runs by trial number, read from their tags."""
+    filt = f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`cxr.role` = 'trial'"
+    found: dict[int, str] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filt, max_results=1000, page_token=token)
+        for r in page:
+            found.setdefault(int(r.data.tags["optuna.trial_number"]), r.info.run_id)
+        token = page.token
+        if not token:
+            return found
+
+
+def _record_lost_trial(
+    client: "MlflowClient", experiment_id: str, parent_id: str, study_name: str, t: "optuna.trial.FrozenTrial"
+) -> None:
+    """A failed run for a trial whose worker died between optuna making the trial and the trial making its run."""
+    run = client.create_run(
+        experiment_id,
+        start_time=_millis(t.datetime_start),
+        run_name=trial_run_name(study_name, t.number),
+        tags={
+            **trial_run_tags(study_name, t.number, parent_id),
+            "trial_state": "FAIL",
+            "trial_note": "the worker stopped before the trial's run was made",
+        },
+    )
+    client.set_terminated(run.info.run_id, "FAILED", end_time=_millis(t.datetime_complete))
+
+
+def _millis(when: Any) -> int:
+    return int(when.timestamp() * 1000) if when is not None else int(time.time() * 1000)
 
 
 def log_summary(cfg: "Config", client: "MlflowClient", parent_id: str, study: "optuna.Study") -> dict[str, Any]:
@@ -374,56 +431,29 @@ def make_objective(
     interrupted: threading.Event | None = None,
 ):
     import optuna
-    from optuna.trial import TrialState
 
     yardstick = make_yardstick(cfg)
-
     interrupted = interrupted or threading.Event()
 
     def objective(trial: optuna.Trial) -> float:
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        params = suggest(trial, cfg.tune.space)
-        # A trial trains one network (n times cheaper than the configured ensemble) unless the space searches it.
-        trial_cfg = cfg.override({"train.ensemble": 1, **params})
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        run_id = None
-        if parent_id is not None:
-            run = client.create_run(
-                experiment_id,
-                run_name=f"trial {trial.number}",  # listed under its study's parent run
-                tags={
-                    "mlflow.parentRunId": parent_id,
-                    "cxr.role": "trial",
-                    "optuna.study": trial.study.study_name,
-                    "optuna.trial_number": str(trial.number),
-                    "trial_state": "RUNNING",
-                },
-            )
-            run_id = run.info.run_id
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
-        # Two workers may start the last trial at once: the one with the higher number stands down.
-        others = [
-            t
-            for t in trial.study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.RUNNING and t.number < trial.number)
-        ]
-        if len(others) >= n_trials:
+        # The trial's run comes first, before any work, so that a worker stopped at any later point leaves a run
+        # to close (one stopped between optuna making the trial and this line is given a run by sync_failed_runs).
+        run_id = _start_trial_run(client, experiment_id, parent_id, trial)
+        try:
+            if run_id is not None:
+                trial.set_user_attr(RUN_ID_ATTR, run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            params = suggest(trial, cfg.tune.space)
+            # A trial trains one network (n times cheaper than the configured ensemble) unless the space searches it.
+            trial_cfg = cfg.override({"train.ensemble": 1, **params})
+            _stand_down_if_study_full(trial, n_trials)
+            result = _fit_trial(trial, trial_cfg, run_id, interrupted, yardstick, cfg.tune.log_models)
+        except _QuotaReached:
             _close(client, run_id, "FAIL", "KILLED", note="not run: the study already has the trials asked for")
             trial.set_user_attr("quota_reached", True)
-            raise _QuotaReached()
-        model_dir = Path(tempfile.mkdtemp(prefix=f"cxr-trial-{trial.number}-"))
-        try:
-            result = fit(
-                trial_cfg,
-                [OptunaPruning(trial, tracked=run_id is not None), StopOnEvent(interrupted)],
-                model_dir=model_dir / "model",
-                run_id=run_id,
-                log_model=cfg.tune.log_models and run_id is not None,
-                yardstick=yardstick,
-                extra_tags={"optuna.trial_number": str(trial.number)},
-            )
+            raise
         except TrialPruned as pruned:
             trial.set_user_attr("epochs_trained", pruned.epoch)
             _log_value(client, run_id, pruned.value, epochs_trained=pruned.epoch)  # fit logged no summary
@@ -440,8 +470,6 @@ def make_objective(
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
             raise _TrialFailed(str(exc)) from exc
-        finally:
-            shutil.rmtree(model_dir, ignore_errors=True)
         trial.set_user_attr("epochs_trained", result.epochs_trained)
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("val_auroc", result.best_val_auroc)
@@ -460,6 +488,57 @@ def _log_value(client: "MlflowClient", run_id: str | None, value: float, epochs_
     client.log_metric(run_id, "objective", value)
     if epochs_trained is not None:
         client.log_metric(run_id, "epochs_trained", epochs_trained)
+
+
+def _start_trial_run(
+    client: "MlflowClient | None", experiment_id: str | None, parent_id: str | None, trial: "optuna.Trial"
+) -> str | None:
+    """The trial's child run under the study's parent run, tagged with its number (``None`` without MLflow)."""
+    if client is None or parent_id is None:
+        return None
+    run = client.create_run(
+        experiment_id,
+        run_name=trial_run_name(trial.study.study_name, trial.number),
+        tags={**trial_run_tags(trial.study.study_name, trial.number, parent_id), "trial_state": "RUNNING"},
+    )
+    return run.info.run_id
+
+
+def _stand_down_if_study_full(trial: "optuna.Trial", n_trials: int) -> None:
+    """Two workers may start the last trial at once: the one with the higher number stands down."""
+    from optuna.trial import TrialState
+
+    others = [
+        t
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.RUNNING and t.number < trial.number)
+    ]
+    if len(others) >= n_trials:
+        raise _QuotaReached()
+
+
+def _fit_trial(
+    trial: "optuna.Trial",
+    trial_cfg: "Config",
+    run_id: str | None,
+    interrupted: threading.Event,
+    yardstick: "Yardstick | None",
+    log_models: bool,
+) -> Any:
+    model_dir = Path(tempfile.mkdtemp(prefix=f"cxr-trial-{trial.number}-"))
+    try:
+        return fit(
+            trial_cfg,
+            [OptunaPruning(trial, tracked=run_id is not None), StopOnEvent(interrupted)],
+            model_dir=model_dir / "model",
+            run_id=run_id,
+            log_model=log_models and run_id is not None,
+            yardstick=yardstick,
+            extra_tags={"optuna.trial_number": str(trial.number)},
+        )
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def _close(client: "MlflowClient", run_id: str | None, state: str, status: str, note: str | None = None) -> None:
@@ -505,7 +584,7 @@ def tune(
         experiment_id = tracking.configure(cfg)
         client = MlflowClient()
         parent_id = parent_run(cfg, client, experiment_id, study, url)
-        sync_failed_runs(client, study)
+        sync_failed_runs(client, study, experiment_id, parent_id)
     with remembered_interrupt() as interrupted:
         objective = make_objective(cfg, client, experiment_id, parent_id, n_trials, interrupted)
         _optimize(cfg, study, objective, name, n_trials, timeout, interrupted)
@@ -513,7 +592,7 @@ def tune(
     optuna.storages.fail_stale_trials(study)
     summary = {}
     if client is not None:
-        sync_failed_runs(client, study)
+        sync_failed_runs(client, study, experiment_id, parent_id)
         summary = log_summary(cfg, client, parent_id, study)
         client.set_terminated(parent_id, "FINISHED")
     n = counts(study)

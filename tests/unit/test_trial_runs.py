@@ -1,0 +1,103 @@
+"""Every tuning trial is an MLflow run: made before the trial does any work, and closed as failed on resume
+whenever its worker died, wherever it died (before its run existed, before recording it, or mid-training)."""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cxr.config import Config
+from cxr.tracking import runs as tracking
+from cxr.tuning import study as tuning
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module (making its schema is the slow part): a config and the experiment."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as env:
+        for key in tracking.URI_ENV:
+            env.delenv(key, raising=False)
+        cfg = Config().override(
+            {
+                "mlflow.tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+                "mlflow.artifact_location": str(folder / "artifacts"),
+                "tune.objective": "val_auroc",
+            }
+        )
+        yield cfg, tracking.configure(cfg)
+
+
+@pytest.fixture
+def tracked(store, tmp_path, request):
+    """The config, an MLflow client, the experiment, a study of this test's own and its storage URL."""
+    cfg, experiment_id = store
+    tracking.configure(cfg)  # another test module may have pointed mlflow elsewhere
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name=request.node.name, storage=url, direction="maximize")
+    return cfg, mlflow.MlflowClient(), experiment_id, study, url
+
+
+def trial_runs(client, experiment_id: str, parent_id: str) -> dict[int, list]:
+    found: dict[int, list] = {}
+    for r in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"):
+        found.setdefault(int(r.data.tags["optuna.trial_number"]), []).append(r)
+    return found
+
+
+def test_a_trial_run_exists_before_the_trial_does_any_work(tracked, monkeypatch):
+    cfg, client, experiment_id, study, url = tracked
+    parent_id = tuning.parent_run(cfg, client, experiment_id, study, url)
+    seen = []
+
+    def first_work(trial, space):  # choosing the trial's parameters is the first thing a trial does
+        seen.extend(trial_runs(client, experiment_id, parent_id).get(trial.number, []))
+        raise RuntimeError("worker stopped at its first piece of work")
+
+    monkeypatch.setattr(tuning, "suggest", first_work)
+    objective = tuning.make_objective(cfg, client, experiment_id, parent_id, n_trials=1)
+    study.optimize(objective, n_trials=1, catch=(tuning._TrialFailed,))
+
+    assert [r.data.tags["trial_state"] for r in seen] == ["RUNNING"]
+    assert seen[0].data.tags["optuna.study"] == study.study_name
+    (run,) = trial_runs(client, experiment_id, parent_id)[0]
+    assert study.trials[0].user_attrs[tuning.RUN_ID_ATTR] == run.info.run_id
+    assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "FAIL"
+    assert "worker stopped at its first piece of work" in run.data.tags["trial_note"]
+
+
+def test_resume_closes_the_run_of_every_killed_trial(tracked):
+    cfg, client, experiment_id, study, url = tracked
+    before_mlflow = study.ask()  # a trial of a study tuned with MLflow off: it never had a run
+    study.tell(before_mlflow, state=TrialState.FAIL)
+    parent_id = tuning.parent_run(cfg, client, experiment_id, study, url)
+
+    def start(record: bool) -> optuna.Trial:
+        trial = study.ask()
+        run_id = tuning._start_trial_run(client, experiment_id, parent_id, trial)
+        if record:
+            trial.set_user_attr(tuning.RUN_ID_ATTR, run_id)
+        return trial
+
+    mid_training = start(record=True)
+    before_recording = start(record=False)
+    before_its_run = study.ask()
+    live = start(record=True)  # another worker's trial, still running
+    for killed in (mid_training, before_recording, before_its_run):
+        study.tell(killed, state=TrialState.FAIL)  # what fail_stale_trials does after the grace period
+
+    for _ in range(2):  # a second resume changes nothing
+        tuning.sync_failed_runs(client, study, experiment_id, parent_id)
+        found = trial_runs(client, experiment_id, parent_id)
+        assert sorted(found) == [mid_training.number, before_recording.number, before_its_run.number, live.number]
+        for t in (mid_training, before_recording, before_its_run):
+            (run,) = found[t.number]
+            assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "FAIL"
+        assert "before the trial's run was made" in found[before_its_run.number][0].data.tags["trial_note"]
+        (running,) = found[live.number]
+        assert running.info.status == "RUNNING" and running.data.tags["trial_state"] == "RUNNING"
+    assert before_mlflow.number not in found
