@@ -176,8 +176,9 @@ def test_register_gate_force_and_rollback(project: Path):
 def test_history_columns_show_their_own_fields(project: Path, monkeypatch):
     """Promote and rollback records have different keys: each column shows its own field, blank where absent."""
     name = "history-columns"
-    for _ in range(2):  # the same model twice: v2 does not beat v1, so promoting it takes --force
-        assert cli(project, monkeypatch, name, "register", "--run-id", run_of(project, "a")).exit_code == 0
+    run_a = run_of(project, "a")
+    for run in (run_a, crafted_run(project, run_a, _unchanged)):  # v2 does not beat v1: promoting it takes --force
+        assert cli(project, monkeypatch, name, "register", "--run-id", run).exit_code == 0
     assert cli(project, monkeypatch, name, "promote", "1").exit_code == 0
     assert cli(project, monkeypatch, name, "promote", "2", "--force", "--reason", "columns test").exit_code == 0
     assert cli(project, monkeypatch, name, "rollback").exit_code == 0
@@ -191,6 +192,20 @@ def test_history_columns_show_their_own_fields(project: Path, monkeypatch):
         ("3", "rollback", "2", "1", "", "2"),
     ]
     assert [r["overrode"] for r in rows] == ["", Rule.NOT_BETTER, ""]
+
+
+def _unchanged(card: dict, evaluation: dict) -> None:  # another run with the same model and evaluation
+    pass
+
+
+def test_registering_the_same_evaluated_run_twice_keeps_one_version(project: Path, monkeypatch):
+    """A re-run (a second `make demo`, a retried script) finds its version instead of adding a duplicate."""
+    name = "idempotent"
+    for _ in range(2):
+        res = cli(project, monkeypatch, name, "register", "--run-id", run_of(project, "a"))
+        assert res.exit_code == 0 and "version 1 from run" in res.stderr, res.output
+    assert "already is idempotent version 1" in res.stderr
+    assert list(versions(project, name)) == ["1"]
 
 
 def _near_constant(card: dict, evaluation: dict) -> None:  # every patient gets 0.41 +- a hair

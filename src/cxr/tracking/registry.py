@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import logging
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,6 +25,8 @@ from cxr.models.card import ModelCard
 from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
 from cxr.tracking.version_card import describe
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -186,11 +189,21 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
     report = _logged_evaluation(run_id)
     tags = version_tags(run_id, card, run.data.tags, run.data.metrics, report)
     name = cfg.mlflow.registered_model
+    same = _same_registration(client, name, tags)
+    if same is not None:
+        log.info("run %s with this evaluation already is %s version %s", run_id, name, same.version)
+        return same
     version = mlflow.register_model(model_uri, name, tags=tags)
     findings = [f"rule {d.rule}: {d.reason}" for d in candidate_checks(tags)]
     description = describe(name, str(version.version), card, tags, report, findings)
     client.update_model_version(name, version.version, description=description)
     return client.get_model_version(name, version.version)
+
+
+def _same_registration(client: "MlflowClient", name: str, tags: dict[str, str]) -> "ModelVersion | None":
+    """The version that already holds this run with this evaluation: registering twice adds no duplicate."""
+    found = client.search_model_versions(f"name = '{name}'")
+    return next((v for v in found if all(v.tags.get(k) == value for k, value in tags.items())), None)
 
 
 def _refuse(rule: Rule, why: str) -> Decision:
