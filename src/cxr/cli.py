@@ -296,7 +296,7 @@ def evaluate_external(
 @app.command("synthesize-site")
 @_user_errors
 def synthesize_site(
-    site: Annotated[str, typer.Option(help="Site profile of the synthetic source: internal or hospital_b.")] = (
+    site: Annotated[str, typer.Option(help="Site profile: hospital_b, or internal (the training patients again).")] = (
         "hospital_b"
     ),
     out: Annotated[

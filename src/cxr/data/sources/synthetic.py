@@ -35,9 +35,9 @@ the way a second hospital does, each difference a reason a model trained on ``in
 - another case mix: prevalence 0.25 against 0.4 and at most 2 films a patient (AUROC does not depend on
   prevalence, but accuracy, PPV and the validation-chosen threshold do);
 - another scanner (``Scanner``, applied to the rendered film before encoding): a tighter field of view
-  (x1.12: anatomy and lesions larger than ever seen in training), electronic collimation (black borders of
-  ~5 % a side, which move the percentile window), detector unsharpness (blur) and more noise, both of which
-  eat the faint consolidations' texture, and a gamma of 1.35 (a response curve the per-image percentile
+  (x1.1: anatomy and lesions larger than in training), electronic collimation (black borders of
+  ~6 % a side, which move the percentile window), detector unsharpness (blur) and more noise, both of which
+  eat the faint consolidations' texture, and a gamma of 1.6 (a response curve the per-image percentile
   window cannot undo: lungs darker, low-contrast lesions compressed);
 - another resolution (320 px against 256) and more MONOCHROME1 files (70 % against 30 %); these only change
   the decoding path, which should not matter: a check that it does not.
@@ -640,7 +640,7 @@ HOSPITAL_B = SiteProfile(
     prevalence=0.25,
     size=320,
     monochrome1_fraction=0.7,
-    scanner=Scanner(zoom=1.12, blur=0.8, gamma=1.35, noise=0.012, collimation=0.05),
+    scanner=Scanner(zoom=1.1, blur=1.5, gamma=1.6, noise=0.025, collimation=0.06),
 )
 SITES = {site.name: site for site in (INTERNAL, HOSPITAL_B)}
 
