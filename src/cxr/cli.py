@@ -86,6 +86,34 @@ def ingest(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None
     run(cfg)  # says what it ingested
 
 
+@app.command("synthesize-site")
+@_user_errors
+def synthesize_site(
+    site: Annotated[str, typer.Option(help="Site profile: hospital_b, or internal (the training patients again).")] = (
+        "hospital_b"
+    ),
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder: <label>/ sub-folders of DICOM files plus manifest.csv.")
+    ] = None,
+    patients: Annotated[int | None, typer.Option(help="Patients to generate (default: the site's own count).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Generator seed (default: data.synthetic.seed).")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Write a synthetic hospital's labelled films, an external test set for `cxr evaluate-external --data`."""
+    from cxr.data.sources.synthetic import write_site  # lazy: numpy/pydicom/scipy, `cxr --help` must not
+
+    cfg = _config(params, overrides)
+    out = out or Path("data/external") / site
+    manifest = write_site(cfg, site, out, n_patients=patients, seed=seed)
+    counts = manifest["label"].value_counts().sort_index()
+    console.print(
+        f"wrote {len(manifest)} SYNTHETIC films of {manifest['patient_id'].nunique()} patients of site {site} "
+        f"into {out} (" + ", ".join(f"{n} {label}" for label, n in counts.items()) + "); "
+        f"score a model on it with `cxr evaluate-external --data {out}`"
+    )
+
+
 @app.command()
 @_user_errors
 def prepare(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None) -> None:

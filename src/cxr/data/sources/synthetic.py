@@ -25,6 +25,23 @@ used: DX / CR, 12-bit data in 16-bit words (some with RescaleSlope/Intercept), s
 WindowCenter/Width on some, MONOCHROME1 on ``monochrome1_fraction`` (stored inverted, so it decodes
 to the same picture as its MONOCHROME2 twin) and JPEG 2000 lossless on ``jpeg2000_fraction``. These
 fractions are exact per block of 10 images (stratified), so even a tiny build contains every kind.
+
+Sites. ``build`` writes the ``internal`` site, the hospital a model is trained at. ``write_site`` writes
+another site's labelled films as an external test set (``cxr synthesize-site``). ``hospital_b`` differs
+the way a second hospital does, each difference a reason a model trained on ``internal`` scores lower:
+- other patients: ids HSB..., and a seed namespace (a word ahead of every patient index), so no body,
+  diagnosis or file is shared with the internal set; older (mean age 63 against 55), more portable AP films
+  (45 % against 20 %: magnified heart, higher domes, scapulae over the lungs: rarer in training);
+- another case mix: prevalence 0.25 against 0.4 and at most 2 films a patient (AUROC does not depend on
+  prevalence, but accuracy, PPV and the validation-chosen threshold do);
+- another scanner (``Scanner``, applied to the rendered film before encoding): a tighter field of view
+  (x1.1: anatomy and lesions larger than in training), electronic collimation (black borders of
+  ~6 % a side, which move the percentile window), detector unsharpness (blur) and more noise, both of which
+  eat the faint consolidations' texture, and a gamma of 1.6 (a response curve the per-image percentile
+  window cannot undo: lungs darker, low-contrast lesions compressed);
+- another resolution (320 px against 256) and more MONOCHROME1 files (70 % against 30 %); these only change
+  the decoding path, which should not matter: a check that it does not.
+The internal profile changes nothing: its files are byte-identical to those written before sites existed.
 """
 
 from __future__ import annotations
@@ -32,17 +49,20 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
-from cxr.data.sources.base import SourceData
+from cxr.data.sources.base import SourceData, SourceError
+from cxr.fsutil import atomic_dir
 from cxr.imaging import patient_key
 
 if TYPE_CHECKING:
@@ -565,6 +585,113 @@ def encode(ds: Any) -> bytes:
     return buf.getvalue()
 
 
+# --- sites ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """What a site's X-ray system does to a rendered film (``scan``); the default changes nothing."""
+
+    zoom: float = 1.0  # tighter field of view: > 1 magnifies the patient about the centre
+    blur: float = 0.0  # detector unsharpness: Gaussian sigma, in pixels of a 256-px film
+    gamma: float = 1.0  # response curve, display ** gamma: a percentile window cannot undo it
+    noise: float = 0.0  # extra noise, in display units of a 256-px film (the same at any size once resized)
+    collimation: float = 0.0  # mean share of each side outside the collimator, shown black
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """A hospital: who its patients are and how its films look. ``None`` = the config's value."""
+
+    name: str
+    patient_prefix: str = "SYN"  # fictitious patient ids: <prefix><index>
+    namespace: int = 0  # a seed word ahead of every patient index (0: none); larger than any index
+    age_mean: float = 55.0
+    ap_fraction: float = AP_FRACTION  # portable (AP) films
+    n_patients: int | None = None
+    images_per_patient_max: int | None = None
+    prevalence: float | None = None
+    size: int | None = None
+    monochrome1_fraction: float | None = None
+    scanner: Scanner = Scanner()
+
+    @property
+    def seed_words(self) -> tuple[int, ...]:
+        return (self.namespace,) if self.namespace else ()
+
+    def patient_id(self, n: int) -> str:
+        return f"{self.patient_prefix}{n:05d}"
+
+    def settings(self) -> dict[str, Any]:
+        """The ``data.synthetic`` values this site fixes."""
+        keys = ("n_patients", "images_per_patient_max", "prevalence", "size", "monochrome1_fraction")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+INTERNAL = SiteProfile("internal")
+HOSPITAL_B = SiteProfile(
+    "hospital_b",
+    patient_prefix="HSB",
+    namespace=0x4853_4221,
+    age_mean=63.0,
+    ap_fraction=0.45,
+    n_patients=300,
+    images_per_patient_max=2,
+    prevalence=0.25,
+    size=320,
+    monochrome1_fraction=0.7,
+    scanner=Scanner(zoom=1.1, blur=1.5, gamma=1.6, noise=0.025, collimation=0.06),
+)
+SITES = {site.name: site for site in (INTERNAL, HOSPITAL_B)}
+
+
+def site_profile(name: str) -> SiteProfile:
+    if name not in SITES:
+        raise SourceError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
+    return SITES[name]
+
+
+def site_config(cfg: "Config", site: SiteProfile, n_patients: int | None = None, seed: int | None = None) -> "Config":
+    """``cfg`` with the site's ``data.synthetic`` settings, then the caller's patient count and seed."""
+    values = site.settings()
+    if n_patients is not None:
+        values["n_patients"] = n_patients
+    if seed is not None:
+        values["seed"] = seed
+    return cfg.override({f"data.synthetic.{k}": v for k, v in values.items()})
+
+
+def scan(image: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """A display image as ``scanner`` records it: field of view, unsharpness, response, noise, collimation."""
+    s = image.shape[0]
+    px = s / 256.0  # the scanner's figures are given for a 256-px film
+    img = np.asarray(image, dtype=np.float32)
+    if scanner.zoom != 1.0:
+        centre = (s - 1) / 2.0
+        img = ndimage.affine_transform(
+            img, np.eye(2) / scanner.zoom, offset=centre * (1 - 1 / scanner.zoom), order=1, mode="nearest"
+        )
+    if scanner.blur > 0:
+        img = ndimage.gaussian_filter(img, scanner.blur * px)
+    img = np.clip(img, 0.0, 1.0) ** np.float32(scanner.gamma)
+    if scanner.noise > 0:
+        img = img + np.float32(scanner.noise * px) * rng.standard_normal(img.shape, dtype=np.float32)
+    if scanner.collimation > 0:
+        img = _collimate(img, scanner.collimation, rng)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def _collimate(img: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Black outside a slightly asymmetric collimator rectangle (an electronic shutter), soft-edged."""
+    s = img.shape[0]
+    top, bottom, left, right = share * s * rng.uniform(0.6, 1.4, size=4)
+    i = np.arange(s, dtype=np.float32) + np.float32(0.5)
+    rows = _sig(np.minimum(i - top, s - bottom - i))[:, None]
+    cols = _sig(np.minimum(i - left, s - right - i))[None, :]
+    floor = np.float32(rng.uniform(0.0, 0.03))  # a little scatter under the shutter
+    return img * rows * cols + floor * (1 - rows * cols)
+
+
 # --- the source -----------------------------------------------------------------------------------
 
 
@@ -586,11 +713,11 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 64), *map(int, keys)]))
 
 
-def _stratified(seed: int, salt: int, index: int, fraction: float) -> bool:
+def _stratified(seed: int, salt: int, index: int, fraction: float, words: tuple[int, ...] = ()) -> bool:
     """Flags ``fraction`` of every block of BLOCK consecutive images (stratified), at random positions."""
     block, pos = divmod(index, BLOCK)
-    r = _rng(seed, 7_000_000 + salt, block)
-    offset = _rng(seed, 7_000_000 + salt, 10**9).random()
+    r = _rng(seed, *words, 7_000_000 + salt, block)
+    offset = _rng(seed, *words, 7_000_000 + salt, 10**9).random()
 
     def cum(b: int) -> int:
         return int(np.floor(b * BLOCK * fraction + offset))
@@ -599,33 +726,37 @@ def _stratified(seed: int, salt: int, index: int, fraction: float) -> bool:
     return pos in r.permutation(BLOCK)[:count]
 
 
-def plan(cfg: "Config") -> list[ImagePlan]:
-    """Every image's patient, label, demographics and encoding (cheap; no pixels)."""
+def plan(cfg: "Config", site: SiteProfile = INTERNAL) -> list[ImagePlan]:
+    """Every image's patient, label, demographics and encoding (cheap; no pixels).
+
+    ``cfg`` carries the site's settings already (``site_config``); ``site`` adds who its patients are.
+    """
     sc = cfg.data.synthetic
+    w = site.seed_words
     out: list[ImagePlan] = []
     for n in range(sc.n_patients):
-        r = _rng(sc.seed, n)
+        r = _rng(sc.seed, *w, n)
         label = int(r.random() < sc.prevalence)
         sex: Sex = "F" if r.random() < 0.5 else "M"
-        age = int(np.clip(np.rint(r.normal(55, 17)), 18, 95))
+        age = int(np.clip(np.rint(r.normal(site.age_mean, 17)), 18, 95))
         n_images = int(r.integers(1, sc.images_per_patient_max + 1))
         first = _EPOCH + _dt.timedelta(days=int(r.integers(0, 9 * 365)))
-        key = patient_key(f"SYN{n:05d}", SOURCE)
+        key = patient_key(site.patient_id(n), SOURCE)
         day = first
         for k in range(n_images):
             i = len(out)
-            ri = _rng(sc.seed, n, k, 1)
-            view: View = "AP" if ri.random() < AP_FRACTION else "PA"
-            bits = 8 if _stratified(sc.seed, 1, i, EIGHT_BIT_FRACTION) else 12
+            ri = _rng(sc.seed, *w, n, k, 1)
+            view: View = "AP" if ri.random() < site.ap_fraction else "PA"
+            bits = 8 if _stratified(sc.seed, 1, i, EIGHT_BIT_FRACTION, w) else 12
             rescale = None
-            if bits == 12 and _stratified(sc.seed, 2, i, RESCALE_FRACTION):
+            if bits == 12 and _stratified(sc.seed, 2, i, RESCALE_FRACTION, w):
                 rescale = RESCALES[int(ri.integers(len(RESCALES)))]
             enc = Encoding(
                 bits=bits,
-                monochrome1=_stratified(sc.seed, 3, i, sc.monochrome1_fraction),
-                jpeg2000=_stratified(sc.seed, 4, i, sc.jpeg2000_fraction),
+                monochrome1=_stratified(sc.seed, 3, i, sc.monochrome1_fraction, w),
+                jpeg2000=_stratified(sc.seed, 4, i, sc.jpeg2000_fraction, w),
                 rescale=rescale,
-                window=_stratified(sc.seed, 5, i, WINDOW_FRACTION),
+                window=_stratified(sc.seed, 5, i, WINDOW_FRACTION, w),
                 modality="CR" if ri.random() < CR_FRACTION else "DX",
             )
             if k:
@@ -647,20 +778,23 @@ def plan(cfg: "Config") -> list[ImagePlan]:
     return out
 
 
-def patient_anatomy(seed: int, patient: int, sex: Sex, difficulty: float) -> Anatomy:
-    return sample_anatomy(_rng(seed, patient, 10**6), sex, difficulty)
+def patient_anatomy(seed: int, patient: int, sex: Sex, difficulty: float, site: SiteProfile = INTERNAL) -> Anatomy:
+    return sample_anatomy(_rng(seed, *site.seed_words, patient, 10**6), sex, difficulty)
 
 
-def generate(p: ImagePlan, seed: int, difficulty: float, size: int) -> bytes:
+def generate(p: ImagePlan, seed: int, difficulty: float, size: int, site: SiteProfile = INTERNAL) -> bytes:
     """One planned image as DICOM file bytes (a pure function of its arguments)."""
-    anatomy = patient_anatomy(seed, p.patient, p.sex, difficulty)
-    rng = _rng(seed, p.patient, p.k, 2)
+    w = site.seed_words
+    anatomy = patient_anatomy(seed, p.patient, p.sex, difficulty, site)
+    rng = _rng(seed, *w, p.patient, p.k, 2)
     image = render(rng, p.label, difficulty, size, view=p.view, sex=p.sex, anatomy=anatomy)
+    if site.scanner != Scanner():  # the internal scanner leaves the image (and its bytes) untouched
+        image = scan(image, site.scanner, _rng(seed, *w, p.patient, p.k, 4))
     ds = make_dataset(
         image,
         p.encoding,
-        _rng(seed, p.patient, p.k, 3),
-        patient_id=f"SYN{p.patient:05d}",
+        _rng(seed, *w, p.patient, p.k, 3),
+        patient_id=site.patient_id(p.patient),
         patient_name=f"SYNTHETIC^PATIENT{p.patient:05d}",
         sex=p.sex,
         age=p.age,
@@ -688,15 +822,30 @@ def _one_blas_thread() -> None:
 _WORKER_LIMIT: Any = None
 
 
-def _write(args: tuple[ImagePlan, int, float, int, str]) -> str:
-    p, seed, difficulty, size, raw_dir = args
+def _write(args: tuple[ImagePlan, int, float, int, str, SiteProfile]) -> str:
+    p, seed, difficulty, size, raw_dir, site = args
     path = Path(raw_dir) / p.file
-    data = generate(p, seed, difficulty, size)
+    data = generate(p, seed, difficulty, size, site)
     if not (path.is_file() and path.read_bytes() == data):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return p.file
+
+
+def _write_all(cfg: "Config", plans: list[ImagePlan], out_dir: Path, site: SiteProfile, workers: int | None) -> None:
+    """Generate every planned file under ``out_dir``, in ``workers`` processes for large sets."""
+    sc = cfg.data.synthetic
+    if workers is None:
+        workers = cfg.prepare.workers if len(plans) >= PARALLEL_MIN_IMAGES else 1
+    jobs = [(p, sc.seed, sc.difficulty, sc.size, str(out_dir), site) for p in plans]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
+            list(pool.map(_write, jobs, chunksize=64))
+    else:
+        with _blas_threads(1):
+            for job in jobs:
+                _write(job)
 
 
 def build(cfg: "Config", raw_dir: Path, workers: int | None = None) -> SourceData:
@@ -711,16 +860,7 @@ def build(cfg: "Config", raw_dir: Path, workers: int | None = None) -> SourceDat
     images_dir = raw_dir / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     plans = plan(cfg)
-    if workers is None:
-        workers = cfg.prepare.workers if len(plans) >= PARALLEL_MIN_IMAGES else 1
-    jobs = [(p, sc.seed, sc.difficulty, sc.size, str(raw_dir)) for p in plans]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_one_blas_thread) as pool:
-            list(pool.map(_write, jobs, chunksize=64))
-    else:
-        with _blas_threads(1):
-            for job in jobs:
-                _write(job)
+    _write_all(cfg, plans, raw_dir, INTERNAL, workers)
     wanted = {Path(p.file).name for p in plans}
     for stale in images_dir.glob("*.dcm"):
         if stale.name not in wanted:
@@ -749,3 +889,61 @@ def build(cfg: "Config", raw_dir: Path, workers: int | None = None) -> SourceDat
         f"monochrome1_fraction={sc.monochrome1_fraction}",
     ]
     return SourceData(manifest=manifest, task="binary", classes=list(CLASSES), files_in_raw=True, notes=notes)
+
+
+# --- a site's external test set -------------------------------------------------------------------
+
+SITE_MANIFEST = "manifest.csv"
+SITE_INFO = "site.json"
+
+
+def write_site(
+    cfg: "Config",
+    site: str,
+    out: Path,
+    *,
+    n_patients: int | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+) -> pd.DataFrame:
+    """Write ``site``'s labelled films as ``out/<label>/<patient_key>_<k>.dcm`` and return their manifest.
+
+    ``cxr evaluate-external --data`` reads the folder (labels from the sub-folder names) or
+    ``out/manifest.csv`` (the manifest source's columns, adding patient keys, view, age and sex).
+    ``out`` appears whole or not at all; an existing folder is replaced only if this function wrote it.
+    """
+    profile = site_profile(site)
+    cfg = site_config(cfg, profile, n_patients=n_patients, seed=seed)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / SITE_INFO).is_file():
+        raise SourceError(f"{out} exists and was not written by synthesize-site; give a new or empty folder")
+    plans = [replace(p, file=f"{CLASSES[p.label]}/{Path(p.file).name}") for p in plan(cfg, profile)]
+    manifest = pd.DataFrame(
+        {
+            "path": [p.file for p in plans],
+            "label": [CLASSES[p.label] for p in plans],
+            "patient_id": [patient_key(profile.patient_id(p.patient), SOURCE) for p in plans],
+            "view": [p.view for p in plans],
+            "age": [p.age for p in plans],
+            "sex": [p.sex for p in plans],
+        }
+    )
+    with atomic_dir(out) as tmp:
+        for label in CLASSES:
+            (tmp / label).mkdir()
+        _write_all(cfg, plans, tmp, profile, workers)
+        manifest.to_csv(tmp / SITE_MANIFEST, index=False)
+        (tmp / SITE_INFO).write_text(json.dumps(_site_info(cfg, profile, manifest), indent=2) + "\n")
+    return manifest
+
+
+def _site_info(cfg: "Config", site: SiteProfile, manifest: pd.DataFrame) -> dict[str, Any]:
+    sc = cfg.data.synthetic
+    return {
+        "note": "SYNTHETIC data from cxr's generator: fictitious patients, no clinical meaning",
+        "site": asdict(site),
+        "data.synthetic": sc.model_dump(mode="json"),
+        "n_images": len(manifest),
+        "n_patients": int(manifest["patient_id"].nunique()),
+        "images_per_label": manifest["label"].value_counts().sort_index().to_dict(),
+    }
