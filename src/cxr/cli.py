@@ -350,13 +350,40 @@ def evaluate_external(
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
     retries: Annotated[int, typer.Option(help="Retries on connection errors, 5xx and 429 (never on other 4xx).")] = 4,
+    calibrate: Annotated[
+        str | None,
+        typer.Option(
+            help="Choose a site threshold on this many images (e.g. 200) or this fraction (e.g. 0.3) of the set, "
+            "split by patient, and report both thresholds on the rest only."
+        ),
+    ] = None,
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="With --calibrate: the site threshold reaches this sensitivity instead.")
+    ] = None,
+    save_site: Annotated[
+        str | None,
+        typer.Option(
+            help="With --calibrate: store the site threshold on the registered version as operating point NAME "
+            "(the service answers at it with ?site=NAME)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate the served model on an external test set; report (JSON + HTML) logged to MLflow."""
     from cxr.evaluation.external import evaluate_external  # lazy: pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     report = evaluate_external(
-        cfg, data=data, url=url, model=model, out=out, concurrency=concurrency, timeout=timeout, retries=retries
+        cfg,
+        data=data,
+        url=url,
+        model=model,
+        out=out,
+        concurrency=concurrency,
+        timeout=timeout,
+        retries=retries,
+        calibrate=calibrate,
+        target_sensitivity=target_sensitivity,
+        save_site=save_site,
     )
     req = report["requests"]
     console.print(
@@ -370,6 +397,10 @@ def evaluate_external(
             highlight=False,
         )
     tables().print(external_table(report))
+    if report.get("site_calibration"):
+        tables().print(site_table(report["site_calibration"]))
+        if report["site_calibration"]["saved_as"]:
+            console.print(f"saved as {report['site_calibration']['saved_as']} on version {report['model']['version']}")
     console.print(
         f"report: {out / 'report' / 'external.html'}"
         + (f"; MLflow run {report['mlflow_run_id']}" if report.get("mlflow_run_id") else "")
@@ -401,6 +432,19 @@ def external_table(report: dict[str, Any]) -> Table:
         table.add_row(
             key, _with_ci(row.get("internal")), _with_ci(row["external"]), "-" if drop is None else f"{drop:+.3f}"
         )
+    return table
+
+
+def site_table(part: dict[str, Any]) -> Table:
+    """The model's and the site's operating point on the evaluation part of the external set."""
+    t = part["thresholds"]
+    n = part["split"]["evaluation"]["scored"]
+    table = Table(title=f"operating points on the {n} evaluation images (the site threshold was chosen on the others)")
+    for column in ("metric", f"model threshold {t['model']:.4f}", f"site threshold {t['site']:.4f}"):
+        table.add_column(column)
+    points = part["operating_points"]
+    for key in ("sensitivity", "specificity", "accuracy", "ppv", "npv"):
+        table.add_row(key, _with_ci(points["model"].get(key)), _with_ci(points["site"].get(key)))
     return table
 
 

@@ -262,6 +262,23 @@ def _read_dicom(data: bytes, limits: ReadLimits, label: str) -> Image:
     return Image(np.ascontiguousarray(arr), meta)
 
 
+def dicom_header_meta(path: str | Path) -> dict[str, Any]:
+    """The non-identifying header fields of a DICOM file (view, sex, age, hashed patient key), read without
+    its pixels; ``{}`` for a file that is not a readable DICOM (the reader refuses it later, with a reason)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except Exception:  # any unreadable header: no metadata, and the image read says why
+        return {}
+    return {
+        "view": _view(ds),
+        "sex": _sex(ds.get("PatientSex")),
+        "age": age_years(ds.get("PatientAge")),
+        "patient_key": patient_key(ds.get("PatientID"), "dicom"),
+    }
+
+
 def _nominal_range(ds: Any, raw: np.ndarray, voi: str) -> tuple[float, float]:
     """The output range of the last LUT applied, as the DICOM standard defines it."""
     if voi == "lut":

@@ -133,8 +133,15 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
     assert auroc["drop"] == pytest.approx(auroc["internal"]["value"] - m["auroc"]["value"])
     assert isinstance(auroc["cis_overlap"], bool)
 
+    # the internal test scores kept by `cxr evaluate` show the shift per class
+    shift = report["score_shift"]
+    assert shift["internal"]["available"] and "MLflow run" in shift["internal"]["source"]
+    assert shift["per_class"]["normal"]["internal"]["n"] + shift["per_class"]["pneumonia"]["internal"]["n"] > 0
+    assert "site_calibration" not in report  # no --calibrate: one operating point, as before
+
     html = (folder / "external.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # ROC, PR, confusion, calibration
+    # ROC, PR, confusion, calibration, calibration internal vs external, score shift
+    assert html.count("data:image/png;base64,") == 6
     assert "<script" not in html and "<link" not in html and 'src="http' not in html
     assert "Failures (0)" in html
 
@@ -312,6 +319,9 @@ def champion(project: Path) -> str:
     # the logged model's URI, as `cxr register` uses: the version then knows its logged model
     version = mlflow.register_model(mlflow.get_run(run_id).data.tags["model_uri"], "cxr")
     mlflow.MlflowClient().set_registered_model_alias("cxr", "champion", version.version)
+    # a site operating point stored before the service starts: the service reads it at load
+    point = {"threshold": 0.999, "rule": {"method": "youden"}, "n_calibration": 10, "dataset_hash": "h", "created": "t"}
+    mlflow.MlflowClient().set_model_version_tag("cxr", version.version, "operating_point.hospital_a", json.dumps(point))
     return "models:/cxr@champion"
 
 
@@ -347,3 +357,65 @@ def test_through_the_service_equals_in_process(project: Path, service: str, cham
     # the second run finds every answer in its cache
     again = evaluate_external(cfg, data=root, url=service, out=tmp_path / "remote", concurrency=4)
     assert again["requests"]["sent"] == 0 and again["metrics"] == remote["metrics"]
+
+
+def test_the_service_answers_at_a_named_site_only_when_asked(service: str, png_folder):
+    root, _ = png_folder
+    upload = {"file": ("a.png", (root / "chest_xray/test/NORMAL/normal_0.png").read_bytes(), "image/png")}
+    plain = httpx.post(f"{service}/predict", files=upload, timeout=60).json()
+    by_query = httpx.post(f"{service}/predict", params={"site": "hospital_a"}, files=upload, timeout=60).json()
+    by_header = httpx.post(f"{service}/predict", headers={"X-CXR-Site": "hospital_a"}, files=upload, timeout=60)
+    assert "operating_point" not in plain
+    assert by_query["operating_point"] == "hospital_a" and by_query["threshold"] == 0.999
+    assert by_header.json() == by_query and by_query["probabilities"] == plain["probabilities"]
+    unknown = httpx.post(f"{service}/predict", params={"site": "nowhere"}, files=upload, timeout=60)
+    assert unknown.status_code == 400 and "known: hospital_a" in unknown.json()["error"]
+    meta = httpx.post(f"{service}/metadata", json={}, timeout=60).json()
+    assert meta["operating_points"]["hospital_a"]["threshold"] == 0.999
+
+
+def test_calibrate_and_save_site_on_the_registered_version(project: Path, champion: str):
+    res = cxr(
+        project,
+        "evaluate-external",
+        "--model",
+        champion,
+        "--calibrate",
+        "0.4",
+        "--save-site",
+        "hospital_b",
+        "--out",
+        "reports/ext_site",
+        *sets(*TINY, *EXTERNAL),
+    )
+    assert "site threshold" in res.stdout and "saved as operating_point.hospital_b" in res.stderr
+    report = json.loads((project / "reports/ext_site/report/external.json").read_text())
+    part = report["site_calibration"]
+    assert part["split"]["unit"] == "patient" and part["saved_as"] == "operating_point.hospital_b"
+    assert report["metrics"]["n"] == part["split"]["evaluation"]["scored"] < report["data"]["n_images"]
+
+    import mlflow
+
+    use_store(f"sqlite:///{project / 'mlflow.db'}")
+    tag = json.loads(mlflow.MlflowClient().get_model_version("cxr", "1").tags["operating_point.hospital_b"])
+    assert tag["threshold"] == part["thresholds"]["site"] and tag["dataset_hash"] == report["data"]["dataset_hash"]
+    assert tag["n_calibration"] == part["split"]["calibration"]["scored"]
+    run = mlflow.get_run(res.stderr.split("MLflow run")[-1].split()[0])
+    assert run.data.metrics["site_threshold"] == part["thresholds"]["site"]
+    assert "external_site_specificity" in run.data.metrics
+    # a model directory is no registered version: nothing to store the threshold on
+    refused = cxr(
+        project,
+        "evaluate-external",
+        "--model",
+        "models/cxr",
+        "--calibrate",
+        "0.4",
+        "--save-site",
+        "b",
+        *sets(*TINY, *EXTERNAL),
+        check=False,
+    )
+    assert (
+        refused.returncode == 2 and "registered model version" in refused.stderr and "Traceback" not in refused.stderr
+    )

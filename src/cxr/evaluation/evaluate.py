@@ -159,6 +159,9 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
         result["subgroups"] = subgroups(predictor, data.manifest.iloc[idx], y, probs, cfg)
         result["scores"] = score_spread(predictor, probs)
         report["splits"][split] = result
+        if split == "test" and predictor.task == "binary":
+            # labels and scores (no image ids): an external evaluation compares its score shift with them
+            report["test_scores"] = {"label": y.tolist(), "score": [round(float(p), 6) for p in probs]}
         if split == "test" or "test" not in set(data.manifest["split"]):
             figures = plots_for(predictor, y, probs, result, reports / "plots", cfg.evaluate.calibration_bins)
     if not report["splits"]:

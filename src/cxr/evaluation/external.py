@@ -6,12 +6,16 @@ CIs at the model's own threshold, subgroups, plots, every refused or failed file
 the model's internal test metrics, as JSON plus one self-contained HTML file, and is logged to MLflow as
 an evaluation run tagged with the served model version. With ``model=`` (``models:/NAME@champion`` or a
 model directory) the same happens in-process, through the service's own answer function (cxr.serving.served),
-when no service is running.
+when no service is running. For a binary model the report also sets the external score distributions and
+calibration beside the internal test set's (why a specificity drops at a fixed threshold); with
+``calibrate`` it chooses a site threshold on part of the set and judges both thresholds on the rest
+(cxr.evaluation.site).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.errors import UserError
-from cxr.evaluation import metrics
+from cxr.evaluation import metrics, plots, site
 from cxr.evaluation.evaluate import plots_for, subgroups, task_metrics
 from cxr.evaluation.external_data import ExternalSet, load_external_set, map_labels, targets
 from cxr.evaluation.report_html import render
@@ -35,6 +39,7 @@ from cxr.progress import progress_bar
 from cxr.serving.client import Answer, ServiceClient
 from cxr.serving.served import ServedModel
 from cxr.tracking import runs as tracking
+from cxr.tracking.registry import check_site_name, save_operating_point
 from cxr.tracking.uris import registry_version
 
 if TYPE_CHECKING:
@@ -57,6 +62,9 @@ COMPARED = tuple(k for k in metrics.BINARY_METRICS if not k.startswith("sens_at_
 LOWER_IS_BETTER = {"brier", "ece"}
 # A drop above this (in the metric's units, direction-aware) is flagged in the report.
 NOTABLE_DROP = 0.05
+# A subgroup with fewer positives or negatives than this is flagged: its sensitivity or specificity rests
+# on a handful of films, so its CI is too wide to tell it from the whole set.
+MIN_SUBGROUP_CLASS = 10
 
 
 @dataclass
@@ -294,12 +302,18 @@ def compare(internal: dict[str, Any], external: dict[str, Any]) -> dict[str, dic
     return out
 
 
-def build_report(
-    ext: ExternalSet, model: EvaluatedModel, scored: Scored, cfg: "Config", endpoint: str, plots_dir: Path
-) -> dict[str, Any]:
-    table, answers = ext.table, scored.answers
-    mapping = map_labels(table["label"].tolist(), model.labels, model.task)
-    y = targets(table["label"], model.labels, model.task)
+@dataclass
+class SiteRequest:
+    """``--calibrate``: which rows choose the site threshold, with which rule, and where it is saved."""
+
+    split: site.CalibrationSplit
+    rule: dict[str, Any]
+    requested: int | float
+    save_as: str | None = None
+
+
+def _row_scores(answers: list[Answer], model: EvaluatedModel) -> tuple[np.ndarray, np.ndarray]:
+    """(scored mask, probabilities) per row of the table; rows without an answer hold NaN."""
     ok = np.array([a.status == "ok" for a in answers])
     if not ok.any():
         first = next((a.error for a in answers if a.error), "no answer")
@@ -307,9 +321,31 @@ def build_report(
             f"none of the {len(answers)} images was scored ({Counter(a.status for a in answers)}); first error: {first}"
         )
     probs = probabilities([a.response for a in answers if a.status == "ok"], model)
-    result = task_metrics(model, y[ok], probs, cfg)
-    result["subgroups"] = subgroups(model, table[ok], y[ok], probs, cfg)
-    plots_for(model, y[ok], probs, result, plots_dir, cfg.evaluate.calibration_bins)
+    full = np.full((len(answers), *probs.shape[1:]), np.nan)
+    full[ok] = probs
+    return ok, full
+
+
+def build_report(
+    ext: ExternalSet,
+    model: EvaluatedModel,
+    scored: Scored,
+    cfg: "Config",
+    endpoint: str,
+    plots_dir: Path,
+    calibration: SiteRequest | None = None,
+) -> dict[str, Any]:
+    """The report; with ``calibration`` every metric, plot and subgroup is on the evaluation part only."""
+    table, answers = ext.table, scored.answers
+    mapping = map_labels(table["label"].tolist(), model.labels, model.task)
+    y = targets(table["label"], model.labels, model.task)
+    ok, probs = _row_scores(answers, model)
+    rows = ok if calibration is None else ok & ~calibration.split.calibration
+    if not rows.any():
+        raise UserError("none of the evaluation part's images was scored; calibrate on fewer images")
+    result = task_metrics(model, y[rows], probs[rows], cfg)
+    result["subgroups"] = flag_small_subgroups(subgroups(model, table[rows], y[rows], probs[rows], cfg))
+    plots_for(model, y[rows], probs[rows], result, plots_dir, cfg.evaluate.calibration_bins)
     failures = [
         {"file": row.file, "label": row.label, "status": a.status, "http_status": a.http_status, "error": a.error}
         for row, a in zip(table.itertuples(), answers)
@@ -354,7 +390,128 @@ def build_report(
         "metrics": result,
         "comparison": comparison,
     }
+    if model.task != "binary":
+        return report
+    thresholds = {"model": model.threshold}
+    if calibration is not None:
+        report["site_calibration"] = site_section(table, model, y, probs, ok, calibration, cfg, result)
+        thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
+    report["score_shift"] = score_shift(model, y[rows], probs[rows], cfg, thresholds, plots_dir)
     return report
+
+
+def flag_small_subgroups(groups: dict[str, Any]) -> dict[str, Any]:
+    """Mark subgroups with too few positives or negatives (MIN_SUBGROUP_CLASS) to say anything."""
+    for values in groups.values():
+        for entry in values.values():
+            if not entry.get("skipped") and min(entry["n_pos"], entry["n_neg"]) < MIN_SUBGROUP_CLASS:
+                entry["too_small"] = f"fewer than {MIN_SUBGROUP_CLASS} positives or negatives: CIs too wide to judge"
+    return groups
+
+
+# --- site calibration and score shift (binary) -----------------------------------------------------
+
+
+def site_section(
+    table: pd.DataFrame,
+    model: EvaluatedModel,
+    y: np.ndarray,
+    probs: np.ndarray,
+    ok: np.ndarray,
+    calibration: SiteRequest,
+    cfg: "Config",
+    at_model: dict[str, Any],
+) -> dict[str, Any]:
+    """The site threshold chosen on the calibration part; both operating points on the evaluation part."""
+    chosen = calibration.split.calibration
+    cal, ev = ok & chosen, ok & ~chosen
+    threshold = site.site_threshold(y[cal], probs[cal], calibration.rule)
+    at_site_model = dataclasses.replace(model, threshold=threshold)
+    at_site = task_metrics(at_site_model, y[ev], probs[ev], cfg)
+    at_site["subgroups"] = flag_small_subgroups(subgroups(at_site_model, table[ev], y[ev], probs[ev], cfg))
+    unit = calibration.split.unit
+    return {
+        "split": {
+            "unit": unit,
+            "seed": cfg.project.seed,
+            "requested": calibration.requested,
+            "calibration": _part(table, chosen, cal, unit, calibration.split.n_groups[0]),
+            "evaluation": _part(table, ~chosen, ev, unit, calibration.split.n_groups[1]),
+        },
+        "rule": calibration.rule,
+        "thresholds": {"model": model.threshold, "site": threshold},
+        "operating_points": {"model": {k: v for k, v in at_model.items() if k != "subgroups"}, "site": at_site},
+        "saved_as": None,
+    }
+
+
+def _part(table: pd.DataFrame, rows: np.ndarray, scored: np.ndarray, unit: str, groups: int) -> dict[str, Any]:
+    labels = table["label"][rows].value_counts().sort_index()
+    return {
+        "images": int(rows.sum()),
+        "scored": int(scored.sum()),
+        f"{unit}s": groups,
+        "labels": {str(k): int(v) for k, v in labels.items()},
+    }
+
+
+def internal_scores(model: EvaluatedModel, cfg: "Config") -> dict[str, Any]:
+    """The model's internal test labels and scores, as `cxr evaluate` keeps them in evaluation.json: from its
+    training run, else from this project's reports/ when they are of the same model."""
+    reasons = []
+    if model.run_id and cfg.mlflow.enabled:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        tracking.configure(cfg)
+        try:
+            found = json.loads(mlflow.artifacts.load_text(f"runs:/{model.run_id}/evaluation/evaluation.json"))
+            if "test_scores" in found:
+                return {"available": True, "source": f"MLflow run {model.run_id}", **found["test_scores"]}
+            reasons.append(f"the evaluation of run {model.run_id} kept no test scores (evaluated before they were)")
+        except (MlflowException, OSError, ValueError):
+            reasons.append(f"no evaluation.json in the model's training run {model.run_id}")
+    local = Path(cfg.paths.reports) / "evaluation.json"
+    if local.exists():
+        found = json.loads(local.read_text())
+        same = model.run_id is not None and (found.get("model") or {}).get("run_id") == model.run_id
+        if same and "test_scores" in found:
+            return {"available": True, "source": str(local), **found["test_scores"]}
+        reasons.append(f"{local} is of another model or kept no test scores")
+    reason = "; ".join(reasons) or "the model has no training run and no local evaluation of it"
+    return {"available": False, "reason": f"internal test scores unavailable: {reason}"}
+
+
+def score_shift(
+    model: EvaluatedModel,
+    y: np.ndarray,
+    probs: np.ndarray,
+    cfg: "Config",
+    thresholds: dict[str, float],
+    plots_dir: Path,
+) -> dict[str, Any]:
+    """Score distributions per true class, internal test vs external, and the share of each above each
+    threshold (negatives above the model's threshold are its false positives), with two plots."""
+    internal = internal_scores(model, cfg)
+    inner = (np.asarray(internal["label"]), np.asarray(internal["score"])) if internal["available"] else None
+    bins = cfg.evaluate.calibration_bins
+    plots.plot_reliability_shift((y, probs), inner, plots_dir / "calibration_internal_vs_external.png", bins)
+    plots.plot_score_shift((y, probs), inner, model.labels, thresholds, plots_dir / "score_shift.png")
+    per_class = {}
+    for k, label in enumerate(model.labels):
+        per_class[label] = {
+            "external": _distribution(probs[y == k], thresholds),
+            "internal": _distribution(inner[1][inner[0] == k], thresholds) if inner is not None else None,
+        }
+    return {"internal": {k: v for k, v in internal.items() if k not in ("label", "score")}, "per_class": per_class}
+
+
+def _distribution(scores: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any] | None:
+    if scores.size == 0:
+        return None
+    q25, median, q75 = (float(v) for v in np.quantile(scores, [0.25, 0.5, 0.75]))
+    above = {name: float(np.mean(scores >= t)) for name, t in thresholds.items()}
+    return {"n": int(scores.size), "median": median, "q25": q25, "q75": q75, "above_threshold": above}
 
 
 def predictions_table(ext: ExternalSet, model: EvaluatedModel, answers: list[Answer]) -> pd.DataFrame:
@@ -416,11 +573,43 @@ def log_to_mlflow(
         for key, entry in report["comparison"].get("metrics", {}).items():
             values[f"internal_test_{key}"] = entry["internal"]["value"]
             values[f"external_drop_{key}"] = entry["drop"]
+        values |= _site_values(report.get("site_calibration"))
+        if report.get("site_calibration"):
+            mlflow.set_tags(_site_tags(report["site_calibration"]))
         dataset = _mlflow_dataset(ext)
         mlflow.log_input(dataset, context="external_test")
         mlflow.log_metrics(values, model_id=_logged_model_id(model), dataset=dataset)
         mlflow.log_artifacts(str(folder), "external")
         return active.info.run_id
+
+
+def _site_values(part: dict[str, Any] | None) -> dict[str, float]:
+    """The site operating point's metrics (evaluation part) beside the model threshold's ``external_*``."""
+    if not part:
+        return {}
+    at_site = part["operating_points"]["site"]
+    values = {f"external_site_{k.replace('/', '_')}": v for k, v in metrics.headline(at_site).items()}
+    for key, entry in at_site.items():
+        if isinstance(entry, dict) and entry.get("ci_low") is not None:
+            values[f"external_site_{key}_ci_low"], values[f"external_site_{key}_ci_high"] = (
+                entry["ci_low"],
+                entry["ci_high"],
+            )
+    return values | {
+        "site_threshold": part["thresholds"]["site"],
+        "model_threshold": part["thresholds"]["model"],
+        "site_n_calibration": float(part["split"]["calibration"]["scored"]),
+        "site_n_evaluation": float(part["split"]["evaluation"]["scored"]),
+    }
+
+
+def _site_tags(part: dict[str, Any]) -> dict[str, str]:
+    return {
+        "site_calibration": "true",
+        "site_rule": json.dumps(part["rule"], sort_keys=True),
+        "site_split_unit": part["split"]["unit"],
+        "site_saved_as": str(part["saved_as"]),
+    }
 
 
 def external_run_name(ext: ExternalSet, model: EvaluatedModel) -> str:
@@ -463,8 +652,16 @@ def evaluate_external(
     retries: int = 4,
     backoff: float = 0.5,
     transport: "httpx.AsyncBaseTransport | None" = None,
+    calibrate: str | float | None = None,
+    target_sensitivity: float | None = None,
+    save_site: str | None = None,
 ) -> dict[str, Any]:
-    """Score the external set through the service at ``url`` (or in-process with ``model``) and report."""
+    """Score the external set through the service at ``url`` (or in-process with ``model``) and report.
+
+    With ``calibrate`` (a count of images or a fraction), that part of the set chooses a site threshold
+    (the model's rule, or ``target_sensitivity``) and the report judges both thresholds on the rest;
+    ``save_site`` then stores it on the registered version as the operating point of that name."""
+    size = _check_site_options(calibrate, target_sensitivity, save_site)
     if (url is None) == (model is None):
         raise UserError(
             "give either --url (a running cxr service) or --model (models:/NAME@champion or a model "
@@ -483,18 +680,58 @@ def evaluate_external(
         in_process = load_in_process(model, cfg)
         evaluated = EvaluatedModel.from_metadata(in_process.metadata())
         endpoint = IN_PROCESS
+    if size is not None:
+        _check_model_for_site(evaluated, save_site, cfg)
     ext = load_external_set(cfg, data, evaluated.task, out / "source")
     log.info("external set: %d images (%s), dataset hash %s", len(ext.table), ext.description, ext.dataset_hash[:12])
+    calibration = None
+    if size is not None:
+        rule = site.site_rule(evaluated.info, target_sensitivity, cfg.evaluate.target_sensitivity)
+        split = site.split_for_calibration(ext.table, size, cfg.project.seed)
+        calibration = SiteRequest(split, rule, size, save_site)
     cache = ResponseCache(out / CACHE_FILE)
     if url is not None:
         scored = score_remote(ext, evaluated, cache, client_kwargs, concurrency)
     else:
         scored = score_local(ext, evaluated, in_process, cache)
     with atomic_dir(out / REPORT_DIR) as tmp:  # the report appears whole or not at all
-        report = build_report(ext, evaluated, scored, cfg, endpoint, tmp / "plots")
+        report = build_report(ext, evaluated, scored, cfg, endpoint, tmp / "plots", calibration)
+        if calibration is not None and calibration.save_as:
+            _save_site(cfg, report, evaluated, calibration.save_as, ext)
         write_report(report, predictions_table(ext, evaluated, scored.answers), tmp)
     report["mlflow_run_id"] = log_to_mlflow(cfg, report, out / REPORT_DIR, ext, evaluated)
     return report
+
+
+def _check_site_options(
+    calibrate: str | float | None, target_sensitivity: float | None, save_site: str | None
+) -> int | float | None:
+    """The calibration size, or None without --calibrate (whose companions then make no sense)."""
+    if calibrate is None:
+        if target_sensitivity is not None or save_site is not None:
+            raise UserError("--target-sensitivity and --save-site need --calibrate N (the images that choose it)")
+        return None
+    if save_site is not None:
+        check_site_name(save_site)
+    return site.parse_size(calibrate)
+
+
+def _check_model_for_site(model: EvaluatedModel, save_site: str | None, cfg: "Config") -> None:
+    if model.task != "binary":
+        raise site.CalibrationError(f"--calibrate chooses one threshold: it needs a binary model, not {model.task}")
+    if save_site is not None and (model.version is None or not cfg.mlflow.enabled):
+        raise UserError(
+            f"--save-site stores the threshold on a registered model version, and {model.uri or 'this model'} is "
+            "not one; evaluate models:/NAME@ALIAS (or a service serving one) with mlflow.enabled"
+        )
+
+
+def _save_site(cfg: "Config", report: dict[str, Any], model: EvaluatedModel, name: str, ext: ExternalSet) -> None:
+    part = report["site_calibration"]
+    n_calibration = part["split"]["calibration"]["scored"]
+    point = site.operating_point_tag(part["thresholds"]["site"], part["rule"], n_calibration, ext.dataset_hash)
+    part["saved_as"] = save_operating_point(cfg, str(model.name), str(model.version), name, point)
+    log.info("saved the site threshold as %s on %s version %s", part["saved_as"], model.name, model.version)
 
 
 async def _metadata(client_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,14 @@ from cxr.data.sources import build_source
 from cxr.data.sources.base import SPLITS, SourceError, standardise
 from cxr.data.sources.manifest import NEGATIVE_NAMES, POSITIVE_NAMES, SPLIT_ALIASES, find_files
 from cxr.fsutil import sha256_file
+from cxr.imaging import dicom_header_meta
 
 if TYPE_CHECKING:
     from cxr.config import Config
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+HEADER_COLUMNS = ("view", "sex", "age", "patient_key")  # what a DICOM header can fill in
 # Folder names that group images without being labels (Kaggle's chest_xray/test/NORMAL layout).
 _NOT_LABELS = {*SPLITS, *SPLIT_ALIASES, "chest_xray", "images"}
 
@@ -79,7 +82,22 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
         file=[_shown(p, root) for p in images],  # what reports show: relative to the data
         sha256=[sha256_file(p) for p in images],
     )
-    return ExternalSet(table.reset_index(drop=True), description, list(notes), name)
+    return ExternalSet(with_dicom_headers(table.reset_index(drop=True)), description, list(notes), name)
+
+
+def with_dicom_headers(table: pd.DataFrame) -> pd.DataFrame:
+    """View, sex, age and the hashed patient key from DICOM headers where the table has none (a folder of
+    DICOMs), so subgroups and patient-level calibration splits come along as with a manifest."""
+    meta = [c for c in HEADER_COLUMNS if c in table]
+    todo = table.index[table["image"].str.lower().str.endswith(DICOM_SUFFIXES) & table[meta].isna().any(axis=1)]
+    if len(todo) == 0:
+        return table
+    found = pd.DataFrame([dicom_header_meta(table.at[i, "image"]) for i in todo], index=todo, columns=meta)
+    out = table.copy()
+    for col in meta:
+        out[col] = out[col].astype(object).where(out[col].notna(), found[col].reindex(out.index))
+    out["age"] = pd.to_numeric(out["age"], errors="coerce")
+    return out
 
 
 def _folder_name(path: Path) -> str:

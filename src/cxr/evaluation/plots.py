@@ -29,7 +29,9 @@ __all__ = [
     "plot_confusion",
     "plot_pr",
     "plot_roc",
+    "plot_reliability_shift",
     "plot_roc_per_class",
+    "plot_score_shift",
 ]
 
 DPI = 100
@@ -272,4 +274,62 @@ def plot_roc_per_class(
         ax.plot([], [], linestyle="none", label=f"macro AUROC = {np.mean(aucs):.3f}")
     _unit_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)", title)
     ax.legend(loc="lower right", fontsize=8 if k <= 6 else 7)
+    return _save(fig, path)
+
+
+Scored = tuple[Any, Any]  # (labels 0/1, scores) of one set of films
+
+
+def plot_reliability_shift(
+    external: Scored, internal: Scored | None, path: str | os.PathLike[str], bins: int = 10
+) -> Path:
+    """Reliability diagrams of the internal test films and the external films on one axis: where the external
+    curve runs below the internal one, the same score means less disease at the new site."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    sets = [("internal test", internal, "tab:blue"), ("external", external, "tab:orange")]
+    for name, scored, colour in sets:
+        if scored is None:
+            continue
+        y, p = scored
+        pts = M.calibration_points(y, p, bins)
+        ece = M.expected_calibration_error(y, p, bins)
+        ax.plot(pts.mean_predicted, pts.fraction_positive, marker="o", color=colour, label=f"{name} (ECE = {ece:.3f})")
+    title = "Calibration: internal vs external" if internal is not None else "Calibration (internal: unavailable)"
+    _unit_axes(ax, "Predicted probability", "Observed fraction positive", title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_score_shift(
+    external: Scored,
+    internal: Scored | None,
+    labels: Sequence[str],
+    thresholds: Mapping[str, float],
+    path: str | os.PathLike[str],
+    bins: int = 20,
+) -> Path:
+    """Score histograms per true class, internal test vs external (density), with the thresholds as lines:
+    negatives moving right past the model's threshold is a specificity drop."""
+    fig = _figure((9.0, 4.0))
+    edges = np.linspace(0, 1, bins + 1)
+    styles = ("-", "--", ":", "-.")
+    for k, label in enumerate(labels[:2]):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for name, scored, colour in (("internal test", internal, "tab:blue"), ("external", external, "tab:orange")):
+            if scored is None:
+                continue
+            y, p = (np.asarray(a, dtype=float) for a in scored)
+            part = p[y == k]
+            if part.size:
+                ax.hist(part, bins=edges, density=True, alpha=0.5, color=colour, label=f"{name} (n={part.size})")
+        for (name, t), style in zip(thresholds.items(), styles):
+            ax.axvline(t, color="black", linestyle=style, linewidth=1, label=f"{name} threshold {t:.3f}")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("Score (probability of the positive label)", fontsize=10)
+        ax.set_ylabel("Density", fontsize=10)
+        ax.set_title(f"True {label}", fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     return _save(fig, path)

@@ -44,6 +44,11 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 <td class="num {{ 'bad' if r.requests.failed }}">{{ r.requests.failed }}</td></tr></table>
 <p>Metrics are computed on the {{ r.requests.ok }} scored images; every other image is listed under Failures.</p>
 
+{% set sc = r.site_calibration %}
+{% if sc %}<p class="note">Site calibration: {{ sc.split.calibration.scored }} scored images
+({{ sc.split.calibration[sc.split.unit ~ "s"] }} {{ sc.split.unit }}s) chose the site threshold; every metric, plot and
+subgroup below is on the other {{ sc.split.evaluation.scored }} ({{ sc.split.evaluation[sc.split.unit ~ "s"] }}
+{{ sc.split.unit }}s) only.</p>{% endif %}
 <h2>Metrics at the model's own threshold ({{ ci_pct }}% bootstrap CIs)</h2>
 {% if r.comparison.available %}<p>Internal test metrics from {{ r.comparison.source }}.</p>
 {% else %}<p class="note">No internal comparison: {{ r.comparison.reason }}</p>{% endif %}
@@ -57,16 +62,45 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 {% if r.metrics.confusion is defined %}<p>Confusion at threshold {{ r.metrics.threshold }}:
 TN {{ r.metrics.confusion.tn }}, FP {{ r.metrics.confusion.fp }}, FN {{ r.metrics.confusion.fn }}, TP {{ r.metrics.confusion.tp }}.</p>{% endif %}
 
+{% if sc %}<h2>Operating points: the model's threshold vs the site's ({{ ci_pct }}% bootstrap CIs)</h2>
+<p>Split by {{ sc.split.unit }} (seed {{ sc.split.seed }}, stratified by label): calibration
+{% for k, v in sc.split.calibration.labels.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %};
+evaluation {% for k, v in sc.split.evaluation.labels.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.
+Site threshold rule: {{ sc.rule.method }}{% if sc.rule.target_sensitivity is defined %} (target sensitivity
+{{ sc.rule.target_sensitivity }}){% endif %}, from {{ sc.rule["from"] }}.
+{% if sc.saved_as %}Saved on the registered version as <code>{{ sc.saved_as }}</code>.{% endif %}</p>
+<table><tr><th>metric</th><th>model threshold {{ "%.4f" | format(sc.thresholds.model) }}</th>
+<th>site threshold {{ "%.4f" | format(sc.thresholds.site) }}</th><th>internal test</th></tr>
+{% for name in site_rows %}{% set c = comparison.get(name) %}<tr><td>{{ name }}</td>
+<td class="num">{{ fmt_ci(sc.operating_points.model[name]) }}</td><td class="num">{{ fmt_ci(sc.operating_points.site[name]) }}</td>
+<td class="num">{{ fmt_ci(c.internal) if c else "" }}</td></tr>
+{% endfor %}</table>{% endif %}
+
+{% if r.score_shift %}<h2>Score shift: internal test vs external</h2>
+{% if not r.score_shift.internal.available %}<p class="note">{{ r.score_shift.internal.reason }}</p>
+{% else %}<p>Internal test scores from {{ r.score_shift.internal.source }}.</p>{% endif %}
+<table><tr><th>true class</th><th>set</th><th>n</th><th>median score (IQR)</th>
+{% for t in shift_names %}<th>share &ge; {{ t }} threshold</th>{% endfor %}</tr>
+{% for label, sets in r.score_shift.per_class.items() %}{% for name in ("internal", "external") %}{% set d = sets[name] %}
+{% if d %}<tr><td>{{ label }}</td><td>{{ name }}</td><td class="num">{{ d.n }}</td>
+<td class="num">{{ "%.3f" | format(d.median) }} ({{ "%.3f" | format(d.q25) }}-{{ "%.3f" | format(d.q75) }})</td>
+{% for t in shift_names %}<td class="num">{{ "%.3f" | format(d.above_threshold[t]) }}</td>{% endfor %}</tr>{% endif %}
+{% endfor %}{% endfor %}</table>
+<p>For the negative class the share above a threshold is 1 &minus; specificity there; for the positive class it is
+the sensitivity. Negatives scoring higher at the new site than internally push the specificity down at a fixed
+threshold even when the ranking (AUROC) holds.</p>{% endif %}
+
 <h2>Plots</h2>
 <div class="plots">{% for name, data in images %}<img alt="{{ name }}" title="{{ name }}" src="data:image/png;base64,{{ data }}">{% endfor %}</div>
 
 {% if r.metrics.subgroups %}<h2>Subgroups</h2>
 {% for attr, values in r.metrics.subgroups.items() %}<h3>{{ attr }}</h3>
-<table><tr><th>value</th><th>n</th><th>AUROC</th><th>sensitivity</th><th>specificity</th><th>accuracy</th></tr>
+<table><tr><th>value</th><th>n</th><th>AUROC</th><th>sensitivity</th><th>specificity</th><th>accuracy</th><th>flag</th></tr>
 {% for value, m in values.items() %}<tr><td>{{ value }}</td><td class="num">{{ m.n }}</td>
-{% if m.skipped %}<td colspan="4">skipped: {{ m.reason }}</td>{% else %}
+{% if m.skipped %}<td colspan="5">skipped: {{ m.reason }}</td>{% else %}
 <td class="num">{{ fmt_ci(m.auroc) }}</td><td class="num">{{ fmt_ci(m.sensitivity) }}</td>
-<td class="num">{{ fmt_ci(m.specificity) }}</td><td class="num">{{ fmt_ci(m.accuracy) }}</td>{% endif %}</tr>
+<td class="num">{{ fmt_ci(m.specificity) }}</td><td class="num">{{ fmt_ci(m.accuracy) }}</td>
+<td class="{{ 'bad' if m.too_small }}">{{ m.too_small or "" }}</td>{% endif %}</tr>
 {% endfor %}</table>{% endfor %}{% endif %}
 
 <h2>Failures ({{ r.failures | length }})</h2>
@@ -80,6 +114,10 @@ TN {{ r.metrics.confusion.tn }}, FP {{ r.metrics.confusion.fp }}, FN {{ r.metric
 {% for w, n in r.service_warnings.items() %}<tr><td>{{ w }}</td><td class="num">{{ n }}</td></tr>{% endfor %}</table>{% endif %}
 </body></html>
 """
+
+
+# The metrics shown side by side for the model's and the site's operating point.
+SITE_ROWS = ("sensitivity", "specificity", "accuracy", "balanced_accuracy", "ppv", "npv", "f1")
 
 
 def _fmt_ci(entry: Any) -> str:
@@ -105,6 +143,8 @@ def render(report: dict[str, Any], images: list[Path]) -> str:
         metric_rows=metric_rows,
         comparison=report["comparison"].get("metrics", {}),
         images=[(p.stem, base64.b64encode(p.read_bytes()).decode("ascii")) for p in images],
+        site_rows=SITE_ROWS,
+        shift_names=["model", "site"] if report.get("site_calibration") else ["model"],
         fmt_ci=_fmt_ci,
         ci_pct=round(100 * ci),
     )

@@ -131,15 +131,16 @@ class Predictor:
     def predict_files(self, sources: Sequence[str | Path | bytes]) -> list[dict[str, Any]]:
         return self.predict_images([self.read(s) for s in sources])
 
-    def describe(self, prob: np.ndarray | float) -> dict[str, Any]:
-        """Probabilities per label plus the decision at the model's own threshold(s)."""
+    def describe(self, prob: np.ndarray | float, threshold: float | None = None) -> dict[str, Any]:
+        """Probabilities per label plus the decision at the model's own threshold(s), or (binary) at
+        ``threshold`` when given (a site's operating point)."""
         if self.task == "binary":
-            p = float(prob)
+            p, t = float(prob), self.threshold if threshold is None else threshold
             return {
                 "probabilities": {self.labels[0]: 1 - p, self.labels[1]: p},
-                "prediction": self.labels[1] if p >= self.threshold else self.labels[0],
-                "positive": bool(p >= self.threshold),
-                "threshold": self.threshold,
+                "prediction": self.labels[1] if p >= t else self.labels[0],
+                "positive": bool(p >= t),
+                "threshold": t,
             }
         probs = {label: float(v) for label, v in zip(self.labels, np.asarray(prob))}
         if self.task == "multiclass":

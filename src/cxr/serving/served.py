@@ -25,7 +25,8 @@ from cxr.models.card import ModelCard
 from cxr.models.predictor import ModelLoadError, Predictor
 from cxr.serving.explain import explain
 from cxr.serving.input_checks import input_warnings, refuse_non_chest
-from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, resolve
+from cxr.tracking.registry import operating_points
+from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, registry_version, resolve
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -43,6 +44,7 @@ METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
 # The lineage fields /metadata shows (None when the card has none).
 METADATA_LINEAGE = ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
+UNKNOWN_SITE = 400  # the request names an operating point this version does not have
 
 
 class NoModelToServe(UserError):
@@ -79,6 +81,18 @@ def _metrics(load_uri: str, card: ModelCard) -> dict[str, float]:
     return {k: v for k, v in sorted(metrics.items()) if k.startswith(METRIC_PREFIXES)} or fallback
 
 
+def _operating_points(ref: ModelRef) -> dict[str, dict[str, Any]]:
+    """The named site operating points on the registered version being served (read once, at load)."""
+    if ref.version is None:
+        return {}
+    try:
+        entry = registry_version(f"models:/{ref.name}/{ref.version}")
+    except Exception as exc:  # a registry that cannot list tags still serves, at the model's threshold
+        log.warning("operating points of %s version %s unavailable: %s", ref.name, ref.version, type(exc).__name__)
+        return {}
+    return operating_points(entry) if entry is not None else {}
+
+
 def refusal(message: str, status: int = REFUSED) -> dict[str, Any]:
     return {"error": message, "status": status}
 
@@ -104,10 +118,17 @@ class ServedModel:
     batch of Prepared -> probabilities), ``answer`` (the response object). ``predict`` chains them.
     """
 
-    def __init__(self, predictor: "Predictor", ref: ModelRef, metrics: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        predictor: "Predictor",
+        ref: ModelRef,
+        metrics: dict[str, float] | None = None,
+        sites: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.predictor = predictor
         self.ref = ref
         self.metrics = metrics or {}
+        self.sites = sites or {}  # site name -> operating point ({threshold, rule, ...}), from the registry
 
     @classmethod
     def load(
@@ -121,7 +142,7 @@ class ServedModel:
             predictor = load_predictor(load_uri, device=device, precision=precision)
         except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
-        served = cls(predictor, ref, _metrics(load_uri, predictor.card))
+        served = cls(predictor, ref, _metrics(load_uri, predictor.card), _operating_points(ref))
         log.info(
             "serving %s version %s (%s): %s, labels %s, %s",
             ref.name,
@@ -140,6 +161,7 @@ class ServedModel:
             "ref": self.ref.to_dict(),
             "metrics": self.metrics,
             "precision": self.predictor.precision,
+            "sites": self.sites,
         }
 
     @classmethod
@@ -156,6 +178,7 @@ class ServedModel:
             ),
             ModelRef(**card["ref"]),
             card["metrics"],
+            card.get("sites"),
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -174,6 +197,7 @@ class ServedModel:
             "precision": self.predictor.precision,
             "training": {k: training.get(k) for k in METADATA_LINEAGE},
             "metrics": self.metrics,
+            "operating_points": self.sites,
         }
 
     def _decode(self, data: bytes, label: str = "upload") -> tuple[Any, np.ndarray]:
@@ -201,17 +225,37 @@ class ServedModel:
         tabular = np.stack([t for _, t in batch]) if batch and batch[0][1] is not None else None
         return list(self.predictor.predict_proba(xs, tabular))
 
-    def answer(self, prepared: Prepared, prob: Any) -> dict[str, Any]:
-        return {**self.predictor.describe(prob), "model": self.ref.to_dict(), "warnings": prepared.warnings}
+    def site_refusal(self, site: str | None) -> dict[str, Any] | None:
+        """A refusal naming the known sites when ``site`` is not an operating point of this version, else None."""
+        if site is None or site in self.sites:
+            return None
+        if self.predictor.task != "binary":
+            return refusal(f"site {site!r}: site operating points exist for binary models only", UNKNOWN_SITE)
+        known = ", ".join(sorted(self.sites)) or "none (store one with `cxr evaluate-external --calibrate --save-site`)"
+        return refusal(
+            f"unknown site {site!r} for {self.ref.name} version {self.ref.version or '-'}; known: {known}", UNKNOWN_SITE
+        )
 
-    def predict(self, uploads: Sequence[bytes]) -> list[dict[str, Any]]:
+    def answer(self, prepared: Prepared, prob: Any, site: str | None = None) -> dict[str, Any]:
+        """The response; with ``site`` (checked by ``site_refusal``) the decision is at that site's threshold,
+        and ``operating_point`` says so."""
+        if site is None:
+            decision = self.predictor.describe(prob)
+        else:
+            decision = {**self.predictor.describe(prob, self.sites[site]["threshold"]), "operating_point": site}
+        return {**decision, "model": self.ref.to_dict(), "warnings": prepared.warnings}
+
+    def predict(self, uploads: Sequence[bytes], site: str | None = None) -> list[dict[str, Any]]:
         """One response (or refusal) per upload; the usable ones go through the model as one batch."""
+        unknown = self.site_refusal(site)
+        if unknown is not None:
+            return [unknown for _ in uploads]
         results: list[Any] = [self.prepare(data) for data in uploads]
         usable = [i for i, r in enumerate(results) if isinstance(r, Prepared)]
         if usable:
             probs = self.infer([(results[i].x, results[i].tabular) for i in usable])
             for i, p in zip(usable, probs):
-                results[i] = self.answer(results[i], p)
+                results[i] = self.answer(results[i], p, site)
         return results
 
     def explain(self, data: bytes, label: str | None = None) -> dict[str, Any]:

@@ -161,8 +161,25 @@ def watch_for_cannot_start() -> None:
     atexit.register(_exit_cannot_start_if_marked)
 
 
-def _refused(result: dict[str, Any]) -> JSONResponse:
-    return JSONResponse({"error": result["error"]}, status_code=result.get("status", 422))
+def _refused(result: dict[str, Any], ctx: bentoml.Context | None = None) -> JSONResponse:
+    """The refusal as an HTTP error. An API taking ``ctx`` gets BentoML's ``ctx.response`` status on whatever
+    it returns, so the status is set there too."""
+    status = result.get("status", 422)
+    if ctx is not None:
+        ctx.response.status_code = status
+    return JSONResponse({"error": result["error"]}, status_code=status)
+
+
+SITE_PARAM, SITE_HEADER = "site", "x-cxr-site"
+
+
+def requested_site(ctx: bentoml.Context) -> str | dict[str, Any] | None:
+    """The operating point asked for: ``?site=NAME`` or the ``X-CXR-Site: NAME`` header (None: the model's
+    own threshold); a refusal when the two name different sites."""
+    query, header = ctx.request.query_params.get(SITE_PARAM), ctx.request.headers.get(SITE_HEADER)
+    if query and header and query != header:
+        return {"error": f"?site={query} and X-CXR-Site: {header} disagree; give one", "status": 400}
+    return query or header or None
 
 
 @bentoml.service(name="cxr", traffic={"timeout": TIMEOUT_S})
@@ -227,33 +244,49 @@ class CxrService:
         return await self._remote("infer", [(p.x, p.tabular) for p in prepared])
 
     @bentoml.api
-    async def predict(self, file: Path) -> dict[str, Any]:
-        """Probabilities per label, the decision at the model's threshold, the model version and warnings."""
+    async def predict(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
+        """Probabilities per label, the decision at the model's threshold, the model version and warnings.
+        With `?site=NAME` (or header `X-CXR-Site: NAME`) the decision is at that site's stored operating
+        point, and `operating_point` names it; an unknown site is refused (400) with the known ones."""
 
+        site = await self._site(ctx)
+        if is_refusal(site):
+            return _refused(site, ctx)
         (prepared,) = await self._prepare([file])
         if is_refusal(prepared):
-            return _refused(prepared)
+            return _refused(prepared, ctx)
         (prob,) = await self._infer([prepared])
-        return self._served.answer(prepared, prob)
+        return self._served.answer(prepared, prob, site)
 
     @bentoml.api
-    async def predict_batch(self, files: list[Path]) -> list[dict[str, Any]]:
+    async def predict_batch(self, files: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
         """Several files (multipart field `files`, repeated): a list of `predict` answers in the same order.
-        If any file is unusable the whole request is refused (422), naming the file by its position."""
+        If any file is unusable the whole request is refused (422), naming the file by its position.
+        `?site=NAME` / `X-CXR-Site` as for `predict`."""
 
+        site = await self._site(ctx)
+        if is_refusal(site):
+            return _refused(site, ctx)
         if not files:
-            return JSONResponse({"error": "no files: send one or more multipart fields named `files`"}, status_code=400)
+            return _refused({"error": "no files: send one or more multipart fields named `files`", "status": 400}, ctx)
         if len(files) > MAX_FILES:
-            return JSONResponse(
-                {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}"}, status_code=413
+            return _refused(
+                {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}", "status": 413}, ctx
             )
         prepared = await self._prepare(files)
         refused = [(i, r) for i, r in enumerate(prepared) if is_refusal(r)]
         if refused:
             message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
-            return JSONResponse({"error": message}, status_code=max(r["status"] for _, r in refused))
+            return _refused({"error": message, "status": max(r["status"] for _, r in refused)}, ctx)
         probs = await self._infer(prepared)
-        return [self._served.answer(p, prob) for p, prob in zip(prepared, probs)]
+        return [self._served.answer(p, prob, site) for p, prob in zip(prepared, probs)]
+
+    async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
+        """The requested site, or a refusal (unknown site: the known ones are listed)."""
+        site = requested_site(ctx)
+        if site is None or is_refusal(site):
+            return site
+        return (await self._model()).site_refusal(site) or site
 
     @bentoml.api
     async def explain(self, file: Path, label: str | None = None) -> Annotated[Path, ContentType("image/png")]:

@@ -14,6 +14,7 @@ import datetime as dt
 import getpass
 import json
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,13 +27,13 @@ from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
 from cxr.tracking.version_card import describe
 
-log = logging.getLogger(__name__)
-
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
     from cxr.config import Config
+
+log = logging.getLogger(__name__)
 
 HISTORY_PREFIX = "promotion."
 EVALUATION_ARTIFACT = "evaluation/evaluation.json"  # what `cxr evaluate` logs to the model's training run
@@ -472,3 +473,38 @@ def versions(cfg: "Config") -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# --- named operating points (site thresholds) ------------------------------------------------------
+
+OPERATING_POINT_PREFIX = "operating_point."
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_site_name(site: str) -> str:
+    if not SITE_NAME.fullmatch(site):
+        raise RegistryError(f"site name {site!r}: use 1-64 letters, digits, '-' or '_' (e.g. hospital_b)")
+    return site
+
+
+def save_operating_point(cfg: "Config", name: str, version: str, site: str, point: dict[str, Any]) -> str:
+    """Store ``point`` (threshold, rule, ...) as the version tag ``operating_point.SITE``; returns the tag key."""
+    client = _client(cfg)
+    _version(client, name, version)
+    key = OPERATING_POINT_PREFIX + check_site_name(site)
+    client.set_model_version_tag(name, str(version), key, json.dumps(point, sort_keys=True))
+    return key
+
+
+def operating_points(version: "ModelVersion") -> dict[str, dict[str, Any]]:
+    """The named operating points stored on a version, by site name (unreadable tags are left out)."""
+    points = {}
+    for key, value in (version.tags or {}).items():
+        if not key.startswith(OPERATING_POINT_PREFIX):
+            continue
+        try:
+            point = json.loads(value)
+            points[key[len(OPERATING_POINT_PREFIX) :]] = {**point, "threshold": float(point["threshold"])}
+        except (ValueError, TypeError, KeyError):
+            log.warning("version %s: tag %s is not an operating point; ignored", version.version, key)
+    return points
