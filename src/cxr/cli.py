@@ -52,7 +52,8 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even piped
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process refuses alike: one says so
+                console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -136,6 +137,8 @@ def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None)
 
     cfg = _config(params, overrides)
     result = fit(cfg)
+    if not result.main_process:  # under torchrun, rank 0 reports for all
+        return
     what = (
         f"{cfg.model.arch}: best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch} of "
         f"{result.epochs_trained}"
@@ -185,8 +188,10 @@ def tune(
     overrides: Overrides = None,
 ) -> None:
     """Search hyperparameters (tune.space) with Optuna; every trial is an MLflow child run. Re-run to resume."""
+    from cxr.training.distributed import refuse_under_torchrun  # lazy: pulls in torch, `cxr --help` must not
     from cxr.tuning.study import tune as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
+    refuse_under_torchrun("tune")
     cfg = _config(params, overrides)
     try:
         result = run(cfg, trials, timeout=timeout, study_name=study, storage_url=storage, register=register)

@@ -39,6 +39,21 @@ def tabular_features(manifest: pd.DataFrame) -> np.ndarray:
 N_TABULAR = 8
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of every batch under data-parallel training: rank ``rank`` of ``world`` processes."""
+
+    rank: int
+    world: int
+
+    def positions(self, n: int) -> np.ndarray:
+        """Where this rank's rows sit in a global batch of ``n``: every ``world``-th one, the batch first padded
+        by repeating its own rows to a multiple of ``world`` so that every rank takes as many (as
+        DistributedSampler pads)."""
+        padded = -(-n // self.world) * self.world
+        return np.resize(np.arange(n), padded)[self.rank :: self.world]
+
+
 def encode_targets(labels: pd.Series, task: str, classes: list[str]) -> np.ndarray:
     """binary: (N,) float 0/1 for classes[1]; multiclass: (N,) int64; multilabel: (N, K) float."""
     labels = labels.fillna("").astype(str)
@@ -105,8 +120,12 @@ class PreparedData:
         generator: torch.Generator | None = None,
         sample_weights: np.ndarray | None = None,
         device: torch.device | str = "cpu",
+        shard: Shard | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]]:
-        """Yield (images float [0,1] (B,1,H,W), targets, tabular, row indices) on ``device``."""
+        """Yield (images float [0,1] (B,1,H,W), targets, tabular, row indices) on ``device``.
+
+        With ``shard``, ``batch_size`` is the global batch: every rank draws the same order (the generator is
+        seeded alike) and reads only its :meth:`Shard.positions` of each batch."""
         device = torch.device(device)
         if sample_weights is not None:  # balanced sampling: draw with replacement by weight
             w = torch.as_tensor(sample_weights[index], dtype=torch.double)
@@ -118,6 +137,8 @@ class PreparedData:
         pin = device.type == "cuda"
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
+            if shard is not None:
+                rows = rows[shard.positions(len(rows))]
             x = torch.from_numpy(
                 np.ascontiguousarray(self.images[np.sort(rows)] if self._mapped else self.images[rows])
             )

@@ -4,6 +4,8 @@ Trains on the prepared arrays (networks through :func:`cxr.training.loop.train_n
 baseline through :func:`cxr.training.baseline.fit_linear`), then every model goes through the same tail: the
 threshold chosen on validation, the model card written from the prepared data's card, the model saved and logged
 to MLflow. ``train.ensemble`` > 1 trains that many seeded networks and saves them as one averaging model.
+Launched by torchrun, every process trains its shard of each batch and rank 0 alone does the tail
+(:mod:`cxr.training.distributed`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from cxr.models.linear import ARCH as LINEAR_ARCH
 from cxr.models.predictor import Predictor
 from cxr.models.wrappers import Ensemble, TestTimeAugmentation
 from cxr.tracking import runs as tracking
+from cxr.training import distributed
 from cxr.training.baseline import fit_linear
 from cxr.training.callbacks import Callback, EarlyStopping, MlflowMetrics, ScoreYardstick, Timer
 from cxr.training.card import check_prepared, model_card
+from cxr.training.distributed import Ranks
 from cxr.training.loop import Member, train_network
 from cxr.training.scoring import Yardstick, predict_split, task_auroc, uses_bf16
 from cxr.training.setup import resolve_device
@@ -47,6 +51,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     threshold: Any = None
     objective: float | None = None  # a tuning trial's value: the yardstick's AUROC (best_val_auroc without one)
+    main_process: bool = True  # False on a data-parallel rank other than 0, which saved and logged nothing
 
 
 @dataclass
@@ -82,20 +87,29 @@ def fit(
     ``yardstick`` is what that trial is judged on (see :class:`~cxr.training.scoring.Yardstick`)."""
     if cfg.model.arch == LINEAR_ARCH:  # fitted without augmentation: no trained-for variation to choose under
         cfg = cfg.override({"evaluate.threshold_augmented_copies": 0})
-    data = load_training_data(cfg)
-    tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
-    with tracking.run(cfg, name=run_name or training_run_name(cfg), nested=nested, tags=tags, run_id=run_id) as active:
-        run_id = active.info.run_id if active else None
-        if active:
-            tracking.log_training_inputs(cfg, data)
-        if cfg.model.arch == LINEAR_ARCH:
-            linear = fit_linear(cfg, data)
-            trained = Trained(linear.model, torch.device("cpu"), linear.val_probs, linear.val_auroc, linear.val_auroc,
-                              1, [{"val_auroc": linear.val_auroc}], linear.images_per_second, linear.metrics)  # fmt: skip
-        else:
-            trained = fit_networks(cfg, data, list(callbacks), yardstick, tracked=active is not None)
-        return finish(cfg, data, trained, Path(model_dir or cfg.paths.model), run_id, tags.get("git_commit"),
-                      log_model=log_model and active is not None)  # fmt: skip
+    ranks = distributed.ranks_from_env()
+    distributed.check_batch_size(cfg.train.batch_size, ranks)
+    data, device, model_dir = load_training_data(cfg), training_device(cfg, ranks), Path(model_dir or cfg.paths.model)
+    with distributed.process_group(ranks, device):
+        if not ranks.is_main:
+            return follow_rank0(cfg, data, device, ranks, model_dir)
+        tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
+        with tracking.run(
+            cfg, name=run_name or training_run_name(cfg), nested=nested, tags=tags, run_id=run_id
+        ) as active:
+            run_id = active.info.run_id if active else None
+            if active:
+                tracking.log_training_inputs(cfg, data)
+            if cfg.model.arch == LINEAR_ARCH:
+                linear = fit_linear(cfg, data)
+                trained = Trained(linear.model, device, linear.val_probs, linear.val_auroc, linear.val_auroc, 1,
+                                  [{"val_auroc": linear.val_auroc}], linear.images_per_second, linear.metrics)  # fmt: skip
+            else:
+                trained = fit_networks(cfg, data, list(callbacks), yardstick, active is not None, device, ranks)
+            result = finish(cfg, data, trained, model_dir, run_id, tags.get("git_commit"),
+                            log_model=log_model and active is not None)  # fmt: skip
+        distributed.wait_for_rank0(ranks)  # the others wait here until the model is saved and logged
+        return result
 
 
 def training_run_name(cfg: "Config") -> str:
@@ -113,11 +127,29 @@ def load_training_data(cfg: "Config") -> PreparedData:
     return data
 
 
+def training_device(cfg: "Config", ranks: Ranks) -> torch.device:
+    """The baseline fits on the CPU; a network on ``train.device``, one GPU per process when data-parallel."""
+    if cfg.model.arch == LINEAR_ARCH:
+        return torch.device("cpu")
+    return distributed.rank_device(resolve_device(cfg.train.device), ranks)
+
+
+def follow_rank0(cfg: "Config", data: PreparedData, device: torch.device, ranks: Ranks, model_dir: Path) -> FitResult:
+    """A data-parallel rank other than 0: trains its shard of every network in step with rank 0, then waits
+    while rank 0 chooses the threshold, saves and logs. It writes nothing."""
+    n = cfg.train.ensemble
+    with distributed.quiet_unless_main(ranks):
+        for i in range(n if cfg.model.arch != LINEAR_ARCH else 0):
+            train_network(cfg, data, cfg.project.seed + i, device, [], member=(i + 1, n), ranks=ranks)
+    distributed.wait_for_rank0(ranks)
+    return FitResult(model_dir, None, 0, float("nan"), 0, 0.0, main_process=False)
+
+
 def fit_networks(
-    cfg: "Config", data: PreparedData, callbacks: list[Callback], yardstick: Yardstick | None, tracked: bool
-) -> Trained:
+    cfg: "Config", data: PreparedData, callbacks: list[Callback], yardstick: Yardstick | None, tracked: bool,
+    device: torch.device, ranks: Ranks = distributed.SINGLE,
+) -> Trained:  # fmt: skip
     """``train.ensemble`` networks (seeds seed, seed+1, ...), saved as one model (see :func:`saved_model`)."""
-    device = resolve_device(cfg.train.device)
     if yardstick is None and cfg.train.early_stopping.monitor == "augmented_val_auroc":
         yardstick = Yardstick.from_config(cfg)  # a tuning trial's comes from the study's config instead
     timer = Timer(device)
@@ -127,7 +159,9 @@ def fit_networks(
     n, members = cfg.train.ensemble, []
     for i in range(n):
         step0 = sum(len(m.history) for m in members)
-        members.append(train_network(cfg, data, cfg.project.seed + i, device, every, member=(i + 1, n), step0=step0))
+        members.append(
+            train_network(cfg, data, cfg.project.seed + i, device, every, member=(i + 1, n), step0=step0, ranks=ranks)
+        )
     model, val_idx = saved_model(cfg, [m.model for m in members]), data.split("val")
     if model is members[0].model:  # the network itself, as its best epoch scored it
         val_auroc, objective = members[0].best_val_auroc, members[0].best_objective
