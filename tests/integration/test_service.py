@@ -25,9 +25,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image as PILImage
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import RLELossless
 
 from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.serving.input_checks import image_stats
+from cxr.serving.monitoring import Z_BUCKETS, drift_z, warning_reasons
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
 from support.reader_fuzz import fixed_cases, mutant, png_ihdr, rle_with_one_flipped_bit
@@ -78,8 +81,9 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(project: Path) -> Iterator[Server]:
-    """With adaptive batching: the model in its own BentoML service (the more involved path)."""
-    srv = Server(project, project / "serve.log", CXR_BATCHING="1")
+    """With adaptive batching: the model in its own BentoML service (the more involved path), and two HTTP
+    worker processes, so /metrics must add up what both recorded."""
+    srv = Server(project, project / "serve.log", CXR_BATCHING="1", CXR_HTTP_WORKERS="2")
     try:
         srv.wait_ready()
         yield srv
@@ -443,10 +447,66 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
     assert after < 1.10 * before, f"RSS grew from {before / 2**20:.0f} MiB to {after / 2**20:.0f} MiB"
 
 
+def scrape(server: Server) -> Counter:
+    """Every sample on /metrics, keyed by (name, labels)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return Counter(
+        {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+    )
+
+
+def test_metrics_count_what_the_service_answered_and_refused(server: Server, champion):
+    """Each cxr_ metric moves by what these requests make it (both HTTP workers' values summed)."""
+    uploads = [synthetic_dicom(3, ViewPosition="LL"), film_png(5)]  # seed 3: a MONOCHROME1 DICOM
+    before = scrape(server)
+    answers = [httpx.post(f"{server.url}/predict", files={"file": ("x", d)}, timeout=60).json() for d in uploads]
+    for data in (b"junk", b"\0" * (MAX_BYTES + 2_000_000)):
+        assert httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).status_code in (413, 422)
+    after = scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before[key]
+
+    version = answers[0]["model"]["version"]
+    for prediction, n in Counter(a["prediction"] for a in answers).items():
+        assert (
+            moved("cxr_predictions_total", prediction=prediction, model_version=version, operating_point="model") == n
+        )
+    assert moved("cxr_score_count", label="pneumonia", model_version=version) == 2
+    assert moved("cxr_score_sum", label="pneumonia", model_version=version) == pytest.approx(
+        sum(a["probabilities"]["pneumonia"] for a in answers), abs=1e-6
+    )
+    reasons = Counter(r for a in answers for w in a["warnings"] for r in warning_reasons(w))
+    assert reasons["non_frontal_view"] == 1
+    for reason, n in reasons.items():
+        assert moved("cxr_input_warnings_total", reason=reason) == n
+    assert moved("cxr_inputs_total", format="dicom", view="LATERAL", photometric="MONOCHROME1") == 1
+    assert moved("cxr_inputs_total", format="png", view="N/A", photometric="N/A") == 1
+    assert moved("cxr_refusals_total", reason="not_an_image") == 1
+    assert moved("cxr_refusals_total", reason="too_large") == 1  # by the upload limit, before any decoding
+
+    stats = [image_stats(champion.prepare_input(champion.read(d))) for d in uploads]
+    reference = champion.card.train_intensity
+    assert reference is not None and reference.images > 0  # training wrote the drift reference into model.json
+    zs = [drift_z(s, reference) for s in stats]
+    for stat in ("mean", "std"):
+        assert moved("cxr_input_intensity_count", stat=stat) == 2
+        assert moved("cxr_input_intensity_sum", stat=stat) == pytest.approx(sum(s[stat] for s in stats), abs=1e-5)
+        for bound in Z_BUCKETS:
+            assert moved("cxr_input_drift_zscore_bucket", stat=stat, le=str(bound)) == sum(z[stat] <= bound for z in zs)
+
+
 def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
     """CXR_BATCHING=0: no batcher, one request per forward pass, the same answers."""
     assert_answers_like(
-        server, Server(project, tmp_path / "direct.log", CXR_BATCHING="0"), [synthetic_dicom(11), film_png(2)]
+        server,
+        Server(project, tmp_path / "direct.log", home=tmp_path / "home", CXR_BATCHING="0"),
+        [synthetic_dicom(11), film_png(2)],
     )
 
 
@@ -455,7 +515,7 @@ def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_stat
     a model `bentoml serve` must not report success."""
     from cxr.serving.service import EXIT_CANNOT_START
 
-    srv = Server(project, tmp_path / "fail.log", CXR_MODEL_URI="models:/cxr@nobody")
+    srv = Server(project, tmp_path / "fail.log", home=tmp_path / "home", CXR_MODEL_URI="models:/cxr@nobody")
     try:
         status = srv.proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -470,23 +530,14 @@ def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_stat
     assert "Traceback" not in log
 
 
-def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_path: Path):
-    """`bentoml build` offline from bentofile.yaml, then `bentoml serve <tag>` answers like the source service."""
+def build_bento(tmp_path: Path) -> tuple[str, Path]:
+    """`bentoml build` offline from bentofile.yaml into a BentoML home under ``tmp_path``: (tag, home)."""
     repo = Path(__file__).resolve().parents[2]
     home = tmp_path / "bentoml_home"
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     built = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("bentoml")),
-            "build",
-            "-f",
-            str(repo / "bentofile.yaml"),
-            "--output",
-            "tag",
-            str(repo / "src"),
-        ],
+        [BENTOML, "build", "-f", str(repo / "bentofile.yaml"), "--output", "tag", str(repo / "src")],
         cwd=tmp_path,
-        env=env,
+        env=bentoml_env(home),
         capture_output=True,
         text=True,
         timeout=300,
@@ -494,8 +545,91 @@ def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_
     assert built.returncode == 0, built.stdout + built.stderr
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("cxr-service:"), built.stdout
+    return tag, home
+
+
+def bentoml_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+
+
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def test_the_built_bento_serves_the_champion(project: Path, server: Server, tmp_path: Path):
+    """`bentoml build` offline from bentofile.yaml, then `bentoml serve <tag>` answers like the source service."""
+    tag, home = build_bento(tmp_path)
     # a bento runs in its own folder, so the registry is named the way a deployment names it
     bento = Server(
         project, tmp_path / "bento.log", home=home, target=tag, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"
     )
     assert_answers_like(server, bento, [synthetic_dicom(12), film_png(3)])
+
+
+def docker_unavailable() -> str | None:
+    """Why no Docker engine can be used here, or None when `docker info` answers."""
+    if shutil.which("docker") is None:
+        return "no `docker` command"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer in 60 s"
+    if info.returncode != 0:
+        lines = (info.stderr or info.stdout).strip().splitlines()
+        return f"`docker info` fails: {lines[-1] if lines else info.returncode}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_engine() -> None:
+    """Skips (before the module's model is trained, when named first) where no Docker engine answers."""
+    why = docker_unavailable()
+    if why:
+        pytest.skip(f"no Docker engine reachable ({why})")
+
+
+def docker(*args: str, timeout: float = 120) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True, timeout=timeout).stdout
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.post(f"{url}/readyz", json={}, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_bentoml_containerize_builds_an_image_that_serves_the_model(
+    docker_engine: None, project: Path, server: Server, tmp_path: Path
+):
+    """`bentoml containerize` on the built bento, then the image serves the trained model directory (mounted)
+    and answers like the source service. Needs a Docker engine, and PyPI for the image's packages."""
+    tag, home = build_bento(tmp_path)
+    image = f"cxr-service-test:{tag.partition(':')[2]}"
+    built = subprocess.run(
+        [BENTOML, "containerize", tag, "-t", image],
+        env=bentoml_env(home),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
+    container = None
+    try:
+        model = f"{project / 'models' / 'cxr'}:/model:ro"
+        run = ["run", "-d", "--rm", "-p", "127.0.0.1::3000", "-e", "CXR_MODEL_URI=/model", "-v", model, image]
+        container = docker(*run).strip()
+        port = docker("port", container, "3000").strip().splitlines()[0].rsplit(":", 1)[-1]
+        data = synthetic_dicom(13)
+        deadline = time.monotonic() + 300
+        while not ready(f"http://127.0.0.1:{port}"):
+            if time.monotonic() > deadline:
+                logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=60)
+                pytest.fail(f"the container was not ready in 300 s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+            time.sleep(1)
+        got = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x", data)}, timeout=60).json()
+        want = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+    finally:
+        if container:
+            subprocess.run(["docker", "stop", container], capture_output=True, timeout=120)
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True, timeout=300)

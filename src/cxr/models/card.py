@@ -74,6 +74,20 @@ class Lineage(_Record):
     members: list[Member] | None = None  # an ensemble's networks
 
 
+class Moments(_Record):
+    average: float
+    spread: float = Field(ge=0)  # standard deviation
+
+
+class IntensityStats(_Record):
+    """Grey levels (0-1) of the preprocessed training images: the average and spread over the training
+    split of each image's mean and standard deviation. The service measures its inputs against them."""
+
+    images: int = Field(ge=1)
+    mean: Moments
+    std: Moments
+
+
 class ModelCard(_Record):
     format: str = SCHEMA
     architecture: dict[str, Any]  # the network's own spec: models.build.build_from_spec rebuilds it
@@ -85,6 +99,7 @@ class ModelCard(_Record):
     threshold_method: str | None = None
     threshold_augmented_copies: int = 0
     training: Lineage
+    train_intensity: IntensityStats | None = None  # absent from cards written before it existed
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

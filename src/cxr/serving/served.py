@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,8 @@ WHAT_TO_DO = (
 METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
 # The lineage fields /metadata shows (None when the card has none).
 METADATA_LINEAGE = ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
+# What an answered input tells the service's metrics about itself (cxr.serving.monitoring): nothing identifying.
+INPUT_META = ("format", "view", "photometric")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
 UNKNOWN_SITE = 400  # the request names an operating point this version does not have
 
@@ -108,6 +110,7 @@ class Prepared:
     x: np.ndarray  # uint8 (S, S): the model's own preprocessing
     tabular: np.ndarray | None  # (n_tabular,) for a fusion model
     warnings: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)  # the INPUT_META fields of the image
 
 
 class ServedModel:
@@ -217,7 +220,8 @@ class ServedModel:
         except Exception as exc:  # a decoder bug must cost one answer, not the worker
             return _unexpected(exc)
         tabular = self.predictor.tabular_for([image])
-        return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x))
+        meta = {k: image.meta.get(k) for k in INPUT_META}
+        return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x), meta)
 
     def infer(self, batch: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[Any]:
         """(input array, tabular) pairs -> one probability (binary) or probability vector per pair."""

@@ -30,6 +30,10 @@ Environment (read when the module is imported, i.e. at `bentoml serve` start):
   answers 503 to a request it predicts cannot be served within it, so this is a shedding threshold
   under overload, not the batching window (which adapts to the traffic). It also seeds the
   batcher's cost model: the first few requests after start-up wait up to about half of it;
+* ``CXR_HTTP_WORKERS`` (1): processes of the ``cxr`` service, each decoding uploads in up to one thread
+  per core; the model stays one process (``cxr_model``, workers=1, threads=1: one forward pass at a
+  time, so the batcher sees every request). More help only when decoding is the bottleneck (large
+  DICOMs on many cores). /metrics sums every process's values (cxr.serving.monitoring);
 * ``CXR_TORCH_THREADS`` (the cores this process may use): intra-op threads of the forward pass. On
   a machine shared with other CPU-heavy work set 1: OpenMP threads that have to wait for busy cores
   wait for each other (measured: a 64 px forward took 850 ms with 2 threads on a loaded 2-core box,
@@ -66,6 +70,7 @@ from starlette.responses import JSONResponse, Response
 
 from cxr.errors import UserError
 from cxr.serving import bentoml_forms
+from cxr.serving.monitoring import monitor
 from cxr.serving.served import ServedModel, is_refusal, service_config
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,7 @@ DEVICE = os.environ.get("CXR_DEVICE", "cpu")
 BATCHING = _flag("CXR_BATCHING", True)
 MAX_BATCH_SIZE = int(os.environ.get("CXR_MAX_BATCH_SIZE", "32" if DEVICE.startswith("cuda") else "8"))
 MAX_LATENCY_MS = int(os.environ.get("CXR_MAX_LATENCY_MS", "5000"))
+HTTP_WORKERS = int(os.environ.get("CXR_HTTP_WORKERS", "1"))
 TORCH_THREADS = int(os.environ.get("CXR_TORCH_THREADS", str(len(os.sched_getaffinity(0)))))
 PRECISION = os.environ.get("CXR_PRECISION", "fp32").strip().lower()
 MAX_FILES = 64  # files per predict_batch request
@@ -182,7 +188,13 @@ def requested_site(ctx: bentoml.Context) -> str | dict[str, Any] | None:
     return query or header or None
 
 
-@bentoml.service(name="cxr", traffic={"timeout": TIMEOUT_S})
+def _refused_upload(result: dict[str, Any], ctx: bentoml.Context | None = None) -> JSONResponse:
+    """An upload refused: counted by reason on /metrics, then answered as ``_refused`` does."""
+    monitor().refused(result["error"])
+    return _refused(result, ctx)
+
+
+@bentoml.service(name="cxr", workers=HTTP_WORKERS, traffic={"timeout": TIMEOUT_S})
 class CxrService:
     """Chest X-ray classification. Upload a DICOM, PNG or JPEG chest film as multipart field `file`."""
 
@@ -254,9 +266,14 @@ class CxrService:
             return _refused(site, ctx)
         (prepared,) = await self._prepare([file])
         if is_refusal(prepared):
-            return _refused(prepared, ctx)
+            return _refused_upload(prepared, ctx)
         (prob,) = await self._infer([prepared])
-        return self._served.answer(prepared, prob, site)
+        return self._answer(prepared, prob, site)
+
+    def _answer(self, prepared: Any, prob: Any, site: str | None) -> dict[str, Any]:
+        answer = self._served.answer(prepared, prob, site)
+        monitor().answered(self._served, prepared, answer)
+        return answer
 
     @bentoml.api
     async def predict_batch(self, files: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
@@ -270,16 +287,18 @@ class CxrService:
         if not files:
             return _refused({"error": "no files: send one or more multipart fields named `files`", "status": 400}, ctx)
         if len(files) > MAX_FILES:
-            return _refused(
+            return _refused_upload(
                 {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}", "status": 413}, ctx
             )
         prepared = await self._prepare(files)
         refused = [(i, r) for i, r in enumerate(prepared) if is_refusal(r)]
         if refused:
+            for _, r in refused:
+                monitor().refused(r["error"])
             message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
             return _refused({"error": message, "status": max(r["status"] for _, r in refused)}, ctx)
         probs = await self._infer(prepared)
-        return [self._served.answer(p, prob, site) for p, prob in zip(prepared, probs)]
+        return [self._answer(p, prob, site) for p, prob in zip(prepared, probs)]
 
     async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
         """The requested site, or a refusal (unknown site: the known ones are listed)."""
@@ -300,7 +319,7 @@ class CxrService:
         PNG/JPEG and a DICOM of the same film get the same answer."""
         result = await self._remote("explain_upload", await anyio.Path(file).read_bytes(), label)
         if "error" in result:
-            return _refused(result)
+            return _refused_upload(result)
 
         def number(v: float | None) -> str:
             return "none" if v is None else f"{v:.4f}"
@@ -368,12 +387,12 @@ class UploadLimit:
             return await JSONResponse({"error": "invalid Content-Length header"}, status_code=400)(scope, receive, send)
         if size > self.limit():
             await self._drain(receive, size)
-            return await JSONResponse(
+            return await _refused_upload(
                 {
                     "error": f"request body of {size} bytes exceeds the upload limit of {self.limit()} bytes "
-                    "(imaging.max_bytes plus form overhead)"
-                },
-                status_code=413,
+                    "(imaging.max_bytes plus form overhead)",
+                    "status": 413,
+                }
             )(scope, receive, send)
         return await self.app(scope, receive, send)
 

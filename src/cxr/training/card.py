@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
-from cxr.models.card import Limits, Lineage, ModelCard, Preprocessing
+from cxr.models.card import IntensityStats, Limits, Lineage, ModelCard, Moments, Preprocessing
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -62,4 +64,23 @@ def model_card(
             synthetic=data.card.get("synthetic", False),
             **lineage,
         ),
+        train_intensity=intensity_stats(data.images, data.split("train")),
+    )
+
+
+def intensity_stats(images: np.ndarray, index: np.ndarray, chunk: int = 256) -> IntensityStats | None:
+    """Per-image grey-level mean and std of uint8 ``images[index]`` (as 0-1), summarised; None for no images."""
+    if len(index) == 0:
+        return None
+    index, means, stds = np.sort(index), [], []
+    for start in range(0, len(index), chunk):  # chunks: a memory-mapped split need not fit in memory
+        x = np.asarray(images[index[start : start + chunk]], dtype=np.float32).reshape(-1, images[0].size)
+        x /= 255.0
+        means.append(x.mean(axis=1))
+        stds.append(x.std(axis=1))
+    m, s = np.concatenate(means), np.concatenate(stds)
+    return IntensityStats(
+        images=len(m),
+        mean=Moments(average=float(m.mean()), spread=float(m.std())),
+        std=Moments(average=float(s.mean()), spread=float(s.std())),
     )
