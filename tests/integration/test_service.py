@@ -81,9 +81,8 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(project: Path) -> Iterator[Server]:
-    """With adaptive batching: the model in its own BentoML service (the more involved path), and two HTTP
-    worker processes, so /metrics must add up what both recorded."""
-    srv = Server(project, project / "serve.log", CXR_BATCHING="1", CXR_HTTP_WORKERS="2")
+    """With adaptive batching: the model in its own BentoML service (the more involved path)."""
+    srv = Server(project, project / "serve.log", CXR_BATCHING="1")
     try:
         srv.wait_ready()
         yield srv
@@ -204,14 +203,18 @@ BAD_INPUTS: list[tuple[str, str, Callable[[pytest.FixtureRequest], bytes], int, 
 ]
 
 
-def assert_answers_like(server: Server, other: Server, uploads: list[bytes]) -> None:
-    """``other`` becomes ready, answers every upload exactly as ``server`` does, and is stopped."""
+def assert_answers_like(
+    server: Server, other: Server, uploads: list[bytes], then: Callable[[Server], None] | None = None
+) -> None:
+    """``other`` becomes ready, answers every upload exactly as ``server`` does, passes ``then``, and is stopped."""
     try:
         other.wait_ready()
         for data in uploads:
             a = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
             b = httpx.post(f"{other.url}/predict", files={"file": ("x", data)}, timeout=60).json()
             assert a == b
+        if then is not None:
+            then(other)
     finally:
         other.stop()
 
@@ -501,13 +504,17 @@ def test_metrics_count_what_the_service_answered_and_refused(server: Server, cha
             assert moved("cxr_input_drift_zscore_bucket", stat=stat, le=str(bound)) == sum(z[stat] <= bound for z in zs)
 
 
-def test_without_batching_answers_the_same(project: Path, server: Server, tmp_path: Path):
-    """CXR_BATCHING=0: no batcher, one request per forward pass, the same answers."""
-    assert_answers_like(
-        server,
-        Server(project, tmp_path / "direct.log", home=tmp_path / "home", CXR_BATCHING="0"),
-        [synthetic_dicom(11), film_png(2)],
-    )
+def test_without_batching_and_with_two_http_workers_answers_the_same(project: Path, server: Server, tmp_path: Path):
+    """CXR_BATCHING=0: no batcher, one request per forward pass; CXR_HTTP_WORKERS=2: two HTTP processes,
+    whose metrics /metrics adds up. The same answers."""
+    uploads = [synthetic_dicom(11), film_png(2)] * 4
+
+    def counted_every_answer(other: Server) -> None:
+        answered = sum(v for (name, _), v in scrape(other).items() if name == "cxr_predictions_total")
+        assert answered == len(uploads)
+
+    other = Server(project, tmp_path / "direct.log", home=tmp_path / "home", CXR_BATCHING="0", CXR_HTTP_WORKERS="2")
+    assert_answers_like(server, other, uploads, then=counted_every_answer)
 
 
 def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_status(project: Path, tmp_path: Path):
