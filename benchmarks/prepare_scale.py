@@ -122,6 +122,12 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     small, large = runs[0], runs[-1]
     figures = {
+        "summary": (
+            f"peak RSS of prepare + workers {small['peak_tree_rss_mb']:.0f} MB at {small['films']} films, "
+            f"{large['peak_tree_rss_mb']:.0f} MB at {large['films']} "
+            f"(x{large['peak_tree_rss_mb'] / small['peak_tree_rss_mb']:.2f}, target < {TARGET_RATIO}); "
+            f"{small['images_per_s']:.0f} / {large['images_per_s']:.0f} images/s at {a.size} px, {a.workers} workers"
+        ),
         "runs": runs,
         "rss_measure": "peak over time of the summed RSS of `cxr prepare` and its pool workers (psutil, 50 ms)",
         "peak_rss_ratio": round(large["peak_tree_rss_mb"] / small["peak_tree_rss_mb"], 3),
