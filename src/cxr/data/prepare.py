@@ -36,11 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 META_COLUMNS = ("view", "sex", "age", "patient_key")
-CHUNK_ROWS = 1024  # rows mapped at once per size: bounds the dirty pages a writer holds (1024 x 224 px = 51 MB)
-DECODE_CHUNKSIZE = 16  # images a pool worker takes at a time
 EXTRA_COLUMNS = ("format", "photometric", "modality", "body_part")
 RECORD_COLUMNS = ("file_sha", "pixel_hash", *META_COLUMNS, *EXTRA_COLUMNS)
 FEW_VALUES = ("view", "sex", "format", "photometric", "modality", "body_part")  # kept as one shared copy each
+CHUNK_ROWS = 1024  # rows mapped at once per size: bounds the pages a writer holds (1024 x 224 px = 51 MB)
+DECODE_CHUNKSIZE = 16  # images a pool worker takes at a time
 
 
 class PrepareError(UserError):
@@ -175,21 +175,16 @@ class RowWriter:
         self.rows += 1
 
     def _open_window(self) -> np.memmap:
-        # unmapping a written window drops its pages from this process's RSS (they stay in the page cache)
-        self._release()
+        # dropping the written window unmaps it: its pages leave this process's RSS (the page cache keeps them)
+        self._window = None
         shape = (min(CHUNK_ROWS, self.capacity - self.rows), self.size, self.size)
         offset = self.offset + self.rows * self.size * self.size
         self._window = np.memmap(self.path, np.uint8, "r+", offset=offset, shape=shape)
         self._used = 0
         return self._window
 
-    def _release(self) -> None:
-        if self._window is not None:
-            self._window.flush()
-            self._window = None
-
     def close(self) -> None:
-        self._release()
+        self._window = None
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
         with open(self.path, "r+b") as fh:
             np.lib.format.write_array_header_1_0(fh, {**header, "shape": (self.rows, self.size, self.size)})
