@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image as PILImage
 
+import cxr.data.prepare as prepare_module
 from cxr.config import Config
 from cxr.data.ingest import ingest
+from cxr.data.loader import PreparedData
 from cxr.data.prepare import PrepareError, array_path, prepare
 from cxr.imaging import read_image
 from cxr.preprocess import PreprocessSpec, preprocess
@@ -87,3 +92,45 @@ def test_prepare_is_deterministic(tmp_path):
     first = prepare(cfg)
     second = prepare(cfg)
     assert first["dataset_hash"] == second["dataset_hash"] and first["input_hash"] == second["input_hash"]
+
+
+def test_streamed_arrays_skip_rejected_rows_and_match_the_serial_path(tmp_path, monkeypatch):
+    """Pool path (ordered imap), rows written through small memmap windows, broken files mid-list."""
+    src = tmp_path / "src"
+    src.mkdir()
+    csv = write_dataset(src, n_patients=40, broken=4)
+    rows = pd.read_csv(csv)
+    rows.sample(frac=1.0, random_state=3).to_csv(csv, index=False)  # broken files land between good ones
+    monkeypatch.setattr(prepare_module, "CHUNK_ROWS", 5)  # many windows, a partial last one
+    cards = {}
+    for workers in (1, 2):
+        cfg = make_cfg(tmp_path, csv, **{"prepare.workers": workers, "paths.prepared": str(tmp_path / f"p{workers}")})
+        ingest(cfg)
+        cards[workers] = prepare(cfg)
+    assert cards[1] == cards[2] and cards[2]["n_rejected"] == 4
+    manifest = pd.read_csv(tmp_path / "p2" / "manifest.csv")
+    for size in (32, 64):
+        written = array_path(tmp_path / "p2", size).read_bytes()
+        assert written == array_path(tmp_path / "p1", size).read_bytes()
+        arr = np.load(array_path(tmp_path / "p2", size))
+        saved = io.BytesIO()
+        np.save(saved, arr)
+        assert written == saved.getvalue(), "header or trailing bytes differ from np.save of the kept rows"
+        assert arr.shape == (80, size, size)
+        for i, image in enumerate(manifest["image"]):
+            expected = preprocess(read_image(tmp_path / "raw" / image), PreprocessSpec(size=size))
+            assert np.array_equal(arr[i], expected), (size, i)
+
+
+def test_loader_reads_batches_from_the_read_only_map(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = make_cfg(tmp_path, write_dataset(src, n_patients=10))
+    ingest(cfg)
+    prepare(cfg)
+    data = PreparedData(tmp_path / "prepared", 32)
+    assert isinstance(data.images, np.memmap) and not data.images.flags.writeable
+    index = np.arange(len(data.manifest))
+    for x, _, _, rows in data.batches(index, 7, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        expected = torch.from_numpy(np.asarray(data.images[rows])).unsqueeze(1).float() / 255.0
+        assert torch.equal(x, expected)

@@ -1,7 +1,8 @@
 """Batches from the prepared arrays: targets, tabular features and (train-only) tensor augmentation.
 
-The prepared uint8 array is memory-mapped; a dataset that fits comfortably in memory is read into RAM
-once, a larger one is read batch by batch (sorted indices, so reads stay mostly sequential).
+The prepared uint8 array stays memory-mapped and is read batch by batch (sorted indices, so reads stay
+mostly sequential): memory does not grow with the dataset, and the OS page cache keeps a set that fits
+in RAM as fast as an in-memory copy after the first epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from cxr.data.prepare import array_path, load_card
 from cxr.errors import UserError
 
-IN_MEMORY_BYTES = 4 << 30
 VIEWS = ("PA", "AP")
 SEXES = ("M", "F")
 
@@ -70,7 +70,7 @@ def encode_targets(labels: pd.Series, task: str, classes: list[str]) -> np.ndarr
 
 @dataclass
 class PreparedData:
-    """The prepared dataset at one size: images (memmap), manifest, targets, tabular features."""
+    """The prepared dataset at one size: images (read-only memmap, never copied whole), manifest, targets, tabular."""
 
     root: Path
     size: int
@@ -89,8 +89,6 @@ class PreparedData:
         self.images = np.load(array_path(self.root, self.size), mmap_mode="r")
         if len(self.images) != len(self.manifest):
             raise UserError(f"{self.root} is inconsistent: {len(self.images)} images, {len(self.manifest)} rows")
-        if self.images.nbytes <= IN_MEMORY_BYTES:
-            self.images = np.ascontiguousarray(self.images)
         self.task: str = self.card["task"]
         self.classes: list[str] = list(self.card["classes"])
         self.targets = encode_targets(self.manifest["label"], self.task, self.classes)
@@ -139,18 +137,11 @@ class PreparedData:
             rows = order[start : start + batch_size]
             if shard is not None:
                 rows = rows[shard.positions(len(rows))]
-            x = torch.from_numpy(
-                np.ascontiguousarray(self.images[np.sort(rows)] if self._mapped else self.images[rows])
-            )
-            if self._mapped:  # undo the sort so rows match targets
-                x = x[torch.from_numpy(np.argsort(np.argsort(rows)))]
+            x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(rows)]))
+            x = x[torch.from_numpy(np.argsort(np.argsort(rows)))]  # undo the sort so rows match targets
             y = torch.from_numpy(self.targets[rows])
             t = torch.from_numpy(self.tabular[rows])
             if pin:
                 x, y, t = x.pin_memory(), y.pin_memory(), t.pin_memory()
             x = x.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
             yield x, y.to(device, non_blocking=True), t.to(device, non_blocking=True), rows
-
-    @property
-    def _mapped(self) -> bool:
-        return isinstance(self.images, np.memmap)
