@@ -34,9 +34,10 @@ The protocol (PneumoniaMNIST, official train / val / test splits, the default si
    on 10 augmented copies) are scored on the test split: AUROC, accuracy, sensitivity, specificity with bootstrap
    CIs, per seed, reported as they came. Nothing is chosen after this step.
 
-The declared run is seeds 1,2,3 at the config's epochs (30). With fewer than ``MIN_SEEDS`` seeds, or networks
-missing, stages 1 and 2 still report what validation says, but the JSON says ``partial: true``, the test split is
-not read and nothing may be changed on the strength of it: a full run reads the test split once, later.
+The declared run is seeds 1,2,3 at the config's epochs (30); a machine that cannot afford it may run fewer
+epochs or seeds (the JSON records both). With fewer than ``MIN_SEEDS`` seeds, or networks missing, stages 1 and 2
+still report what validation says, but the JSON says ``partial: true``, the test split is not read and nothing may
+be changed on the strength of it: a complete run reads the test split once, later.
 
 Writes benchmarks/results/defaults_protocol.json; networks are cached under benchmarks/work/defaults_protocol/
 (keyed by strength, seed and epochs), so an interrupted run resumes where it stopped (``--no-train`` scores only
