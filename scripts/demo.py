@@ -40,7 +40,7 @@ TUNE = [
     "-s", "tune.space={train.lr: {type: float, low: 0.002, high: 0.008, log: true}, "
     "model.dropout: {type: float, low: 0.0, high: 0.5}, train.augment.strength: {type: float, low: 0.5, high: 2.5}}",
 ]  # fmt: skip
-console = Console()
+console = Console(soft_wrap=True)  # a long command stays one line in a log
 
 
 def step(number: int, title: str) -> None:
