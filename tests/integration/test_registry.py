@@ -139,7 +139,8 @@ def test_register_gate_force_and_rollback(project: Path):
     assert "beats" in res.stderr
     assert versions(project)[better]["aliases"] == ["champion"]
 
-    cxr(project, "register", "--run-id", worse_run)  # v3: the worse model again
+    # v3: the worse model again (another run with the same model: the same run would return its version)
+    cxr(project, "register", "--run-id", crafted_run(project, worse_run, _unchanged))
     res = cxr(project, "promote", "3", check=False)
     assert res.returncode == 2 and "does not beat" in res.stderr and "--force" in res.stderr
     assert f"(rule {Rule.NOT_BETTER})" in res.stderr
