@@ -612,7 +612,7 @@ def tune(
         result.best_params_file = write_best_params(cfg, best.params)
     if register:
         result.registered_version = register_best(cfg, result)
-    log.info("study summary: %s", json.dumps(summary, default=str)[:500])
+    log.debug("study summary: %s", json.dumps(summary, default=str))
     return result
 
 
