@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from cxr.config import load_config
 from cxr.tracking.runs import use_store
 from support.chromium import Chromium, find_chromium
+from support.processes import stop_group
 from support.serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -99,13 +99,7 @@ class MlflowServer:
         raise AssertionError(f"mlflow server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 @pytest.fixture(scope="module")

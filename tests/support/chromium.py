@@ -12,11 +12,12 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from support.processes import stop_group
 
 OFFLINE = [
     "--headless",
@@ -110,12 +111,6 @@ class Chromium:
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", page=True)["data"]))
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         os.close(self._write)
         os.close(self._read)

@@ -7,12 +7,13 @@ The server runs in its own process group, so that stopping it ends BentoML's wor
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from support.processes import stop_group
 
 # Taken from the caller's environment only when given explicitly: a stray one would serve another model.
 _NOT_INHERITED = (
@@ -98,11 +99,5 @@ class ServiceProcess:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self._log.close()
