@@ -41,9 +41,15 @@ TUNE = [
     "model.dropout: {type: float, low: 0.0, high: 0.5}, train.augment.strength: {type: float, low: 0.5, high: 2.5}}",
 ]  # fmt: skip
 console = Console(soft_wrap=True)  # a long command stays one line in a log
+timings: dict[str, float] = {}  # step name -> seconds, shown in the summary
 
 
-def step(number: int, title: str) -> None:
+def step(number: int, name: str, title: str) -> None:
+    now = time.monotonic()
+    if timings:
+        last = next(reversed(timings))
+        timings[last] = now - timings[last]
+    timings[name] = now
     console.rule(f"[bold]{number}/6  {title}", align="left")
 
 
@@ -106,6 +112,8 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def summary(version: str) -> None:
     report = json.loads((EXTERNAL_OUT / "report" / "external.json").read_text())
+    steps = list(timings.items())[:-1]  # the last one is the summary itself
+    console.print("seconds per step: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in steps))
     console.print(f"champion: {load_config().mlflow.registered_model} version {version}")
     tables().print(external_table(report))
     console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}; internal: reports/metrics.json")
@@ -121,18 +129,18 @@ def summary(version: str) -> None:
 
 def main() -> None:
     started = time.monotonic()
-    step(1, "Build a model: ingest → prepare → train → evaluate")
+    step(1, "dvc repro", "Build a model: ingest → prepare → train → evaluate")
     run("dvc", "repro")
-    step(2, f"Tune: study {STUDY!r}, every trial an MLflow run; the best one registered")
+    step(2, "tune", f"Tune: study {STUDY!r}, every trial an MLflow run; the best one registered")
     run("cxr", "tune", *TUNE)
-    step(3, "Promote the registered version to champion through the gate")
+    step(3, "promote", "Promote the registered version to champion through the gate")
     version = promote_newest()
-    step(4, f"A second hospital: synthetic films from another site ({SITE})")
+    step(4, "second site", f"A second hospital: synthetic films from another site ({SITE})")
     if (SITE_DIR / "site.json").exists():
         console.print(f"{SITE_DIR} is there from an earlier run")
     else:
         run("cxr", "synthesize-site", "--site", SITE, "--out", str(SITE_DIR), "--patients", str(SITE_PATIENTS))
-    step(5, "Serve the champion and score the second hospital through its HTTP API")
+    step(5, "serve + evaluate-external", "Serve the champion and score the second hospital through its HTTP API")
     port = free_port()
     server = start_server(port)
     try:
@@ -149,7 +157,7 @@ def main() -> None:
         )
     finally:
         stop_server(server)
-    step(6, f"Summary ({time.monotonic() - started:.0f} s)")
+    step(6, "summary", f"Summary ({time.monotonic() - started:.0f} s)")
     summary(version)
 
 

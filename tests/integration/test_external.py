@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from cxr.config import Config
+from cxr.data.ingest import ingest
+from cxr.data.prepare import prepare
+from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.external import evaluate_external, load_in_process
 from cxr.tracking.runs import use_store
+from cxr.training.fit import fit
+from support.cli import cxr_here
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +45,7 @@ EXTERNAL = ["data.synthetic.seed=11", "data.synthetic.n_patients=14"]
 
 
 def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
-    res = subprocess.run(
-        [sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=600, env=env
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+    return cxr_here(workdir, *args, check=check)
 
 
 def sets(*overrides: str) -> list[str]:
@@ -58,11 +56,6 @@ def sets(*overrides: str) -> list[str]:
 def project(tmp_path_factory) -> Path:
     """A trained (1 epoch) and evaluated model with MLflow tracking in its folder, as a team would have
     after `cxr ingest/prepare/train/evaluate` (called in-process: four interpreter starts saved)."""
-    from cxr.data.ingest import ingest
-    from cxr.data.prepare import prepare
-    from cxr.evaluation.evaluate import evaluate
-    from cxr.training.fit import fit
-
     work = tmp_path_factory.mktemp("project")
     cfg = config(work)  # an absolute store: mlflow caches stores by URI, and other tests use sqlite:///mlflow.db
     with contextlib.chdir(work):  # the config's data and model paths are relative to the project
@@ -144,8 +137,6 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
     assert html.count("data:image/png;base64,") == 6
     assert "<script" not in html and "<link" not in html and 'src="http' not in html
     assert "Failures (0)" in html
-
-    import mlflow
 
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     run = mlflow.get_run(res.stderr.split("MLflow run")[-1].split()[0])
@@ -312,8 +303,6 @@ def test_no_service_is_a_clear_error(tmp_path: Path, monkeypatch):
 @pytest.fixture(scope="module")
 def champion(project: Path) -> str:
     """The trained model registered as version 1 of `cxr` with the champion alias."""
-    import mlflow
-
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     run_id = json.loads((project / "models" / "cxr" / "model.json").read_text())["training"]["run_id"]
     # the logged model's URI, as `cxr register` uses: the version then knows its logged model
@@ -344,8 +333,6 @@ def test_through_the_service_equals_in_process(project: Path, service: str, cham
     assert remote["model"]["version"] == local["model"]["version"] == "1"
     remote_predictions = (tmp_path / "remote" / "report" / "predictions.csv").read_text()
     assert remote_predictions == (tmp_path / "local" / "report" / "predictions.csv").read_text()
-
-    import mlflow
 
     run = mlflow.get_run(remote["mlflow_run_id"])
     assert run.data.tags["endpoint"] == f"{service}/predict" and run.data.tags["model_version"] == "1"
@@ -393,8 +380,6 @@ def test_calibrate_and_save_site_on_the_registered_version(project: Path, champi
     part = report["site_calibration"]
     assert part["split"]["unit"] == "patient" and part["saved_as"] == "operating_point.hospital_b"
     assert report["metrics"]["n"] == part["split"]["evaluation"]["scored"] < report["data"]["n_images"]
-
-    import mlflow
 
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     tag = json.loads(mlflow.MlflowClient().get_model_version("cxr", "1").tags["operating_point.hospital_b"])

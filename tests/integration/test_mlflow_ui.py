@@ -20,6 +20,7 @@ import pytest
 from cxr.config import load_config
 from cxr.tracking.runs import use_store
 from support.chromium import Chromium, find_chromium
+from support.cli import cxr_here
 from support.processes import stop_group
 from support.serve_process import free_port
 
@@ -50,11 +51,7 @@ RANDOM_NAME = re.compile(r"[a-z]+-[a-z]+-\d+")  # what MLflow calls a run it was
 
 
 def cxr(workdir: Path, *argv: str, overrides: list[str] = TINY) -> None:
-    sets = [a for o in overrides for a in ("-s", o)]
-    res = subprocess.run(
-        [sys.executable, "-m", "cxr", *argv, *sets], cwd=workdir, capture_output=True, text=True, timeout=600
-    )
-    assert res.returncode == 0, f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    cxr_here(workdir, *argv, overrides=overrides)
 
 
 @pytest.fixture(scope="module")

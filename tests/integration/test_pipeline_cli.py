@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from cxr.imaging import read_image
 from cxr.models.predictor import Predictor
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
+from support.cli import cxr_here
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,7 @@ TINY = [
 
 
 def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cxr", *args]
-    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+    return cxr_here(workdir, *args, check=check)  # the messages users see are tested as a process in test_user_errors
 
 
 def overrides(extra: list[str] = ()) -> list[str]:
@@ -53,7 +49,7 @@ def project(tmp_path_factory) -> Path:
     """A project folder after `cxr ingest/prepare/train/evaluate` with MLflow tracking on."""
     work = tmp_path_factory.mktemp("project")
     for step in ("ingest", "prepare", "train", "evaluate"):
-        cxr(work, step, *overrides())
+        cxr_here(work, step, overrides=TINY)
     return work
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.cli import cxr_here
 
 TINY = [
     "data.synthetic.n_patients=16",
@@ -23,9 +24,7 @@ TINY = [
 
 
 def cxr(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = [part for o in TINY for part in ("-s", o)]
-    cmd = [sys.executable, "-m", "cxr", *args, *flags]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+    return cxr_here(workdir, *args, overrides=TINY, check=False)
 
 
 @pytest.fixture(scope="module")

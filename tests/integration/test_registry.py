@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cxr.cli import app
 from cxr.config import load_config
 from cxr.tracking.registry import MIN_SCORE_STD, Decision, Rule, compare, history
 from cxr.tracking.runs import use_store
+from support.cli import cxr_here
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,7 @@ UNEVALUATED = "cxr-unevaluated"  # model A, registered before `cxr evaluate` ran
 
 
 def cxr(workdir: Path, *argv: str, extra: list[str] = (), check: bool = True) -> subprocess.CompletedProcess:
-    sets = [a for o in [*TINY, *extra] for a in ("-s", o)]
-    res = subprocess.run(
-        [sys.executable, "-m", "cxr", *argv, *sets], cwd=workdir, capture_output=True, text=True, timeout=600
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+    return cxr_here(workdir, *argv, overrides=[*TINY, *extra], check=check)
 
 
 def cli(project: Path, monkeypatch, name: str, *argv: str):

@@ -33,6 +33,8 @@ from cxr.serving.input_checks import image_stats
 from cxr.serving.monitoring import Z_BUCKETS, drift_z, warning_reasons
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
+from support.chromium import Chromium, find_chromium
+from support.cli import cxr_here
 from support.reader_fuzz import fixed_cases, mutant, png_ihdr, rle_with_one_flipped_bit
 from support.serve_process import ServiceProcess as Server
 
@@ -53,29 +55,16 @@ PHI = ("Doe^Jane", "Doe", "MRN-998877", "19700101", "20240229")
 ANSWER_KEYS = {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
 
 
-def cxr(workdir: Path, *args: str) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "cxr", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )
-    if res.returncode != 0:
-        raise AssertionError(f"cxr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """Trained, registered and promoted: `models:/cxr@champion` is version 1 in project/mlflow.db."""
     work = tmp_path_factory.mktemp("served")
     (work / "params.yaml").write_text(f"imaging:\n  max_bytes: {MAX_BYTES}\n")
-    sets = [arg for o in TINY for arg in ("-s", o)]
     for step in ("ingest", "prepare", "train", "register"):
-        cxr(work, step, *sets)
+        cxr_here(work, step, overrides=TINY)
     # never evaluated, so the gate refuses it: the service tests need a champion, not a good one
-    cxr(work, "promote", "1", "--force", "--reason", "service tests: any trained model will do", *sets)
+    reason = "service tests: any trained model will do"
+    cxr_here(work, "promote", "1", "--force", "--reason", reason, overrides=TINY)
     return work
 
 
@@ -393,34 +382,22 @@ def test_metadata_health_and_readiness(server: Server, project: Path):
 
 
 def test_docs_page_renders_in_chromium(server: Server, tmp_path: Path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
+    executable = find_chromium()
+    if not executable:
         pytest.skip("chromium is not installed (tests/system_packages.sh installs it)")
-    offline = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=20000",
-        "--window-size=1280,1800",
-    ]
-    shot = tmp_path / "docs.png"
-    subprocess.run([chromium, *offline, f"--screenshot={shot}", f"{server.url}/"], capture_output=True, timeout=120)
-    dom = subprocess.run(
-        [chromium, *offline, "--dump-dom", f"{server.url}/"], capture_output=True, text=True, timeout=120
-    ).stdout
+    browser = Chromium(executable, tmp_path / "profile")
+    try:
+        browser.open(f"{server.url}/")
+        browser.wait_for("document.querySelectorAll('.opblock').length > 0", "Swagger UI's operations")
+        dom = browser.evaluate("document.documentElement.outerHTML")
+        shot = tmp_path / "docs.png"
+        browser.screenshot(shot)
+    finally:
+        browser.close()
     for api in ("/predict", "/predict_batch", "/explain", "/metadata", "/healthz", "/readyz"):
-        assert f">{api}<" in dom or f'"{api}"' in dom or api in dom, f"{api} missing from the rendered docs page"
-    assert "opblock" in dom  # Swagger UI rendered the operations (JavaScript ran)
+        assert api in dom, f"{api} missing from the rendered docs page"
     pixels = np.asarray(PILImage.open(shot).convert("L"))
-    assert pixels.shape == (1800, 1280) and pixels.std() > 10  # a page, not a blank screen
+    assert pixels.std() > 10  # a page, not a blank screen
 
 
 def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server: Server):

@@ -1,11 +1,10 @@
 """`cxr tune` through the real CLI on tiny synthetic data: pruning, nested MLflow runs, kill and resume,
-and two workers sharing one study on a real PostgreSQL server."""
+and three workers sharing one study on a real PostgreSQL server."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +18,10 @@ import yaml
 
 from cxr.config import load_config
 from cxr.data.loader import PreparedData
-from cxr.tracking.runs import use_store
+from cxr.tracking.runs import configure, use_store
 from cxr.tracking.uris import load_predictor
 from cxr.training.scoring import Yardstick
+from support.postgres import pg_bin, throwaway_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -278,81 +278,19 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu
     assert killed_run.info.status == "FAILED"
 
 
-# --- PostgreSQL: two workers, one study ------------------------------------------------------------
-
-
-def _pg_bin() -> Path | None:
-    for pattern in ("/usr/lib/postgresql/*/bin",):
-        found = sorted(Path("/").glob(pattern.lstrip("/")))
-        if found:
-            return found[-1]
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- PostgreSQL: three workers, one study ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     """A throwaway PostgreSQL server on 127.0.0.1 (installed by tests/system_packages.sh, which `make test` runs)."""
-    pg = _pg_bin()
-    if pg is None:
+    if pg_bin() is None:
         pytest.skip("PostgreSQL is not installed (tests/system_packages.sh installs it with apt-get as root)")
-    root = tmp_path_factory.mktemp("pg")
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
-        root.chmod(0o755)
-        for parent in root.parents:  # the postgres user must reach the data folder
-            if parent == Path("/"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
-    port = _free_port()
-    subprocess.run(
-        [*as_user, str(pg / "initdb"), "-D", str(data), "-U", "cxr", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    log = root / "server.log"
-    subprocess.run(
-        [
-            *as_user,
-            str(pg / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            "-w",
-            "-t",
-            "60",
-            "start",
-            "-o",
-            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        for db in ("optuna", "mlflow"):
-            subprocess.run(
-                [*as_user, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "cxr", db],
-                check=True,
-                capture_output=True,
-            )
-        yield f"postgresql://cxr@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True
-        )
+    with throwaway_postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
 
 
-def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str):
+def test_three_workers_share_one_study_on_postgresql(prepared: Path, postgres: str):
     storage = f"{postgres}/optuna"
     tracking = f"postgresql+psycopg2://{postgres.split('://', 1)[1]}/mlflow"
     extra = [
@@ -363,12 +301,9 @@ def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str
         f"mlflow.artifact_location={prepared / 'pg-artifacts'}",
         SPACE,
     ]
-    # create the MLflow schema once, before two workers race to migrate it
-    from cxr.tracking import runs as cxr_tracking
-
-    cxr_tracking.configure(load_config(overrides=extra))
-    argv = ["tune", "--trials", "5", "--study", "dist", "--storage", storage, *args(extra)]
-    workers = [_start(prepared, argv) for _ in range(2)]
+    configure(load_config(overrides=extra))  # the MLflow schema once, before the workers race to migrate it
+    argv = ["tune", "--trials", "6", "--study", "dist", "--storage", storage, *args(extra)]
+    workers = [_start(prepared, argv) for _ in range(3)]
     outputs = []
     for w in workers:
         out, _ = w.communicate(timeout=600)
@@ -377,11 +312,14 @@ def test_two_workers_share_one_study_on_postgresql(prepared: Path, postgres: str
 
     trials = study_trials(f"postgresql+psycopg2://{storage.split('://', 1)[1]}", "dist")
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 5, [t.state.name for t in trials]
+    assert len(finished) == 6, [t.state.name for t in trials]
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     workers_seen = {t.user_attrs.get("worker") for t in trials}
-    assert len(workers_seen) == 2, (workers_seen, outputs)  # both workers ran trials
+    assert len(workers_seen) >= 2, (
+        workers_seen,
+        outputs,
+    )  # the workers shared the study (a late one may find none left)
     use_store(tracking)
     all_runs = mlflow.search_runs(experiment_names=["cxr"], output_format="list")
     parents = [r for r in all_runs if r.data.tags.get("cxr.role") == "study"]

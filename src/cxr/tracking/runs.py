@@ -38,8 +38,17 @@ DIGEST_CHARS = 32  # MLflow stores at most 36 characters of a dataset digest
 URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def tracking_uri(cfg: "Config") -> str:
+def configured_uri(cfg: "Config") -> str:
+    """The tracking URI as the user gave it: MLFLOW_TRACKING_URI, else mlflow.tracking_uri."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+
+
+def tracking_uri(cfg: "Config") -> str:
+    """The configured URI, a relative sqlite path made absolute against the working directory."""
+    uri = configured_uri(cfg)
+    # mlflow caches one store per URI string: a relative sqlite path would stay bound to the first folder used
+    relative = uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and ":memory:" not in uri
+    return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}" if relative else uri
 
 
 def _is_server(uri: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr.models.predictor import CARD_FILE, ModelLoadError, Predictor
-from cxr.tracking.runs import tracking_uri, use_store
+from cxr.tracking.runs import configured_uri, tracking_uri, use_store
 
 if TYPE_CHECKING:
     import torch
@@ -50,14 +50,14 @@ def use_store_of(cfg: "Config") -> str:
     """Point mlflow at the configured tracking store and registry without writing to them; returns its URI.
 
     A missing sqlite file is refused: mlflow would silently create an empty store there."""
-    uri = tracking_uri(cfg)
+    uri, given = tracking_uri(cfg), configured_uri(cfg)
     db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
     if db is not None and not db.exists():
         # A relative path is relative to the working directory, which for a built bento is the bento's
         # own folder: say where it looked.
         source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
-        where = "" if db.is_absolute() else f", i.e. {db.resolve()}; use an absolute path"
-        raise ModelUriError(f"no MLflow store at {uri} (from {source}{where})")
+        where = "" if given == uri else f", i.e. {db}; use an absolute path"
+        raise ModelUriError(f"no MLflow store at {given} (from {source}{where})")
     use_store(uri)
     return uri
 
