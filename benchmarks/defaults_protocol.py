@@ -69,7 +69,7 @@ from cxr.training.fit import fit
 from cxr.training.scoring import augmented_scores, predict_split, task_auroc
 from cxr.training.threshold import choose_thresholds, threshold_scores
 
-STRENGTHS = (0.0, 1.0, 2.0, 3.0)
+STRENGTHS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)  # 4 and 5 added after 3, the largest first tried, won
 SHIFT_STRENGTHS = (1.0, 2.0, 3.0)
 SHIFT_COPIES = 4  # per shift strength
 SHIFT_SEED = 12345  # the shifted copies: the same films for every candidate

@@ -118,8 +118,8 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     pruned = [t for t in trials if t.state.name == "PRUNED"]
     assert all(t.user_attrs["epochs_trained"] < 4 for t in pruned)
 
-    # the pruner was fed, and a trial is judged on, AUROC on augmented validation copies (the configured
-    # augmentation, strength 2.0, not the trial's own), logged beside the clean validation AUROC
+    # the pruner was fed, and a trial is judged on, AUROC on augmented validation copies (train.augment as
+    # configured, not the trial's own), logged beside the clean validation AUROC
     client = mlflow.MlflowClient()
     for t in trials:
         logged = [m.value for m in client.get_metric_history(by_number[t.number].info.run_id, "val_auroc_augmented")]
