@@ -2,7 +2,8 @@
 
 dvc repro → a short `cxr tune` (its own study, pruning on) that registers its best trial → `cxr promote`
 through the gate → a synthetic second hospital → `cxr serve` in the background on 127.0.0.1 →
-`cxr evaluate-external` through the HTTP API → the server stopped → a summary and the next commands.
+`cxr evaluate-external --calibrate` through the HTTP API (the model's threshold and one chosen on 30% of the
+site's films, both scored on the rest) → the server stopped → a summary and the next commands.
 Run again, it reuses what is done: DVC's cache, the finished study, the registered version, the site's files.
 """
 
@@ -21,13 +22,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cxr.cli import external_table, tables
+from cxr.cli import external_table, site_table, tables
 from cxr.config import load_config
 from cxr.tracking import registry
 
 STUDY = "demo"
 SITE, SITE_DIR, SITE_PATIENTS = "hospital_b", Path("data/external/hospital_b"), 200
 EXTERNAL_OUT = Path("reports/external")
+CALIBRATE = "0.3"  # share of the site's films that choose its own threshold; both thresholds are scored on the rest
 SERVE_LOG = Path("reports/demo/serve.log")
 READY_TIMEOUT_S = 300
 # A study small enough for two CPU cores: three trials of the default length (the synthetic findings take
@@ -116,6 +118,7 @@ def summary(version: str) -> None:
     console.print("seconds per step: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in steps))
     console.print(f"champion: {load_config().mlflow.registered_model} version {version}")
     tables().print(external_table(report))
+    tables().print(site_table(report["site_calibration"]))
     console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}; internal: reports/metrics.json")
     console.print(
         "\n[bold]Next:[/]\n"
@@ -154,6 +157,8 @@ def main() -> None:
             str(SITE_DIR / "manifest.csv"),
             "--out",
             str(EXTERNAL_OUT),
+            "--calibrate",
+            CALIBRATE,
         )
     finally:
         stop_server(server)
