@@ -26,6 +26,21 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def pneumoniamnist(size: int = 28) -> dict[str, Any]:
+    """Config overrides: the shared PneumoniaMNIST .npz at ``size`` px (prepared and trained at that size)."""
+    data = str(require_shared("pneumoniamnist", "pneumoniamnist.npz"))
+    return {"data.source": "medmnist", "data.path": data, "prepare.sizes": [size], "model.image_size": size}
+
+
+def work_paths(work: Path) -> dict[str, str]:
+    """Config overrides: every path and the MLflow store of a run under ``work``."""
+    return {
+        **{f"paths.{name}": str(work / name) for name in ("raw", "prepared", "model", "reports")},
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "mlflow.artifact_location": str(work / "mlartifacts"),
+    }
+
+
 def machine() -> dict[str, Any]:
     import torch
 

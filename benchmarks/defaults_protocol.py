@@ -57,7 +57,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
-from common import WORK, require_shared, write_result
+from common import WORK, pneumoniamnist, work_paths, write_result
 from cxr.config import Config, load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
@@ -89,16 +89,7 @@ WORKDIR = WORK / "defaults_protocol"
 
 def base_config(epochs: int | None) -> Config:
     """The default config on PneumoniaMNIST at 28 px, everything written under WORKDIR, no MLflow."""
-    overrides = {
-        "data.source": "medmnist",
-        "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz")),
-        "prepare.sizes": [28],
-        "model.image_size": 28,
-        "paths.raw": str(WORKDIR / "raw"),
-        "paths.prepared": str(WORKDIR / "prepared"),
-        "paths.reports": str(WORKDIR / "reports"),
-        "mlflow.enabled": False,
-    }
+    overrides = {**pneumoniamnist(28), **work_paths(WORKDIR), "mlflow.enabled": False}
     if epochs:
         overrides["train.epochs"] = epochs
     return load_config(overrides=overrides)
@@ -165,8 +156,9 @@ class Scored:
         self.y = data.targets[self.val]
         cache = model_dir(strength, seed).with_suffix(".scores.npz")  # keyed by the exam that made them
         exam = np.array([SHIFT_SEED, SHIFT_COPIES, *SHIFT_STRENGTHS], dtype=float)
-        if cache.exists() and np.array_equal(np.load(cache)["exam"], exam):
-            self.clean, self.shifted = np.load(cache)["clean"], np.load(cache)["shifted"]
+        cached = dict(np.load(cache)) if cache.exists() else {}
+        if np.array_equal(cached.get("exam"), exam):
+            self.clean, self.shifted = cached["clean"], cached["shifted"]
             return
         cpu = torch.device("cpu")
         self.clean = predict_split(self.model, data, self.val, 256, cpu, data.task, "fp32")

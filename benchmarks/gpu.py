@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import threading
 import time
@@ -45,6 +44,7 @@ from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
 from cxr.models import build_model
+from support.serve_process import free_port
 
 NO_CUDA = "no CUDA device: gpu.py measures nothing on CPU; run it on a GPU machine"
 SIZE = 224
@@ -187,9 +187,7 @@ def _ddp_rank(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
 def ddp_scaling(args: argparse.Namespace, one_gpu_ips: float) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:  # a free port on 127.0.0.1 for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # on 127.0.0.1, for the rendezvous
     out = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_ddp_rank, args=(port, args, out), nprocs=2, join=True)
     ips = 2 * args.batch * args.steps / out.get()

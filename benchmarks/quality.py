@@ -27,7 +27,7 @@ import yaml
 from scipy.special import logit
 from sklearn.metrics import roc_curve
 
-from common import RESULTS, WORK, require_shared, write_result
+from common import RESULTS, WORK, pneumoniamnist, require_shared, work_paths, write_result
 from cxr.config import load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
@@ -210,21 +210,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.dataset == "pneumoniamnist":
         size = args.size or 28
-        data = {"data.source": "medmnist", "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz"))}
+        data = pneumoniamnist(size)
     else:
         size = args.size or 64
         data = {"data.source": "kermany", "data.path": str(require_shared("kermany224"))}
-    overrides = {
-        **data,
-        "prepare.sizes": [size],
-        "model.image_size": size,
-        "paths.raw": str(work / "raw"),
-        "paths.prepared": str(work / "prepared"),
-        "paths.model": str(work / "model"),
-        "paths.reports": str(work / "reports"),
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-        "mlflow.artifact_location": str(work / "mlartifacts"),
-    }
+        data |= {"prepare.sizes": [size], "model.image_size": size}
+    overrides = {**data, **work_paths(work)}
     cfg = load_config(overrides=overrides).override(args.set)
     # the yardstick as `cxr tune` builds it: from the config without the tuned parameters
     trace_of = load_config(overrides=overrides).override(own_sets) if args.trace else None

@@ -29,7 +29,7 @@ import shutil
 import numpy as np
 import yaml
 
-from common import RESULTS, WORK, require_shared, write_result
+from common import RESULTS, WORK, pneumoniamnist, work_paths, write_result
 from cxr.config import load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
@@ -130,16 +130,8 @@ def main() -> None:
     storage = f"sqlite:///{work / 'optuna.db'}"
     base = load_config(
         overrides={
-            "data.source": "medmnist",
-            "data.path": str(require_shared("pneumoniamnist", "pneumoniamnist.npz")),
-            "prepare.sizes": [28],
-            "model.image_size": 28,
-            "paths.raw": str(work / "raw"),
-            "paths.prepared": str(work / "prepared"),
-            "paths.model": str(work / "model"),
-            "paths.reports": str(work / "reports"),
-            "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-            "mlflow.artifact_location": str(work / "mlartifacts"),
+            **pneumoniamnist(28),
+            **work_paths(work),
             "train.epochs": args.epochs,
             "train.early_stopping.patience": args.epochs,
             "tune.space": SPACE,

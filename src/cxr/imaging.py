@@ -254,10 +254,7 @@ def _read_dicom(data: bytes, limits: ReadLimits, label: str) -> Image:
         "range": (float(lo), float(hi)),
         "modality": str(ds.get("Modality", "")) or None,
         "body_part": str(ds.get("BodyPartExamined", "")).upper() or None,
-        "view": _view(ds),
-        "sex": _sex(ds.get("PatientSex")),
-        "age": age_years(ds.get("PatientAge")),
-        "patient_key": patient_key(ds.get("PatientID"), "dicom"),
+        **_header_fields(ds),
     }
     return Image(np.ascontiguousarray(arr), meta)
 
@@ -271,6 +268,11 @@ def dicom_header_meta(path: str | Path) -> dict[str, Any]:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
     except Exception:  # any unreadable header: no metadata, and the image read says why
         return {}
+    return _header_fields(ds)
+
+
+def _header_fields(ds: Any) -> dict[str, Any]:
+    """View, sex, age and hashed patient key: the header fields a manifest keeps (no identifier in clear)."""
     return {
         "view": _view(ds),
         "sex": _sex(ds.get("PatientSex")),

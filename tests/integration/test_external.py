@@ -25,7 +25,7 @@ from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.external import evaluate_external, load_in_process
 from cxr.tracking.runs import use_store
 from cxr.training.fit import fit
-from support.cli import cxr_here
+from support.cli import cxr_here, flags
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,6 @@ EXTERNAL = ["data.synthetic.seed=11", "data.synthetic.n_patients=14"]
 
 def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return cxr_here(workdir, *args, check=check)
-
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("-s", o)]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +103,7 @@ def png_folder(tmp_path_factory) -> tuple[Path, list[str]]:
 
 def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Path):
     res = cxr(
-        project, "evaluate-external", "--model", "models/cxr", "--out", "reports/ext_local", *sets(*TINY, *EXTERNAL)
+        project, "evaluate-external", "--model", "models/cxr", "--out", "reports/ext_local", *flags([*TINY, *EXTERNAL])
     )
     assert "images scored" in res.stderr
     folder = project / "reports" / "ext_local" / "report"
@@ -373,7 +369,7 @@ def test_calibrate_and_save_site_on_the_registered_version(project: Path, champi
         "hospital_b",
         "--out",
         "reports/ext_site",
-        *sets(*TINY, *EXTERNAL),
+        *flags([*TINY, *EXTERNAL]),
     )
     assert "site threshold" in res.stdout and "saved as operating_point.hospital_b" in res.stderr
     report = json.loads((project / "reports/ext_site/report/external.json").read_text())
@@ -398,7 +394,7 @@ def test_calibrate_and_save_site_on_the_registered_version(project: Path, champi
         "0.4",
         "--save-site",
         "b",
-        *sets(*TINY, *EXTERNAL),
+        *flags([*TINY, *EXTERNAL]),
         check=False,
     )
     assert (

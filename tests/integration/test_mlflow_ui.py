@@ -23,20 +23,10 @@ from support.chromium import Chromium, find_chromium
 from support.cli import cxr_here
 from support.processes import stop_group
 from support.serve_process import free_port
+from support.tiny import TINY_STUDY as TINY
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "data.synthetic.n_patients=60",
-    "data.synthetic.size=96",
-    "data.synthetic.difficulty=0.2",
-    "prepare.sizes=[32]",
-    "model.image_size=32",
-    "model.width=8",
-    "train.batch_size=16",
-    "evaluate.bootstrap=50",
-    "prepare.workers=1",
-]
 STUDY = "ui"
 TUNE = [
     *TINY,

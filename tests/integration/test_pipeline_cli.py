@@ -16,7 +16,7 @@ from cxr.imaging import read_image
 from cxr.models.predictor import Predictor
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
-from support.cli import cxr_here
+from support.cli import cxr_here, flags
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,6 @@ TINY = [
 
 def cxr(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return cxr_here(workdir, *args, check=check)  # the messages users see are tested as a process in test_user_errors
-
-
-def overrides(extra: list[str] = ()) -> list[str]:
-    out: list[str] = []
-    for o in [*TINY, *extra]:
-        out += ["-s", o]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +111,10 @@ def test_loading_a_model_never_unpickles(project: Path, monkeypatch):
 
 
 def test_wrong_arch_and_missing_weights_fail_clearly(project: Path):
-    res = cxr(project, "train", *overrides(["model.arch=resnet19"]), check=False)
+    res = cxr(project, "train", *flags([*TINY, "model.arch=resnet19"]), check=False)
     assert res.returncode == 2 and "resnet19" in res.stderr and "resnet18" in res.stderr
     assert "Traceback" not in res.stderr
-    res = cxr(project, "train", *overrides(["model.arch=resnet18", "model.weights=/nonexistent/w.pth"]), check=False)
+    res = cxr(project, "train", *flags([*TINY, "model.arch=resnet18", "model.weights=/nonexistent/w.pth"]), check=False)
     assert res.returncode == 2 and "/nonexistent/w.pth" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -8,7 +8,6 @@ server runs in its own process group and is killed at teardown.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import json
 import os
@@ -28,13 +27,14 @@ from PIL import Image as PILImage
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import RLELossless
 
-from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.data.sources.synthetic import render
 from cxr.serving.input_checks import image_stats
 from cxr.serving.monitoring import Z_BUCKETS, drift_z, warning_reasons
 from cxr.tracking.runs import use_store
 from cxr.tracking.uris import load_predictor
 from support.chromium import Chromium, find_chromium
 from support.cli import cxr_here
+from support.films import chest_dicom, png
 from support.reader_fuzz import fixed_cases, mutant, png_ihdr, rle_with_one_flipped_bit
 from support.serve_process import ServiceProcess as Server
 
@@ -92,25 +92,7 @@ def champion(project: Path):
 
 def synthetic_dicom(seed: int, size: int = 96, **header) -> bytes:
     """A synthetic chest DICOM carrying (fictitious) identifying fields the service must never echo."""
-    rng = np.random.default_rng(seed)
-    ds = make_dataset(
-        render(rng, seed % 2, 0.6, size),
-        Encoding(monochrome1=seed % 3 == 0),
-        rng,
-        patient_name="Doe^Jane",
-        patient_id="MRN-998877",
-        study_date=dt.date(2024, 2, 29),
-    )
-    ds.PatientBirthDate = "19700101"
-    for key, value in header.items():
-        setattr(ds, key, value)
-    return encode(ds)
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return chest_dicom(seed, size, label=seed % 2, monochrome1=seed % 3 == 0, identifying=True, **header)
 
 
 def film_png(seed: int = 0, size: int = 64) -> bytes:

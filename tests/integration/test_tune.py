@@ -21,21 +21,12 @@ from cxr.data.loader import PreparedData
 from cxr.tracking.runs import configure, use_store
 from cxr.tracking.uris import load_predictor
 from cxr.training.scoring import Yardstick
+from support.cli import cxr_here, cxr_process, flags
 from support.postgres import pg_bin, throwaway_postgres
+from support.tiny import TINY_STUDY as TINY
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "data.synthetic.n_patients=60",
-    "data.synthetic.size=96",
-    "data.synthetic.difficulty=0.2",
-    "prepare.sizes=[32]",
-    "model.image_size=32",
-    "model.width=8",
-    "train.batch_size=16",
-    "evaluate.bootstrap=50",
-    "prepare.workers=1",
-]
 # A space where one choice cannot learn (lr 1e-7), so the trials differ and the median pruner has something to
 # prune (here: the lr 0.01 trial, whose augmented-validation AUROC starts below the frozen network's). All four
 # trials are the sampler's seeded random start-up (lr 1e-7, 0.01, 1e-7, 1e-7 from sampler seed 0), so which
@@ -48,32 +39,15 @@ SPACE = (
 TUNE = [*TINY, "train.epochs=4", "tune.startup_trials=4", "tune.pruner_startup_trials=1", "tune.warmup_epochs=0", SPACE]
 
 
-def args(extra: list[str]) -> list[str]:
-    out: list[str] = []
-    for o in extra:
-        out += ["-s", o]
-    return out
-
-
-def cxr(workdir: Path, *argv: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [sys.executable, "-m", "cxr", *argv],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+def cxr(workdir: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return cxr_process(workdir, *argv, check=check)  # the real program: workers run beside it and get killed
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tune")
-    cxr(work, "ingest", *args(TINY))
-    cxr(work, "prepare", *args(TINY))
+    cxr_here(work, "ingest", overrides=TINY)
+    cxr_here(work, "prepare", overrides=TINY)
     return work
 
 
@@ -88,7 +62,7 @@ def study_trials(url: str, name: str):
 
 def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     # train.ensemble=2 configured: a trial still trains one network (its metrics are val_auroc, not member<i>/...)
-    res = cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args([*TUNE, "train.ensemble=2"]))
+    res = cxr(prepared, "tune", "--trials", "4", "--study", "s4", *flags([*TUNE, "train.ensemble=2"]))
     assert "Traceback" not in res.stderr
     trials = study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")
     states = [t.state.name for t in trials]
@@ -151,11 +125,11 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     assert cfg.train.lr == best.params["train.lr"]
 
     # asking again for the same number of trials runs nothing new
-    cxr(prepared, "tune", "--trials", "4", "--study", "s4", *args(TUNE))
+    cxr(prepared, "tune", "--trials", "4", "--study", "s4", *flags(TUNE))
     assert len(study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")) == 4
     # trials judged another way would not be comparable with these: refused before any trial runs
     for other in ("tune.objective=val_auroc", "train.augment.strength=1.0"):
-        res = cxr(prepared, "tune", "--trials", "5", "--study", "s4", *args([*TUNE, other]), check=False)
+        res = cxr(prepared, "tune", "--trials", "5", "--study", "s4", *flags([*TUNE, other]), check=False)
         assert res.returncode == 2 and "judges its trials on" in res.stderr, res.stderr
     assert len(study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")) == 4
 
@@ -218,7 +192,7 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu
         "2",
         "--study",
         "resume",
-        *args([*TINY, *fast, "tune.heartbeat_interval=1", f"tune.grace_period={GRACE}", SPACE]),
+        *flags([*TINY, *fast, "tune.heartbeat_interval=1", f"tune.grace_period={GRACE}", SPACE]),
     ]
 
     storage = optuna.storages.RDBStorage(url)  # made here, so that polling never races the command to make it
@@ -302,7 +276,7 @@ def test_three_workers_share_one_study_on_postgresql(prepared: Path, postgres: s
         SPACE,
     ]
     configure(load_config(overrides=extra))  # the MLflow schema once, before the workers race to migrate it
-    argv = ["tune", "--trials", "6", "--study", "dist", "--storage", storage, *args(extra)]
+    argv = ["tune", "--trials", "6", "--study", "dist", "--storage", storage, *flags(extra)]
     workers = [_start(prepared, argv) for _ in range(3)]
     outputs = []
     for w in workers:

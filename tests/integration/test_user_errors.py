@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from cxr.tracking.runs import use_store
+from support.cli import cxr_process
+from support.serve_process import free_port
 
 
 def cxr(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cxr", *args], cwd=workdir, capture_output=True, text=True, timeout=300
-    )
+    return cxr_process(workdir, *args, check=False, timeout=300)  # the program as a user runs it
 
 
 def one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -46,7 +45,7 @@ def test_an_unknown_param_key_is_named_with_the_closest_known_key(tmp_path: Path
 def test_serving_before_anything_is_promoted_says_how_to_promote(tmp_path: Path):
     use_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.MlflowClient().create_registered_model("cxr")  # a registry with the model but no champion yet
-    line = one_error_line(cxr(tmp_path, "serve", "--port", str(_free_port())))
+    line = one_error_line(cxr(tmp_path, "serve", "--port", str(free_port())))
     assert "models:/cxr@champion" in line and "cxr promote VERSION" in line
 
 
@@ -68,9 +67,3 @@ def test_verbose_brings_library_log_lines_back(tmp_path: Path, verbose: bool):
     codec_lines = [line for line in res.stderr.splitlines() if "openjpeg" in line]
     assert bool(codec_lines) is verbose, res.stderr
     assert "ingested" in res.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -8,10 +8,9 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image as PILImage
 from prometheus_client import CollectorRegistry
 
-from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.data.sources.synthetic import render
 from cxr.imaging import ImageReadError, ReadLimits, read_image
 from cxr.models.card import IntensityStats, ModelCard, Moments
 from cxr.preprocess import PreprocessSpec, preprocess
@@ -29,20 +28,11 @@ from cxr.serving.monitoring import (
 from cxr.serving.served import ServedModel
 from cxr.tracking.uris import ModelRef
 from cxr.training.card import intensity_stats
+from support.films import chest_dicom, png
 
 
 def dicom(seed: int = 0, size: int = 64, monochrome1: bool = False, **header) -> bytes:
-    rng = np.random.default_rng(seed)
-    ds = make_dataset(render(rng, 0, 0.6, size), Encoding(monochrome1=monochrome1), rng)
-    for key, value in header.items():
-        setattr(ds, key, value)
-    return encode(ds)
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return chest_dicom(seed, size, monochrome1=monochrome1, **header)
 
 
 def multiframe() -> bytes:

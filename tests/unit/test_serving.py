@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 
 from cxr.config import Config
-from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.data.sources.synthetic import render
 from cxr.errors import UserError
 from cxr.preprocess import PreprocessSpec, preprocess
 from cxr.serving.explain import EMPTY_GRADCAM
 from cxr.serving.served import NoModelToServe, ServedModel
 from cxr.tracking.uris import ModelUriError, load_predictor, local_model_dir, resolve
+from support.films import chest_dicom, png
 
 
 def dicom(seed: int = 0, **header) -> bytes:
-    ds = make_dataset(
-        render(np.random.default_rng(seed), seed % 2, 0.6, 96),
-        Encoding(),
-        np.random.default_rng(seed),
-        patient_name="Doe^Jane",
-        patient_id="MRN-998877",
-    )
-    for key, value in header.items():
-        setattr(ds, key, value)
-    return encode(ds)
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return chest_dicom(seed, 96, label=seed % 2, identifying=True, **header)
 
 
 @pytest.fixture

@@ -217,13 +217,25 @@ def probabilities(responses: list[dict[str, Any]], model: EvaluatedModel) -> np.
     return np.array([[r["probabilities"][lab] for lab in model.labels] for r in responses], dtype=float)
 
 
-def internal_metrics(model: EvaluatedModel, cfg: "Config") -> dict[str, Any]:
+def training_evaluation(model: EvaluatedModel, cfg: "Config") -> dict[str, Any] | None:
+    """evaluation.json of the model's training run (read once: the comparison and the score shift both use it),
+    or None where there is no run or it kept none."""
+    if not (model.run_id and cfg.mlflow.enabled):
+        return None
+    tracking.configure(cfg)
+    try:
+        return tracking.logged_evaluation(model.run_id)
+    except ValueError:  # not JSON: as if there were none
+        return None
+
+
+def internal_metrics(model: EvaluatedModel, cfg: "Config", evaluation: dict[str, Any] | None) -> dict[str, Any]:
     """The model's own test-set metrics: the evaluation report of its training run (with CIs), else the
     run's ``test_*`` metrics, else the registered version's tags, else what /metadata carries."""
     found: dict[str, Any] | None = None
     source = None
     if model.run_id and cfg.mlflow.enabled:
-        found, source = _from_run(model.run_id, cfg)
+        found, source = _from_run(model.run_id, cfg, evaluation)
     if found is None and model.version and cfg.mlflow.enabled:
         entry = registry_version(f"models:/{model.name}/{model.version}")
         tags = entry.tags if entry is not None else {}
@@ -249,7 +261,9 @@ def _is_number(v: Any) -> bool:
     return not isinstance(v, bool)
 
 
-def _from_run(run_id: str, cfg: "Config") -> tuple[dict[str, Any] | None, str | None]:
+def _from_run(
+    run_id: str, cfg: "Config", evaluation: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, str | None]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -263,15 +277,12 @@ def _from_run(run_id: str, cfg: "Config") -> tuple[dict[str, Any] | None, str | 
             mlflow.get_tracking_uri(),
         )
         return None, None
-    try:
-        report = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/evaluation.json"))
-        test = report["splits"]["test"]
+    test = ((evaluation or {}).get("splits") or {}).get("test")
+    if test is not None:
         return (
             {k: v for k, v in test.items() if isinstance(v, dict) and "value" in v},
             f"MLflow run {run_id}: evaluation/evaluation.json (test split)",
         )
-    except (MlflowException, OSError, KeyError, ValueError):
-        pass
     found = {k[5:]: {"value": v} for k, v in run.data.metrics.items() if k.startswith("test_")}
     return (found or None), f"MLflow run {run_id}: test_* metrics"
 
@@ -355,7 +366,8 @@ def build_report(
     warnings = Counter(
         w.split(":")[0] for a in answers if a.status == "ok" for w in (a.response or {}).get("warnings") or []
     )
-    internal = internal_metrics(model, cfg)
+    evaluation = training_evaluation(model, cfg)
+    internal = internal_metrics(model, cfg, evaluation)
     comparison = {**internal, "metrics": compare(internal["metrics"], result)} if internal["available"] else internal
     counts = Counter(a.status for a in answers)
     report = {
@@ -396,7 +408,7 @@ def build_report(
     if calibration is not None:
         report["site_calibration"] = site_section(table, model, y, probs, ok, calibration, cfg, result)
         thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
-    report["score_shift"] = score_shift(model, y[rows], probs[rows], cfg, thresholds, plots_dir)
+    report["score_shift"] = score_shift(model, y[rows], probs[rows], cfg, thresholds, plots_dir, evaluation)
     return report
 
 
@@ -455,22 +467,17 @@ def _part(table: pd.DataFrame, rows: np.ndarray, scored: np.ndarray, unit: str, 
     }
 
 
-def internal_scores(model: EvaluatedModel, cfg: "Config") -> dict[str, Any]:
+def internal_scores(model: EvaluatedModel, cfg: "Config", evaluation: dict[str, Any] | None) -> dict[str, Any]:
     """The model's internal test labels and scores, as `cxr evaluate` keeps them in evaluation.json: from its
-    training run, else from this project's reports/ when they are of the same model."""
+    training run (``evaluation``), else from this project's reports/ when they are of the same model."""
     reasons = []
     if model.run_id and cfg.mlflow.enabled:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        tracking.configure(cfg)
-        try:
-            found = json.loads(mlflow.artifacts.load_text(f"runs:/{model.run_id}/evaluation/evaluation.json"))
-            if "test_scores" in found:
-                return {"available": True, "source": f"MLflow run {model.run_id}", **found["test_scores"]}
-            reasons.append(f"the evaluation of run {model.run_id} kept no test scores (evaluated before they were)")
-        except (MlflowException, OSError, ValueError):
+        if evaluation is None:
             reasons.append(f"no evaluation.json in the model's training run {model.run_id}")
+        elif "test_scores" in evaluation:
+            return {"available": True, "source": f"MLflow run {model.run_id}", **evaluation["test_scores"]}
+        else:
+            reasons.append(f"the evaluation of run {model.run_id} kept no test scores (evaluated before they were)")
     local = Path(cfg.paths.reports) / "evaluation.json"
     if local.exists():
         found = json.loads(local.read_text())
@@ -489,10 +496,11 @@ def score_shift(
     cfg: "Config",
     thresholds: dict[str, float],
     plots_dir: Path,
+    evaluation: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Score distributions per true class, internal test vs external, and the share of each above each
     threshold (negatives above the model's threshold are its false positives), with two plots."""
-    internal = internal_scores(model, cfg)
+    internal = internal_scores(model, cfg, evaluation)
     inner = (np.asarray(internal["label"]), np.asarray(internal["score"])) if internal["available"] else None
     bins = cfg.evaluate.calibration_bins
     plots.plot_reliability_shift((y, probs), inner, plots_dir / "calibration_internal_vs_external.png", bins)
@@ -565,10 +573,7 @@ def log_to_mlflow(
             return None
         import mlflow
 
-        values = {f"external_{k.replace('/', '_')}": v for k, v in metrics.headline(report["metrics"]).items()}
-        for key, entry in report["metrics"].items():
-            if isinstance(entry, dict) and entry.get("ci_low") is not None:
-                values[f"external_{key}_ci_low"], values[f"external_{key}_ci_high"] = entry["ci_low"], entry["ci_high"]
+        values = _metric_values("external_", report["metrics"])
         values |= {f"external_n_{k}": float(v) for k, v in report["requests"].items()}
         for key, entry in report["comparison"].get("metrics", {}).items():
             values[f"internal_test_{key}"] = entry["internal"]["value"]
@@ -583,19 +588,20 @@ def log_to_mlflow(
         return active.info.run_id
 
 
+def _metric_values(prefix: str, result: dict[str, Any]) -> dict[str, float]:
+    """A metrics result as MLflow metrics: each headline value and each interval's ends, under ``prefix``."""
+    values = {f"{prefix}{k.replace('/', '_')}": v for k, v in metrics.headline(result).items()}
+    for key, entry in result.items():
+        if isinstance(entry, dict) and entry.get("ci_low") is not None:
+            values[f"{prefix}{key}_ci_low"], values[f"{prefix}{key}_ci_high"] = entry["ci_low"], entry["ci_high"]
+    return values
+
+
 def _site_values(part: dict[str, Any] | None) -> dict[str, float]:
     """The site operating point's metrics (evaluation part) beside the model threshold's ``external_*``."""
     if not part:
         return {}
-    at_site = part["operating_points"]["site"]
-    values = {f"external_site_{k.replace('/', '_')}": v for k, v in metrics.headline(at_site).items()}
-    for key, entry in at_site.items():
-        if isinstance(entry, dict) and entry.get("ci_low") is not None:
-            values[f"external_site_{key}_ci_low"], values[f"external_site_{key}_ci_high"] = (
-                entry["ci_low"],
-                entry["ci_high"],
-            )
-    return values | {
+    return _metric_values("external_site_", part["operating_points"]["site"]) | {
         "site_threshold": part["thresholds"]["site"],
         "model_threshold": part["thresholds"]["model"],
         "site_n_calibration": float(part["split"]["calibration"]["scored"]),

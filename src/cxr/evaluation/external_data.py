@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cxr.data.prepare import META_COLUMNS
 from cxr.data.sources import build_source
 from cxr.data.sources.base import SPLITS, SourceError, standardise
 from cxr.data.sources.manifest import NEGATIVE_NAMES, POSITIVE_NAMES, SPLIT_ALIASES, find_files
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-HEADER_COLUMNS = ("view", "sex", "age", "patient_key")  # what a DICOM header can fill in
 # Folder names that group images without being labels (Kaggle's chest_xray/test/NORMAL layout).
 _NOT_LABELS = {*SPLITS, *SPLIT_ALIASES, "chest_xray", "images"}
 
@@ -88,7 +88,7 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
 def with_dicom_headers(table: pd.DataFrame) -> pd.DataFrame:
     """View, sex, age and the hashed patient key from DICOM headers where the table has none (a folder of
     DICOMs), so subgroups and patient-level calibration splits come along as with a manifest."""
-    meta = [c for c in HEADER_COLUMNS if c in table]
+    meta = [c for c in META_COLUMNS if c in table]
     todo = table.index[table["image"].str.lower().str.endswith(DICOM_SUFFIXES) & table[meta].isna().any(axis=1)]
     if len(todo) == 0:
         return table

@@ -65,8 +65,8 @@ def image_stats(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "mediastinum_contrast": float(centre - lungs)}
 
 
-def input_warnings(meta: dict[str, Any], x: np.ndarray) -> list[str]:
-    """Reasons a prediction on this input may be unreliable (empty when none)."""
+def input_warnings(meta: dict[str, Any], x: np.ndarray, stats: dict[str, float] | None = None) -> list[str]:
+    """Reasons a prediction on this input may be unreliable (empty when none); ``stats``: image_stats(x) if known."""
     out: list[str] = []
     view = (meta.get("view") or "").strip().upper()
     if not view:
@@ -74,7 +74,7 @@ def input_warnings(meta: dict[str, Any], x: np.ndarray) -> list[str]:
             out.append("view unknown (no DICOM ViewPosition): the model expects a frontal PA or AP chest film")
     elif view not in FRONTAL_VIEWS:
         out.append(f"non-frontal view (ViewPosition={view}): the model was trained on frontal PA/AP chest films")
-    s = image_stats(x)
+    s = stats or image_stats(x)
     odd = []
     if not MEAN_RANGE[0] <= s["mean"] <= MEAN_RANGE[1]:
         odd.append(f"mean {s['mean']:.2f} outside {MEAN_RANGE[0]}-{MEAN_RANGE[1]}")

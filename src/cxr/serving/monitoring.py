@@ -25,11 +25,10 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from cxr.models.card import IntensityStats
-from cxr.serving.input_checks import FRONTAL_VIEWS, image_stats
+from cxr.serving.input_checks import FRONTAL_VIEWS
 
 if TYPE_CHECKING:
     from cxr.serving.served import Prepared, ServedModel
@@ -197,10 +196,9 @@ class Monitor:
             for reason in warning_reasons(message):
                 self.warnings.labels(reason).inc()
         self.inputs.labels(**input_kind(prepared.meta)).inc()
-        self.observe_intensity(prepared.x, predictor.card.train_intensity)
+        self.observe_intensity(prepared.stats, predictor.card.train_intensity)
 
-    def observe_intensity(self, x: np.ndarray, reference: IntensityStats | None) -> None:
-        stats = image_stats(x)
+    def observe_intensity(self, stats: dict[str, float], reference: IntensityStats | None) -> None:
         for stat in ("mean", "std"):
             self.intensity.labels(stat).observe(stats[stat])
         if reference is not None:  # cards written before cxr recorded training intensities have none

@@ -24,7 +24,7 @@ from cxr.errors import UserError
 from cxr.models.card import ModelCard
 from cxr.models.predictor import ModelLoadError, Predictor
 from cxr.serving.explain import explain
-from cxr.serving.input_checks import input_warnings, refuse_non_chest
+from cxr.serving.input_checks import image_stats, input_warnings, refuse_non_chest
 from cxr.tracking.registry import operating_points
 from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, registry_version, resolve
 
@@ -110,6 +110,7 @@ class Prepared:
     x: np.ndarray  # uint8 (S, S): the model's own preprocessing
     tabular: np.ndarray | None  # (n_tabular,) for a fusion model
     warnings: list[str]
+    stats: dict[str, float]  # image_stats of x: the warnings and the drift metrics both read them
     meta: dict[str, Any] = field(default_factory=dict)  # the INPUT_META fields of the image
 
 
@@ -221,7 +222,8 @@ class ServedModel:
             return _unexpected(exc)
         tabular = self.predictor.tabular_for([image])
         meta = {k: image.meta.get(k) for k in INPUT_META}
-        return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x), meta)
+        stats = image_stats(x)
+        return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x, stats), stats, meta)
 
     def infer(self, batch: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[Any]:
         """(input array, tabular) pairs -> one probability (binary) or probability vector per pair."""

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_PREFIX = "promotion."
-EVALUATION_ARTIFACT = "evaluation/evaluation.json"  # what `cxr evaluate` logs to the model's training run
 # Training-run metrics put on the version when no evaluation gives the number (a tuning trial's objective).
 RUN_METRIC_TAGS = {
     "val_auroc": ("best_val_auroc",),
@@ -96,18 +95,13 @@ def _model_dir_run_id(cfg: "Config") -> str:
 
 def _logged_evaluation(run_id: str) -> dict[str, Any] | None:
     """The evaluation `cxr evaluate` logged to the run (None if it never ran)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    where = f"runs:/{run_id}/{EVALUATION_ARTIFACT}"
     try:
-        text = mlflow.artifacts.load_text(where)
-    except (MlflowException, OSError):
+        report = tracking.logged_evaluation(run_id)
+    except ValueError:  # not JSON: refused below like any other malformed report
+        report = {}
+    if report is None:
         return None
-    try:
-        report = json.loads(text)
-    except ValueError:
-        report = None
+    where = f"runs:/{run_id}/{tracking.EVALUATION_ARTIFACT}"
     if not isinstance(report, dict) or not isinstance(report.get("splits"), dict) or not report.get("data"):
         raise RegistryError(f"{where} is not an evaluation report; run `cxr evaluate` again")
     return report

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cxr package, shipped with every logged model
 MODEL_CARD_ARTIFACT = "model_info.json"  # the logged model's card, next to the model in the run
+EVALUATION_ARTIFACT = "evaluation/evaluation.json"  # what `cxr evaluate` logs to the model's training run
 # The prepared splits a training run logs as datasets, with MLflow's context for each.
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 DATASET_COLUMNS = ("pixel_hash", "label", "view", "sex", "age")
@@ -99,6 +100,18 @@ def configure(cfg: "Config") -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def logged_evaluation(run_id: str) -> dict[str, Any] | None:
+    """The report `cxr evaluate` logged to the run, None if it never ran; ValueError if the file is not JSON."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{EVALUATION_ARTIFACT}")
+    except (MlflowException, OSError):
+        return None
+    return json.loads(text)
 
 
 def git_state() -> dict[str, str]:

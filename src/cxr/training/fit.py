@@ -75,7 +75,6 @@ def fit(
     callbacks: Sequence[Callback] = (),
     *,
     model_dir: Path | None = None,
-    run_name: str | None = None,
     nested: bool = False,
     log_model: bool = True,
     extra_tags: dict[str, str] | None = None,
@@ -94,9 +93,7 @@ def fit(
         if not ranks.is_main:
             return follow_rank0(cfg, data, device, ranks, model_dir)
         tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
-        with tracking.run(
-            cfg, name=run_name or training_run_name(cfg), nested=nested, tags=tags, run_id=run_id
-        ) as active:
+        with tracking.run(cfg, name=training_run_name(cfg), nested=nested, tags=tags, run_id=run_id) as active:
             run_id = active.info.run_id if active else None
             if active:
                 tracking.log_training_inputs(cfg, data)
