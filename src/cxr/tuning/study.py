@@ -285,7 +285,7 @@ def trial_run_tags(study_name: str, number: int, parent_id: str) -> dict[str, st
     }
 
 
-def trial_run_name(study_name: str, number: int) -> str:
+def trial_run_name(number: int) -> str:
     return f"trial {number}"  # listed under its study's parent run, which names the study
 
 
@@ -335,7 +335,7 @@ def _record_lost_trial(
     run = client.create_run(
         experiment_id,
         start_time=_millis(t.datetime_start),
-        run_name=trial_run_name(study_name, t.number),
+        run_name=trial_run_name(t.number),
         tags={
             **trial_run_tags(study_name, t.number, parent_id),
             "trial_state": "FAIL",
@@ -498,7 +498,7 @@ def _start_trial_run(
         return None
     run = client.create_run(
         experiment_id,
-        run_name=trial_run_name(trial.study.study_name, trial.number),
+        run_name=trial_run_name(trial.number),
         tags={**trial_run_tags(trial.study.study_name, trial.number, parent_id), "trial_state": "RUNNING"},
     )
     return run.info.run_id
@@ -628,7 +628,12 @@ def remembered_interrupt():
         return
 
     def on_sigint(signum: int, frame: Any) -> None:
+        first = not interrupted.is_set()
         interrupted.set()
+        # Inside a database call, an exception would leave its SQLite read open and the store locked for the
+        # clean-up writes: the first Ctrl-C is then taken at the next epoch or trial boundary, a second at once.
+        if first and _in_database_call(frame):
+            return
         raise KeyboardInterrupt
 
     def on_unraisable(unraisable: Any) -> None:
@@ -642,6 +647,14 @@ def remembered_interrupt():
     finally:
         signal.signal(signal.SIGINT, previous)
         sys.unraisablehook = previous_hook
+
+
+def _in_database_call(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(("sqlalchemy", "sqlite3")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _optimize(
