@@ -6,14 +6,22 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: venv demo test lint bench clean-data
+.PHONY: venv lock demo test lint bench clean-data
 
-# The venv is (re)installed when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# The venv is installed from the lock (every package pinned, with hashes) and reinstalled when it changes.
+LOCK := requirements.lock
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -qq --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Re-resolve the lock from pyproject.toml's ranges (after adding or changing a dependency there).
+lock:
+	@test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -qq uv; }
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
+	@sed -i '1i # The exact environment of cxr (Python 3.11, Linux x86-64): `make lock` writes it from pyproject.toml, `make venv` installs it.' $(LOCK)
 
 venv: $(VENV)/.installed
 

@@ -12,6 +12,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from cxr.config import REAL_FILMS_AUGMENT_STRENGTH
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
@@ -29,7 +31,10 @@ def require_shared(*parts: str) -> Path:
 def pneumoniamnist(size: int = 28) -> dict[str, Any]:
     """Config overrides: the shared PneumoniaMNIST .npz at ``size`` px (prepared and trained at that size)."""
     data = str(require_shared("pneumoniamnist", "pneumoniamnist.npz"))
-    return {"data.source": "medmnist", "data.path": data, "prepare.sizes": [size], "model.image_size": size}
+    return {
+        "data.source": "medmnist", "data.path": data, "prepare.sizes": [size], "model.image_size": size,
+        "train.augment.strength": REAL_FILMS_AUGMENT_STRENGTH,  # real films' default (the synthetic one is 1.0)
+    }  # fmt: skip
 
 
 def work_paths(work: Path) -> dict[str, str]:
@@ -39,6 +44,13 @@ def work_paths(work: Path) -> dict[str, str]:
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
         "mlflow.artifact_location": str(work / "mlartifacts"),
     }
+
+
+def run_cxr(work: Path, command: str, overrides: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    """``cxr COMMAND -s key=value ...`` in ``work`` as DVC's stage would run it (MLflow off unless overridden)."""
+    flags = [a for k, v in {"mlflow.enabled": "false", **overrides}.items() for a in ("-s", f"{k}={v}")]
+    run = [sys.executable, "-m", "cxr", command, *flags]
+    subprocess.run(run, cwd=work, env={**os.environ, **(env or {})}, check=True, stdout=subprocess.DEVNULL)
 
 
 def machine() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from scipy.special import logit
 from sklearn.metrics import roc_curve
 
 from common import RESULTS, WORK, pneumoniamnist, require_shared, work_paths, write_result
-from cxr.config import load_config
+from cxr.config import REAL_FILMS_AUGMENT_STRENGTH, load_config
 from cxr.data.ingest import ingest
 from cxr.data.loader import PreparedData
 from cxr.data.prepare import prepare
@@ -213,7 +213,11 @@ def main() -> None:
         data = pneumoniamnist(size)
     else:
         size = args.size or 64
-        data = {"data.source": "kermany", "data.path": str(require_shared("kermany224"))}
+        data = {
+            "data.source": "kermany",
+            "data.path": str(require_shared("kermany224")),
+            "train.augment.strength": REAL_FILMS_AUGMENT_STRENGTH,  # real films' default
+        }
         data |= {"prepare.sizes": [size], "model.image_size": size}
     overrides = {**data, **work_paths(work)}
     cfg = load_config(overrides=overrides).override(args.set)

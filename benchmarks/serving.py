@@ -11,6 +11,9 @@ starts the real service and measures
   and a 224x224 PNG;
 * throughput of /predict with the PNG at concurrency 1, 8 and 32 (requests/s over a fixed time).
 
+``--ood``: the out-of-distribution check's cost instead: each model served with and without it, both up at once,
+/predict alternated between them (p50 ratio; the issue's target is at most 1.10) and the bare ``score()``.
+
 Writes benchmarks/results/serving.json (serving_bf16.json with ``--precision bf16``: CXR_PRECISION=bf16, the
 forward pass under bfloat16 autocast, for CPUs with AMX and GPUs). Needs no shared data (inputs are synthetic).
 """
@@ -36,8 +39,9 @@ CONCURRENCY = (1, 8, 32)
 LATENCY_N = 25
 
 
-def make_model(arch: str, size: int, out: Path) -> Path:
-    """A random-init model directory (the cxr format) of the given architecture and input size."""
+def make_model(arch: str, size: int, out: Path, ood: bool = False) -> Path:
+    """A random-init model directory (the cxr format) of the given architecture and input size; with ``ood``,
+    an out-of-distribution check fitted on synthetic films as training fits one."""
     import torch
 
     from cxr.imaging import ReadLimits
@@ -57,7 +61,30 @@ def make_model(arch: str, size: int, out: Path) -> Path:
         threshold=0.5,
         training=Lineage(dataset_hash="benchmark-random-weights", source="none"),
     )
-    return Predictor(model, info).save(out / arch)
+    predictor = Predictor(model, info)
+    if ood:
+        predictor = with_ood_check(predictor, size)
+    return predictor.save(out / f"{arch}{'_ood' if ood else ''}")
+
+
+def with_ood_check(predictor, size: int):
+    """The predictor with a check fitted on 64 rendered films (speed only: what it flags does not matter here)."""
+    import torch
+
+    from cxr.data.sources.synthetic import render
+    from cxr.models.card import OodCheck
+    from cxr.models.ood import METHOD, FeatureTap, OodDetector, ood_stages
+    from cxr.models.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    films = np.stack([(render(rng, i % 2, 0.6, size) * 255).astype(np.uint8) for i in range(64)])
+    stages = ood_stages(predictor.model)
+    with FeatureTap(predictor.model, stages) as tap, torch.no_grad():
+        predictor.model(torch.from_numpy(films).unsqueeze(1).float().div(255))
+    detector = OodDetector.fitted([s.numpy() for s in tap.take()], np.arange(64) % 2)
+    check = OodCheck(method=METHOD, stages=stages, dims=detector.dims, classes=2, threshold=1e9, val_pass_rate=1.0,
+                     fit_images=64)  # fmt: skip
+    return Predictor(predictor.model, predictor.card.model_copy(update={"ood": check}), ood=detector)
 
 
 def inputs() -> dict[str, bytes]:
@@ -148,8 +175,68 @@ async def _throughput(url: str, data: bytes, concurrency: int, seconds: float) -
     return {"requests_per_s": round(ok / elapsed, 1), "ok": ok, "errors": sum(statuses.values()) - ok}
 
 
+def ood_overhead(models: list[str], n: int) -> None:
+    """/predict p50 of one model served with and without its out-of-distribution check, both services up and
+    their requests alternated (so a busy moment of the shared machine falls on both), and the bare score()."""
+    from cxr.models.predictor import Predictor
+
+    data, figures = inputs(), {"requests_per_arm": n, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-ood-") as tmp:
+        tmp = Path(tmp)
+        for name in models:
+            spec = MODELS[name]
+            dirs = {
+                "without": make_model(spec["arch"], spec["size"], tmp),
+                "with": make_model(spec["arch"], spec["size"], tmp, ood=True),
+            }
+            servers = {arm: start_server(d, True, tmp, "fp32") for arm, d in dirs.items()}
+            try:
+                for server in servers.values():
+                    server.wait_ready()
+                clients = {arm: httpx.Client(base_url=s.url, timeout=60) for arm, s in servers.items()}
+                times: dict[str, dict[str, list[float]]] = {k: {"with": [], "without": []} for k in data}
+                for i in range(n + 3):
+                    for kind, payload in data.items():
+                        for arm in ("with", "without") if i % 2 else ("without", "with"):
+                            t0 = time.perf_counter()
+                            clients[arm].post("/predict", files={"file": ("x", payload)}).raise_for_status()
+                            if i >= 3:  # the first requests warm both services
+                                times[kind][arm].append(time.perf_counter() - t0)
+            finally:
+                for server in servers.values():
+                    server.stop()
+            p50 = {k: {arm: float(np.median(v)) * 1000 for arm, v in t.items()} for k, t in times.items()}
+            bare = {arm: Predictor.from_dir(d) for arm, d in dirs.items()}
+            x = np.stack([bare["with"].prepare_input(bare["with"].read(data["png_224"]))])
+            bare_times: dict[str, list[float]] = {"with": [], "without": []}
+            for i in range(200):
+                for arm in ("with", "without") if i % 2 else ("without", "with"):
+                    t0 = time.perf_counter()
+                    bare[arm].score(x)
+                    bare_times[arm].append(time.perf_counter() - t0)
+            bare_p50 = {arm: float(np.median(v)) * 1000 for arm, v in bare_times.items()}
+            figures["models"][name] = {
+                "predict_p50_ms": {k: {a: round(v, 2) for a, v in arms.items()} for k, arms in p50.items()},
+                "predict_p50_ratio": {k: round(arms["with"] / arms["without"], 3) for k, arms in p50.items()},
+                "bare_score_p50_ms": {a: round(v, 3) for a, v in bare_p50.items()},
+                "bare_score_ratio": round(bare_p50["with"] / bare_p50["without"], 3),
+            }
+    figures["summary"] = (
+        "; ".join(
+            f"{name}: /predict p50 with / without the OOD check "
+            + ", ".join(f"{k} {r}x" for k, r in m["predict_p50_ratio"].items())
+            + f" (bare forward batch 1: {m['bare_score_ratio']}x)"
+            for name, m in figures["models"].items()
+        )
+        + "; target at most 1.10x"
+    )
+    write_result("serving_ood", figures)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ood", action="store_true", help="only the out-of-distribution check's cost (serving_ood.json)")
+    ap.add_argument("--requests", type=int, default=60, help="with --ood: requests per arm and input")
     ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per throughput point")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument(
@@ -169,6 +256,9 @@ def main() -> None:
     if args.torch_threads:
         os.environ["CXR_TORCH_THREADS"] = str(args.torch_threads)
     from cxr.serving import service  # imported after the environment is set: its settings are what the servers use
+
+    if args.ood:
+        return ood_overhead(args.models.split(","), args.requests)
 
     data = inputs()
     figures: dict = {

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from cxr.cli import external_table, site_table, tables
 from cxr.config import load_config
+from cxr.evaluation.champion import write_champion_summary
 from cxr.tracking import registry
 
 STUDY = "demo"
@@ -31,6 +32,7 @@ SITE, SITE_DIR, SITE_PATIENTS = "hospital_b", Path("data/external/hospital_b"), 
 EXTERNAL_OUT = Path("reports/external")
 CALIBRATE = "0.3"  # share of the site's films that choose its own threshold; both thresholds are scored on the rest
 SERVE_LOG = Path("reports/demo/serve.log")
+METRICS = "reports/metrics.json"  # dvc repro's model, which the tuned champion need not be
 READY_TIMEOUT_S = 300
 # A study small enough for two CPU cores: three trials of the default length (the synthetic findings take
 # ~20 epochs to learn), pruned from the second trial on, around the default learning rate and augmentation.
@@ -68,6 +70,7 @@ def promote_newest() -> str:
     newest = registry.versions(cfg)[0]
     if cfg.registry.alias in newest["aliases"]:
         console.print(f"version {newest['version']} already is the {cfg.registry.alias}")
+        write_champion_summary(cfg)  # as `cxr promote` would have: reports/ may have been cleaned since
     else:
         run("cxr", "promote", newest["version"])
     return newest["version"]
@@ -117,9 +120,14 @@ def summary(version: str) -> None:
     steps = list(timings.items())[:-1]  # the last one is the summary itself
     console.print("seconds per step: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in steps))
     console.print(f"champion: {load_config().mlflow.registered_model} version {version}")
+    console.print(f"out of distribution at {SITE}: {report['out_of_distribution']['verdict']}", highlight=False)
     tables().print(external_table(report))
     tables().print(site_table(report["site_calibration"]))
-    console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}; internal: reports/metrics.json")
+    console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}")
+    for label, path in (("champion", "reports/champion.json"), ("pipeline model (dvc repro, models/cxr)", METRICS)):
+        test = json.loads(Path(path).read_text()).get("test", {})
+        console.print(f"{label}: test AUROC {test.get('auroc', float('nan')):.3f} in {path}", highlight=False)
+    console.print("`dvc metrics show` lists both; the champion is the one served")
     console.print(
         "\n[bold]Next:[/]\n"
         f"  mlflow ui --backend-store-uri {load_config().mlflow.tracking_uri}   # runs, the study, the registry\n"

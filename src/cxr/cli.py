@@ -259,11 +259,13 @@ def promote(
     overrides: Overrides = None,
 ) -> None:
     """Move the champion alias to VERSION if it passes the gate: evaluated, not degenerate, beats the champion."""
+    from cxr.evaluation.champion import write_champion_summary  # lazy: torch/mlflow, `cxr --help` must not
     from cxr.tracking.registry import promote as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     decision = run(cfg, version, force=force, reason=reason)
     console.print(f"{cfg.mlflow.registered_model}@{cfg.registry.alias} is now version {version}: {decision.reason}")
+    console.print(f"its evaluation: {write_champion_summary(cfg)} (`dvc metrics show` lists it)")
 
 
 @app.command()
@@ -274,11 +276,13 @@ def rollback(
     overrides: Overrides = None,
 ) -> None:
     """Return the champion alias to the version that held it before."""
+    from cxr.evaluation.champion import write_champion_summary  # lazy: torch/mlflow, `cxr --help` must not
     from cxr.tracking.registry import rollback as run  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
 
     cfg = _config(params, overrides)
     version = run(cfg, reason=reason)
     console.print(f"{cfg.mlflow.registered_model}@{cfg.registry.alias} is back to version {version.version}")
+    console.print(f"its evaluation: {write_champion_summary(cfg)}")
 
 
 @app.command()
@@ -401,6 +405,9 @@ def evaluate_external(
             + ("; run again to re-send the failed ones" if req["failed"] else ""),
             highlight=False,
         )
+    ood = report.get("out_of_distribution", {})
+    colour = {"not_built_for": "red", "notable": "yellow"}.get(ood.get("level"), "")
+    console.print(f"[bold {colour}]out of distribution:[/] {ood.get('verdict', 'not reported')}", highlight=False)
     tables().print(external_table(report))
     if report.get("site_calibration"):
         tables().print(site_table(report["site_calibration"]))
@@ -426,8 +433,9 @@ def external_table(report: dict[str, Any]) -> Table:
     """Internal test vs external metrics with their CIs and the drop, for the model that answered."""
     model, compared = report["model"], report["comparison"].get("metrics", {})
     who = f"{model.get('name', 'model')} version {model['version']}" if model.get("version") else "the model"
+    inside = (report.get("out_of_distribution") or {}).get("in_distribution_metrics") or {}
     table = Table(title=f"{who} at its threshold: internal test vs external [bootstrap CI]")
-    for column in ("metric", "internal test", "external", "drop"):
+    for column in ("metric", "internal test", "external, all films", "external, in distribution", "drop (all)"):
         table.add_column(column)
     for key in SUMMARY_METRICS:
         row = compared.get(key, {"external": report["metrics"].get(key)})
@@ -435,7 +443,11 @@ def external_table(report: dict[str, Any]) -> Table:
             continue
         drop = row.get("drop")
         table.add_row(
-            key, _with_ci(row.get("internal")), _with_ci(row["external"]), "-" if drop is None else f"{drop:+.3f}"
+            key,
+            _with_ci(row.get("internal")),
+            _with_ci(row["external"]),
+            _with_ci(inside.get(key)),
+            "-" if drop is None else f"{drop:+.3f}",
         )
     return table
 
@@ -443,8 +455,10 @@ def external_table(report: dict[str, Any]) -> Table:
 def site_table(part: dict[str, Any]) -> Table:
     """The model's and the site's operating point on the evaluation part of the external set."""
     t = part["thresholds"]
-    n = part["split"]["evaluation"]["scored"]
-    table = Table(title=f"operating points on the {n} evaluation images (the site threshold was chosen on the others)")
+    n = part["split"]["evaluation"]["in_distribution"]
+    table = Table(
+        title=f"operating points on the {n} evaluation images in distribution (the site threshold was chosen on others)"
+    )
     for column in ("metric", f"model threshold {t['model']:.4f}", f"site threshold {t['site']:.4f}"):
         table.add_column(column)
     points = part["operating_points"]

@@ -15,12 +15,14 @@ from pathlib import Path
 import httpx
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image as PILImage
 
 from cxr.config import Config
 from cxr.data.ingest import ingest
 from cxr.data.prepare import prepare
+from cxr.data.sources.synthetic import SITE_MANIFEST, write_site
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.external import evaluate_external, load_in_process
 from cxr.tracking.runs import use_store
@@ -134,9 +136,15 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
     assert "<script" not in html and "<link" not in html and 'src="http' not in html
     assert "Failures (0)" in html
 
+    # films from the training site's generator: few out of distribution, and the report leads with it
+    ood = report["out_of_distribution"]
+    assert ood["checked"] and ood["images"] == n and ood["share"] <= 0.3 and ood["level"] != "not_built_for"
+    assert "out of distribution:" in res.stderr and html.index("Out of distribution") < html.index("Requests")
+
     use_store(f"sqlite:///{project / 'mlflow.db'}")
     run = mlflow.get_run(res.stderr.split("MLflow run")[-1].split()[0])
     info = json.loads((project / "models" / "cxr" / "model.json").read_text())
+    assert run.data.metrics["ood_share"] == ood["share"] and run.data.tags["ood_verdict"] == ood["verdict"]
     assert run.data.tags["model_run_id"] == info["training"]["run_id"]
     assert run.data.tags["external_dataset_hash"] == report["data"]["dataset_hash"]
     assert run.data.tags["endpoint"] == "in-process"
@@ -146,6 +154,20 @@ def test_in_process_cli_writes_self_contained_report_and_mlflow_run(project: Pat
     assert run.data.metrics["internal_test_auroc"] == auroc["internal"]["value"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "external")}
     assert {"external/external.json", "external/external.html", "external/plots"} <= artifacts
+
+
+def test_a_strongly_shifted_site_is_mostly_out_of_distribution(project: Path, tmp_path: Path):
+    """Another hospital's scanner (synthetic hospital_b: tighter field, blur, another response curve, collimation)."""
+    write_site(config(project), "hospital_b", tmp_path / "hospital_b", n_patients=20, workers=1)
+    manifest = tmp_path / "hospital_b" / SITE_MANIFEST
+    report = evaluate_external(config(project), data=manifest, model=project / "models" / "cxr", out=tmp_path / "out")
+    ood = report["out_of_distribution"]
+    assert ood["share"] >= 0.7 and ood["level"] == "not_built_for" and "not built for" in ood["verdict"]
+    assert set(ood["by_subgroup"]) and all(
+        g["flagged"] <= g["images"] for v in ood["by_subgroup"].values() for g in v.values()
+    )
+    predictions = pd.read_csv(tmp_path / "out" / "report" / "predictions.csv")
+    assert (predictions["prediction"] == '"abstain"').sum() == ood["flagged"] == (~predictions["in_distribution"]).sum()
 
 
 def test_broken_files_are_counted_and_listed(project: Path, png_folder, tmp_path: Path):
@@ -337,6 +359,10 @@ def test_through_the_service_equals_in_process(project: Path, service: str, cham
     source = mlflow.MlflowClient().get_model_version("cxr", "1").source  # models:/m-<logged model id>
     logged = mlflow.get_logged_model(source.removeprefix("models:/"))
     assert {"external_auroc", "test_auroc"} <= {m.key for m in logged.metrics}
+    # the version knows how much of this set was out of distribution
+    tags = mlflow.MlflowClient().get_model_version("cxr", "1").tags
+    key = f"external_ood_share.{remote['data']['dataset_hash'][:12]}"
+    assert float(tags[key]) == pytest.approx(remote["out_of_distribution"]["share"], abs=1e-4)
     # the second run finds every answer in its cache
     again = evaluate_external(cfg, data=root, url=service, out=tmp_path / "remote", concurrency=4)
     assert again["requests"]["sent"] == 0 and again["metrics"] == remote["metrics"]

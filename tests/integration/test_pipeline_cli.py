@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import subprocess
@@ -19,6 +20,7 @@ from cxr.tracking.uris import load_predictor
 from support.cli import cxr_here, flags
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
     "data.synthetic.n_patients=40",
@@ -64,6 +66,11 @@ def test_cli_pipeline_writes_model_reports_and_mlflow_run(project: Path):
     assert "val_auroc" in run.data.metrics and "test_auroc" in run.data.metrics
     assert run.data.tags["dataset_hash"] == info["training"]["dataset_hash"]
     assert run.data.tags["synthetic_data"] == "true"
+    env = info["training"]["environment"]  # what a rerun needs: the lock, torch, the CPU's instructions
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() >= 1
+    assert env["lock_sha256"] == hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()
+    for key in ("torch", "cpu_capability", "lock_sha256"):
+        assert run.data.tags[f"env.{key}"] == str(env[key]), key
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_auroc")
     assert len(history) == 1
 

@@ -89,9 +89,13 @@ def test_prepare_is_deterministic(tmp_path):
     src.mkdir()
     cfg = make_cfg(tmp_path, write_dataset(src))
     ingest(cfg)
+    out = tmp_path / "prepared"
     first = prepare(cfg)
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
     second = prepare(cfg)
     assert first["dataset_hash"] == second["dataset_hash"] and first["input_hash"] == second["input_hash"]
+    assert {"images_32.npy", "images_64.npy", "manifest.csv"} <= set(written)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written  # arrays, manifest and card, byte for byte
 
 
 def test_streamed_arrays_skip_rejected_rows_and_match_the_serial_path(tmp_path, monkeypatch):

@@ -132,6 +132,11 @@ def test_register_gate_force_and_rollback(project: Path):
     res = cxr(project, "promote", better)  # better: accepted
     assert "beats" in res.stderr
     assert versions(project)[better]["aliases"] == ["champion"]
+    # `dvc metrics show` lists the champion's own evaluation beside the pipeline model's metrics.json
+    champion = json.loads((project / "reports" / "champion.json").read_text())
+    tested = evaluation_of(project, v[better]["tags"]["run_id"])["splits"]["test"]
+    assert (champion["version"], champion["run_id"]) == (int(better), v[better]["tags"]["run_id"])
+    assert champion["test"]["auroc"] == pytest.approx(tested["auroc"]["value"])
 
     # v3: the worse model again (another run with the same model: the same run would return its version)
     cxr(project, "register", "--run-id", crafted_run(project, worse_run, _unchanged))
@@ -149,6 +154,7 @@ def test_register_gate_force_and_rollback(project: Path):
     assert versions(project)[worse]["aliases"] == ["champion"]
     res = cxr(project, "rollback", check=False)
     assert res.returncode == 2 and "first" in res.stderr
+    assert json.loads((project / "reports" / "champion.json").read_text())["version"] == int(worse)
 
     found = events(project)
     assert [(e["action"], e["from"], e["to"]) for e in found] == [
@@ -280,6 +286,20 @@ def test_each_gate_rule_refuses_and_force_overrides_on_the_record(project: Path,
         assert f"the gate will refuse it (rule {rule})" in res.stderr
         assert f"- promotion gate: rule {rule}: " in versions(project, name)["2"]["description"]
     refused_then_forced(project, monkeypatch, name, "2", rule)
+
+
+def test_a_version_without_an_out_of_distribution_check_is_warned_about_or_refused(project: Path, monkeypatch):
+    """The linear baseline has no check: its version says so, promote warns, and with registry.require_ood refuses."""
+    name = "no-ood"
+    assert cli(project, monkeypatch, name, "register", "--run-id", run_of(project, "a")).exit_code == 0
+    v = versions(project, name)["1"]
+    assert v["tags"]["ood_method"] == "none" and "| Out-of-distribution check | none" in v["description"]
+    sets = [a for o in [*TINY, f"mlflow.registered_model={name}", "registry.require_ood=true"] for a in ("-s", o)]
+    res = CliRunner().invoke(app, ["promote", "1", *sets])
+    assert res.exit_code == 2 and f"(rule {Rule.NO_OOD_CHECK})" in res.stderr and "--force" in res.stderr
+    res = cli(project, monkeypatch, name, "promote", "1")
+    assert res.exit_code == 0 and "no out-of-distribution check" in res.stderr
+    assert versions(project, name)["1"]["aliases"] == ["champion"]
 
 
 def test_the_version_description_is_a_model_card(project: Path, monkeypatch):

@@ -27,7 +27,7 @@ from PIL import Image as PILImage
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import RLELossless
 
-from cxr.data.sources.synthetic import render
+from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
 from cxr.serving.input_checks import image_stats
 from cxr.serving.monitoring import Z_BUCKETS, drift_z, warning_reasons
 from cxr.tracking.runs import use_store
@@ -52,7 +52,7 @@ TINY = [
 ]
 MAX_BYTES = 3_000_000  # imaging.max_bytes of the served project: small, so the 413 path is cheap to hit
 PHI = ("Doe^Jane", "Doe", "MRN-998877", "19700101", "20240229")
-ANSWER_KEYS = {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
+ANSWER_KEYS = {"probabilities", "prediction", "positive", "threshold", "ood", "model", "warnings"}
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +200,12 @@ def test_synthetic_dicoms_get_the_in_process_answer(server: Server, champion, pr
         r = httpx.post(f"{server.url}/predict", files={"file": ("x.dcm", data)}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == ANSWER_KEYS
+        assert ANSWER_KEYS <= set(body) <= ANSWER_KEYS | {"abstain_reason"}
         assert body["model"] == {"name": "cxr", "version": "1", "uri": "models:/cxr@champion"}
         want = champion.predict_files([data])[0]
         assert body["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+        assert body["ood"]["checked"] and body["ood"]["in_distribution"] == want["ood"]["in_distribution"]
+        assert body["ood"]["score"] == pytest.approx(want["ood"]["score"], rel=1e-4)
         assert (body["prediction"], body["positive"], body["threshold"]) == (
             want["prediction"],
             want["positive"],
@@ -232,7 +234,11 @@ def test_batch_equals_single_requests(server: Server):
     )
     assert r.status_code == 200, r.text
     singles = [httpx.post(f"{server.url}/predict", files={"file": ("x", d)}, timeout=60).json() for d in uploads]
-    assert r.json() == singles
+    # the same answers; the out-of-distribution score moves in its last digit with the batch (see OodDetector.score)
+    batch = r.json()
+    for batched, single in zip(batch, singles):
+        assert batched["ood"].pop("score") == pytest.approx(single["ood"].pop("score"), abs=1e-3)
+    assert batch == singles
     bad = httpx.post(
         f"{server.url}/predict_batch", files=[("files", ("a", uploads[0])), ("files", ("b", b"junk"))], timeout=60
     )
@@ -353,6 +359,7 @@ def test_metadata_health_and_readiness(server: Server, project: Path):
     assert meta["model"] == {"name": "cxr", "version": "1", "uri": "models:/cxr@champion"}
     assert meta["training"]["dataset_hash"] == info["training"]["dataset_hash"]
     assert meta["training"]["run_id"] == info["training"]["run_id"]
+    assert meta["training"]["environment"] == info["training"]["environment"]  # what the weights were trained with
     assert meta["labels"] == info["labels"] and meta["threshold"] == info["threshold"]
     assert meta["preprocess"] == info["preprocess"] and meta["precision"] == "fp32"  # CXR_PRECISION unset
     assert meta["metrics"]["best_val_auroc"] == pytest.approx(info["training"]["val_auroc"])
@@ -407,6 +414,39 @@ def test_2000_requests_at_concurrency_16_without_errors_or_memory_growth(server:
     after = server.rss()
     assert len(statuses) == 2000 and set(statuses) == {200}, Counter(statuses)
     assert after < 1.10 * before, f"RSS grew from {before / 2**20:.0f} MiB to {after / 2**20:.0f} MiB"
+
+
+def non_chest_dicom() -> bytes:
+    """A long bone's outline on a dark field (no lungs, no mediastinum) whose header names no body part."""
+    yy, xx = np.mgrid[:256, :256]
+    bone = (xx - 128) ** 2 / 30**2 + (yy - 128) ** 2 / 115**2 < 1
+    rng = np.random.default_rng(0)
+    ds = make_dataset(np.where(bone, 0.85, 0.15) + rng.normal(0, 0.02, bone.shape), Encoding(), rng)
+    del ds.BodyPartExamined  # the header no longer refuses it: the model's own check must
+    return encode(ds)
+
+
+def test_films_unlike_the_training_films_abstain_unless_the_caller_asks_to_decide(server: Server):
+    noise = png(np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8))
+    before = scrape(server)
+    for data in (noise, non_chest_dicom()):
+        body = httpx.post(f"{server.url}/predict", files={"file": ("x", data)}, timeout=60).json()
+        assert (body["prediction"], body["positive"], body["ood"]["in_distribution"]) == ("abstain", None, False)
+        assert body["ood"]["score"] > body["ood"]["threshold"] and "out of distribution" in body["abstain_reason"]
+        decided = httpx.post(
+            f"{server.url}/predict", files={"file": ("x", data)}, data={"abstain": "false"}, timeout=60
+        ).json()
+        assert decided["prediction"] in ("normal", "pneumonia") and decided["ood"]["in_distribution"] is False
+        explained = httpx.post(f"{server.url}/explain", files={"file": ("x", data)}, timeout=60)
+        assert json.loads(explained.headers["X-CXR-OOD"])["in_distribution"] is False
+        assert any("out of distribution" in w for w in json.loads(explained.headers["X-CXR-Warnings"]))
+    after = scrape(server)
+    version = body["model"]["version"]
+    for outcome in ("abstained", "decided"):
+        key = ("cxr_out_of_distribution_total", frozenset({"outcome": outcome, "model_version": version}.items()))
+        assert after[key] - before[key] == 2
+    meta = httpx.post(f"{server.url}/metadata", json={}, timeout=30).json()["out_of_distribution"]
+    assert meta["checked"] and meta["method"] == "feature_mahalanobis" and 0.9 <= meta["val_pass_rate"] <= 1
 
 
 def scrape(server: Server) -> Counter:

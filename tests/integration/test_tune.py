@@ -128,7 +128,7 @@ def test_study_prunes_and_logs_every_trial_as_a_nested_run(prepared: Path):
     cxr(prepared, "tune", "--trials", "4", "--study", "s4", *flags(TUNE))
     assert len(study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")) == 4
     # trials judged another way would not be comparable with these: refused before any trial runs
-    for other in ("tune.objective=val_auroc", "train.augment.strength=1.0"):
+    for other in ("tune.objective=val_auroc", "train.augment.strength=2.5"):
         res = cxr(prepared, "tune", "--trials", "5", "--study", "s4", *flags([*TUNE, other]), check=False)
         assert res.returncode == 2 and "judges its trials on" in res.stderr, res.stderr
     assert len(study_trials(f"sqlite:///{prepared / 'optuna.db'}", "s4")) == 4

@@ -51,7 +51,8 @@ def test_predict_matches_the_predictor_and_refuses_per_upload(served):
     results = served.predict(uploads)
     expected = served.predictor.predict_files(good)
     for got, want in zip([results[0], results[2], results[4]], expected):
-        assert set(got) == {"probabilities", "prediction", "positive", "threshold", "model", "warnings"}
+        assert set(got) == {"probabilities", "prediction", "positive", "threshold", "ood", "model", "warnings"}
+        assert got["ood"] == {"checked": False}  # the tiny model has no out-of-distribution check
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
         assert got["model"] == served.ref.to_dict()
     assert results[0]["warnings"] == []

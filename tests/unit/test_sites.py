@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import JPEG2000Lossless
 from scipy import ndimage
 from typer.testing import CliRunner
 
@@ -34,22 +36,35 @@ from cxr.imaging import read_image
 from cxr.preprocess import PreprocessSpec, preprocess
 
 # Derived by running plan() and generate() of the default Config on main at d99e1de, before sites existed:
-# sha256 of repr(plan(Config())) and of four files' bytes (8-bit; MONOCHROME1 + rescale + window; 8-bit
-# MONOCHROME1 CR; JPEG 2000). pydicom or numpy upgrades that change bytes would show here too.
+# sha256 of repr(plan(Config())) and of three uncompressed files' bytes (8-bit; MONOCHROME1 + rescale + window;
+# 8-bit MONOCHROME1 CR), which are ours to the byte. pydicom or numpy upgrades that change bytes would show here too.
 DEFAULT_PLAN = ("4aa63196ae7f5dbd1201c73e6579762753827804046f8816f2cdf10afe6f2257", 814)
 DEFAULT_FILES = {
     0: ("images/2d3539334e6730fd_0.dcm", "555db4240e102ad4f860975c27b8019559c15fac5ec7f09d90fb0ea5f4db95a3"),
     1: ("images/79d8b2878bf91ea9_0.dcm", "e6f8b96f538dfe29a3b0cf0fb72737cd5748710307c0c0dd9209d39c753f0a20"),
     4: ("images/c8e9f8cac84dba86_2.dcm", "2587dff40caa10ebd4572caab785dc6d4fcd74982c51971edb24147405fd8117"),
-    8: ("images/f28b4612f1e2effb_1.dcm", "8795194bd81c6e1f7a0d59f6aed5bf9c593e2cc8cb5d65d03ca9466a339f6655"),
 }
+# The JPEG 2000 file's encoded bytes are the codec's (they differ between machines with one codec version), so
+# what is pinned is what we wrote into it: the header elements and the pixels decoded (lossless: exactly ours).
+JPEG2000_FILE = (8, "images/f28b4612f1e2effb_1.dcm")
+JPEG2000_CONTENT = (
+    "bedea2420e2783ba585682b1b7d41f1bcb84dfff8ef48e3168288fb32cd68f54",  # header elements but PixelData
+    "fd79212a6bc2aedefe8377f1c9794d95d421c7464c52e8d0bf6e5fde98acf884",  # decoded pixel array
+)
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_default_build_is_byte_identical_to_before_sites():
+def _content_sha(dicom: bytes) -> tuple[str, str, str]:
+    """(transfer syntax, sha256 of the header elements but PixelData, sha256 of the decoded pixels)."""
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    header = "\n".join(f"{e.tag} {e.VR} {e.value!r}" for e in ds if e.keyword != "PixelData")
+    return str(ds.file_meta.TransferSyntaxUID), _sha(header.encode()), _sha(ds.pixel_array.tobytes())
+
+
+def test_default_build_is_unchanged_since_before_sites():
     cfg = Config().override({"data.synthetic.difficulty": 0.6})  # the default when the digests were taken
     sc = cfg.data.synthetic
     plans = plan(cfg)
@@ -58,6 +73,24 @@ def test_default_build_is_byte_identical_to_before_sites():
     for i, (file, digest) in DEFAULT_FILES.items():
         assert plans[i].file == file
         assert _sha(generate(plans[i], sc.seed, sc.difficulty, sc.size)) == digest
+    i, file = JPEG2000_FILE
+    assert plans[i].file == file
+    content = _content_sha(generate(plans[i], sc.seed, sc.difficulty, sc.size))
+    assert content == (JPEG2000Lossless, *JPEG2000_CONTENT)
+
+
+def test_the_jpeg2000_pin_holds_whatever_bytes_the_encoder_writes(monkeypatch):
+    cfg = Config().override({"data.synthetic.difficulty": 0.6})
+    sc, (i, _) = cfg.data.synthetic, JPEG2000_FILE
+    p = plan(cfg)[i]
+    usual = generate(p, sc.seed, sc.difficulty, sc.size)
+    compress = pydicom.Dataset.compress  # another codestream layout (tile-length and packet-length markers)
+    monkeypatch.setattr(
+        pydicom.Dataset, "compress", lambda ds, *a, **kw: compress(ds, *a, **kw, add_tlm=True, add_plt=True)
+    )
+    other = generate(p, sc.seed, sc.difficulty, sc.size)
+    assert other != usual
+    assert _content_sha(other) == _content_sha(usual) == (JPEG2000Lossless, *JPEG2000_CONTENT)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from cxr.errors import UserError
 from cxr.evaluation import metrics, plots, site
 from cxr.evaluation.evaluate import plots_for, subgroups, task_metrics
 from cxr.evaluation.external_data import ExternalSet, load_external_set, map_labels, targets
+from cxr.evaluation.ood_report import ood_flags, ood_section
 from cxr.evaluation.report_html import render
 from cxr.evaluation.response_cache import ResponseCache, cache_key
 from cxr.fsutil import atomic_dir
@@ -39,7 +40,7 @@ from cxr.progress import progress_bar
 from cxr.serving.client import Answer, ServiceClient
 from cxr.serving.served import ServedModel
 from cxr.tracking import runs as tracking
-from cxr.tracking.registry import check_site_name, save_operating_point
+from cxr.tracking.registry import check_site_name, record_external_ood, save_operating_point
 from cxr.tracking.uris import registry_version
 
 if TYPE_CHECKING:
@@ -351,6 +352,7 @@ def build_report(
     mapping = map_labels(table["label"].tolist(), model.labels, model.task)
     y = targets(table["label"], model.labels, model.task)
     ok, probs = _row_scores(answers, model)
+    checked, outside = ood_flags(answers)
     rows = ok if calibration is None else ok & ~calibration.split.calibration
     if not rows.any():
         raise UserError("none of the evaluation part's images was scored; calibrate on fewer images")
@@ -399,6 +401,7 @@ def build_report(
         },
         "failures": failures,
         "service_warnings": dict(warnings),
+        "out_of_distribution": ood_section(model, table, rows, outside, y, probs, cfg, checked),
         "metrics": result,
         "comparison": comparison,
     }
@@ -406,7 +409,7 @@ def build_report(
         return report
     thresholds = {"model": model.threshold}
     if calibration is not None:
-        report["site_calibration"] = site_section(table, model, y, probs, ok, calibration, cfg, result)
+        report["site_calibration"] = site_section(table, model, y, probs, ok, ok & ~outside, calibration, cfg)
         thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
     report["score_shift"] = score_shift(model, y[rows], probs[rows], cfg, thresholds, plots_dir, evaluation)
     return report
@@ -430,15 +433,22 @@ def site_section(
     y: np.ndarray,
     probs: np.ndarray,
     ok: np.ndarray,
+    decided: np.ndarray,
     calibration: SiteRequest,
     cfg: "Config",
-    at_model: dict[str, Any],
 ) -> dict[str, Any]:
-    """The site threshold chosen on the calibration part; both operating points on the evaluation part."""
+    """The site threshold chosen on the calibration part; both operating points on the evaluation part. Both use
+    the ``decided`` films only (scored and in distribution): the threshold is for the films the service decides."""
     chosen = calibration.split.calibration
-    cal, ev = ok & chosen, ok & ~chosen
+    cal, ev = decided & chosen, decided & ~chosen
+    if not cal.any() or not ev.any():
+        raise UserError(
+            "too few films in distribution to calibrate a site threshold "
+            f"({int(cal.sum())} to choose it, {int(ev.sum())} to check it): the model was not built for this site"
+        )
     threshold = site.site_threshold(y[cal], probs[cal], calibration.rule)
     at_site_model = dataclasses.replace(model, threshold=threshold)
+    at_model = task_metrics(model, y[ev], probs[ev], cfg)
     at_site = task_metrics(at_site_model, y[ev], probs[ev], cfg)
     at_site["subgroups"] = flag_small_subgroups(subgroups(at_site_model, table[ev], y[ev], probs[ev], cfg))
     unit = calibration.split.unit
@@ -447,21 +457,24 @@ def site_section(
             "unit": unit,
             "seed": cfg.project.seed,
             "requested": calibration.requested,
-            "calibration": _part(table, chosen, cal, unit, calibration.split.n_groups[0]),
-            "evaluation": _part(table, ~chosen, ev, unit, calibration.split.n_groups[1]),
+            "calibration": _part(table, chosen, ok & chosen, cal, unit, calibration.split.n_groups[0]),
+            "evaluation": _part(table, ~chosen, ok & ~chosen, ev, unit, calibration.split.n_groups[1]),
         },
         "rule": calibration.rule,
         "thresholds": {"model": model.threshold, "site": threshold},
-        "operating_points": {"model": {k: v for k, v in at_model.items() if k != "subgroups"}, "site": at_site},
+        "operating_points": {"model": at_model, "site": at_site},
         "saved_as": None,
     }
 
 
-def _part(table: pd.DataFrame, rows: np.ndarray, scored: np.ndarray, unit: str, groups: int) -> dict[str, Any]:
+def _part(
+    table: pd.DataFrame, rows: np.ndarray, scored: np.ndarray, decided: np.ndarray, unit: str, groups: int
+) -> dict[str, Any]:
     labels = table["label"][rows].value_counts().sort_index()
     return {
         "images": int(rows.sum()),
         "scored": int(scored.sum()),
+        "in_distribution": int(decided.sum()),
         f"{unit}s": groups,
         "labels": {str(k): int(v) for k, v in labels.items()},
     }
@@ -534,6 +547,8 @@ def predictions_table(ext: ExternalSet, model: EvaluatedModel, answers: list[Ans
                 "label": row.label,
                 "status": a.status,
                 "prediction": json.dumps(r.get("prediction")) if a.status == "ok" else "",
+                "in_distribution": (r.get("ood") or {}).get("in_distribution"),
+                "ood_score": (r.get("ood") or {}).get("score"),
                 "warnings": "; ".join(r.get("warnings") or []),
                 **{f"p_{lab}": (r.get("probabilities") or {}).get(lab) for lab in model.labels},
             }
@@ -579,6 +594,8 @@ def log_to_mlflow(
             values[f"internal_test_{key}"] = entry["internal"]["value"]
             values[f"external_drop_{key}"] = entry["drop"]
         values |= _site_values(report.get("site_calibration"))
+        values |= _ood_values(report["out_of_distribution"])
+        mlflow.set_tag("ood_verdict", report["out_of_distribution"]["verdict"])
         if report.get("site_calibration"):
             mlflow.set_tags(_site_tags(report["site_calibration"]))
         dataset = _mlflow_dataset(ext)
@@ -597,6 +614,16 @@ def _metric_values(prefix: str, result: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def _ood_values(part: dict[str, Any]) -> dict[str, float]:
+    """The share flagged out of distribution, and the metrics on the films in distribution."""
+    if not part.get("checked"):
+        return {}
+    inside = part.get("in_distribution_metrics")
+    return {"ood_share": part["share"], "ood_flagged": float(part["flagged"])} | (
+        _metric_values("external_in_distribution_", inside) if inside else {}
+    )
+
+
 def _site_values(part: dict[str, Any] | None) -> dict[str, float]:
     """The site operating point's metrics (evaluation part) beside the model threshold's ``external_*``."""
     if not part:
@@ -604,8 +631,8 @@ def _site_values(part: dict[str, Any] | None) -> dict[str, float]:
     return _metric_values("external_site_", part["operating_points"]["site"]) | {
         "site_threshold": part["thresholds"]["site"],
         "model_threshold": part["thresholds"]["model"],
-        "site_n_calibration": float(part["split"]["calibration"]["scored"]),
-        "site_n_evaluation": float(part["split"]["evaluation"]["scored"]),
+        "site_n_calibration": float(part["split"]["calibration"]["in_distribution"]),
+        "site_n_evaluation": float(part["split"]["evaluation"]["in_distribution"]),
     }
 
 
@@ -706,7 +733,19 @@ def evaluate_external(
             _save_site(cfg, report, evaluated, calibration.save_as, ext)
         write_report(report, predictions_table(ext, evaluated, scored.answers), tmp)
     report["mlflow_run_id"] = log_to_mlflow(cfg, report, out / REPORT_DIR, ext, evaluated)
+    _record_ood(cfg, report["out_of_distribution"], evaluated, ext)
     return report
+
+
+def _record_ood(cfg: "Config", ood: dict[str, Any], model: EvaluatedModel, ext: ExternalSet) -> None:
+    """The share flagged, on the registered version (best effort: the version may live in another registry)."""
+    if not ood.get("checked") or model.version is None or not cfg.mlflow.enabled:
+        return
+    try:
+        record_external_ood(cfg, str(model.name), str(model.version), ext.dataset_hash, ood["share"])
+    except Exception as exc:  # a service whose registry is not this store's
+        log.warning("the out-of-distribution share was not recorded on %s version %s: %s",
+                    model.name, model.version, type(exc).__name__)  # fmt: skip
 
 
 def _check_site_options(
@@ -734,7 +773,7 @@ def _check_model_for_site(model: EvaluatedModel, save_site: str | None, cfg: "Co
 
 def _save_site(cfg: "Config", report: dict[str, Any], model: EvaluatedModel, name: str, ext: ExternalSet) -> None:
     part = report["site_calibration"]
-    n_calibration = part["split"]["calibration"]["scored"]
+    n_calibration = part["split"]["calibration"]["in_distribution"]
     point = site.operating_point_tag(part["thresholds"]["site"], part["rule"], n_calibration, ext.dataset_hash)
     part["saved_as"] = save_operating_point(cfg, str(model.name), str(model.version), name, point)
     log.info("saved the site threshold as %s on %s version %s", part["saved_as"], model.name, model.version)

@@ -36,6 +36,21 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 </table>
 {% for note in r.data.notes %}<p class="note">{{ note }}</p>{% endfor %}
 
+{% set ood = r.out_of_distribution %}
+{% if ood %}<h2>Out of distribution: is this set what the model was built for?</h2>
+<p class="{{ 'bad' if ood.level == 'not_built_for' else 'note' if ood.level == 'notable' else '' }}">{{ ood.verdict }}</p>
+{% if ood.checked %}<p>The service abstains on a film whose features lie farther from the training films' than
+the threshold it was given on validation; the metrics below "all films" include those films' probabilities.</p>
+<table><tr><th>metric</th><th>in-distribution films ({{ ood.images - ood.flagged }})</th><th>all films ({{ ood.images }})</th></tr>
+{% for name, m in metric_rows %}{% if ood.in_distribution_metrics and name in ood.in_distribution_metrics %}
+<tr><td>{{ name }}</td><td class="num">{{ fmt_ci(ood.in_distribution_metrics[name]) }}</td><td class="num">{{ fmt_ci(m) }}</td></tr>
+{% endif %}{% endfor %}</table>
+{% for attr, values in ood.by_subgroup.items() %}<h3>share out of distribution by {{ attr }}</h3>
+<table><tr><th>{{ attr }}</th><th>images</th><th>out of distribution</th></tr>
+{% for value, g in values.items() %}<tr><td>{{ value }}</td><td class="num">{{ g.images }}</td>
+<td class="num">{{ g.flagged }} ({{ "%.0f" | format(100 * g.share) }}%)</td></tr>{% endfor %}</table>{% endfor %}
+{% endif %}{% endif %}
+
 <h2>Requests</h2>
 <table><tr><th>images</th><th>sent</th><th>from cache</th><th>scored</th><th>refused (4xx)</th><th>failed</th></tr>
 <tr><td class="num">{{ r.data.n_images }}</td><td class="num">{{ r.requests.sent }}</td>
@@ -45,10 +60,11 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 <p>Metrics are computed on the {{ r.requests.ok }} scored images; every other image is listed under Failures.</p>
 
 {% set sc = r.site_calibration %}
-{% if sc %}<p class="note">Site calibration: {{ sc.split.calibration.scored }} scored images
+{% if sc %}<p class="note">Site calibration: {{ sc.split.calibration.in_distribution }} scored images in distribution
 ({{ sc.split.calibration[sc.split.unit ~ "s"] }} {{ sc.split.unit }}s) chose the site threshold; every metric, plot and
 subgroup below is on the other {{ sc.split.evaluation.scored }} ({{ sc.split.evaluation[sc.split.unit ~ "s"] }}
-{{ sc.split.unit }}s) only.</p>{% endif %}
+{{ sc.split.unit }}s) only, and both operating points on their {{ sc.split.evaluation.in_distribution }} films in
+distribution.</p>{% endif %}
 <h2>Metrics at the model's own threshold ({{ ci_pct }}% bootstrap CIs)</h2>
 {% if r.comparison.available %}<p>Internal test metrics from {{ r.comparison.source }}.</p>
 {% else %}<p class="note">No internal comparison: {{ r.comparison.reason }}</p>{% endif %}

@@ -60,6 +60,19 @@ class Member(_Record):
     val_auroc: float
 
 
+class Environment(_Record):
+    """The software and machine a model was trained on: what a rerun needs to reproduce its numbers."""
+
+    python: str
+    torch: str
+    cpu: str
+    cpu_capability: str  # the vector instructions torch's CPU kernels use (AVX2, AVX512): they change float rounding
+    threads: int  # torch's intra-op threads
+    gpu: str | None = None
+    lock_sha256: str | None = None  # requirements.lock of the cxr source tree (None: cxr not run from one)
+    lock_matches: bool | None = None  # every package pinned in the lock is installed at its pinned version
+
+
 class Lineage(_Record):
     """Where the model came from: the data it saw, the run that trained it, what training reached."""
 
@@ -72,6 +85,7 @@ class Lineage(_Record):
     val_auroc: float | None = None
     epochs_trained: int | None = None
     members: list[Member] | None = None  # an ensemble's networks
+    environment: Environment | None = None  # absent from cards written before it existed
 
 
 class Moments(_Record):
@@ -88,6 +102,18 @@ class IntensityStats(_Record):
     std: Moments
 
 
+class OodCheck(_Record):
+    """The model's out-of-distribution check (cxr.models.ood): what it summarises, and where it draws the line."""
+
+    method: Literal["feature_mahalanobis"]
+    stages: list[str]  # modules whose outputs are summarised (channel means and standard deviations)
+    dims: list[int]  # size of each summary: two per stage
+    classes: int = Field(ge=1)  # class-conditional Gaussians (one: unconditional)
+    threshold: float  # scores above it are out of distribution
+    val_pass_rate: float = Field(ge=0, le=1)  # share of validation films at or under the threshold
+    fit_images: int = Field(ge=1)  # training films the statistics were fitted on
+
+
 class ModelCard(_Record):
     format: str = SCHEMA
     architecture: dict[str, Any]  # the network's own spec: models.build.build_from_spec rebuilds it
@@ -100,6 +126,7 @@ class ModelCard(_Record):
     threshold_augmented_copies: int = 0
     training: Lineage
     train_intensity: IntensityStats | None = None  # absent from cards written before it existed
+    ood: OodCheck | None = None  # None: the model has no out-of-distribution check (the linear baseline, old cards)
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

@@ -171,6 +171,18 @@ _GRADCAM = {
     "mobilenet_v3_small": "features",
     "googlenet": "inception5b",
 }
+# The stages whose outputs the out-of-distribution score summarises (cxr.models.ood), relative to the backbone:
+# where the resolution or the block type changes, from the first block to the last feature map.
+_OOD_STAGES = {
+    "simple_cnn": ("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"),
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet34": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+    "densenet121": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
+    "efficientnet_b0": ("features.2", "features.3", "features.4", "features.6", "features.8"),
+    "mobilenet_v3_small": ("features.1", "features.3", "features.8", "features.12"),
+    "googlenet": ("conv3", "inception3b", "inception4e", "inception5b"),
+}
 # Keys of a torchvision checkpoint that are not part of our backbone (classifier, googlenet aux heads).
 _DROP_PREFIXES = {
     "resnet18": ("fc.",),
@@ -378,6 +390,11 @@ class CXRNet(nn.Module):
         return self.head(self.dropout(feats))
 
     # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def ood_stages(self) -> list[str]:
+        """Modules (names within this model) whose outputs the out-of-distribution score summarises."""
+        return [f"backbone.{stage}" for stage in _OOD_STAGES[self.arch]]
 
     @property
     def gradcam_module(self) -> nn.Module:

@@ -8,6 +8,7 @@ lineage). Loading never executes code from the model files.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from cxr.fsutil import atomic_dir
 from cxr.imaging import Image, read_image
 from cxr.models.build import build_from_spec
 from cxr.models.card import ModelCard
+from cxr.models.ood import PREFIX as OOD_PREFIX
+from cxr.models.ood import FeatureTap, OodDetector
 from cxr.preprocess import preprocess
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,6 +35,23 @@ class ModelLoadError(UserError):
 
 
 PRECISIONS = ("fp32", "bf16")
+ABSTAIN = "abstain"  # the decision for a film out of distribution
+
+
+@dataclass
+class Scores:
+    """What one forward pass says about a batch of films."""
+
+    probs: np.ndarray  # (B,) binary, (B, K) otherwise
+    ood: np.ndarray | None  # (B,) out-of-distribution scores; None: the model has no OOD check
+    spread: np.ndarray | None  # (B,) standard deviation of the members' / views' probabilities; None: one network
+
+    def of(self, i: int) -> dict[str, float | None]:
+        """Film ``i``'s OOD score and spread, as :meth:`Predictor.describe` takes them."""
+        return {
+            "ood": None if self.ood is None else float(self.ood[i]),
+            "spread": None if self.spread is None else float(self.spread[i]),
+        }
 
 
 class Predictor:
@@ -40,7 +60,12 @@ class Predictor:
     without native bf16. Grad-CAM (``cxr.serving.explain``) always runs in fp32."""
 
     def __init__(
-        self, model: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu", precision: str = "fp32"
+        self,
+        model: torch.nn.Module,
+        card: ModelCard,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        ood: OodDetector | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -56,6 +81,7 @@ class Predictor:
         self.threshold = card.threshold
         self.uses_tabular = card.n_tabular > 0
         self.limits = card.limits
+        self.ood = ood if card.ood is not None else None
 
     # --- loading and saving -------------------------------------------------------------------
 
@@ -70,13 +96,20 @@ class Predictor:
         card = ModelCard.from_json(card_path.read_text(), str(card_path))
         model = build_from_spec(card.architecture)
         state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
+        ood_state = {k[len(OOD_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
         model.load_state_dict(state)
-        return cls(model, card, device, precision)
+        ood = None
+        if card.ood is not None:
+            ood = OodDetector(card.ood.dims, card.ood.classes)
+            ood.load_state_dict(ood_state)
+        return cls(model, card, device, precision, ood)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         with atomic_dir(path) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            if self.ood is not None:
+                state.update({OOD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.ood.state_dict().items()})
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / CARD_FILE).write_text(self.card.to_json())
         return path
@@ -90,26 +123,47 @@ class Predictor:
         """The model's own preprocessing: the same function prepare used for its training data."""
         return preprocess(image, self.spec)
 
-    @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, tabular: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
         """Preprocessed uint8 images (B, H, W) -> probabilities: (B,) binary, (B, K) otherwise."""
+        return self.score(images, tabular, batch_size).probs
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray, tabular: np.ndarray | None = None, batch_size: int = 256) -> Scores:
+        """Preprocessed uint8 images (B, H, W) -> probabilities, out-of-distribution scores and member spread."""
         images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
-        outs = []
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
-            x = x.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            t = None
-            if self.uses_tabular:
-                if tabular is None:
-                    tabular = np.zeros((len(images), self.card.n_tabular), np.float32)
-                t = torch.from_numpy(np.asarray(tabular[start : start + batch_size], np.float32)).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                logits = self.model(x, t).float()
-            outs.append(self.activate(logits).cpu().numpy())
-        probs = np.concatenate(outs) if outs else np.zeros((0, len(self.labels)), np.float32)
-        return probs[:, 0] if self.task == "binary" else probs
+        if self.uses_tabular and tabular is None:
+            tabular = np.zeros((len(images), self.card.n_tabular), np.float32)
+        probs, spreads = [], []
+        tap = FeatureTap(self.model, self.card.ood.stages if self.ood is not None else [])
+        with tap:
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
+                x = x.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+                t = (
+                    None
+                    if tabular is None
+                    else torch.from_numpy(np.asarray(tabular[start : start + len(x)], np.float32))
+                )
+                p, spread = self._forward(x, None if t is None else t.to(self.device))
+                tap.end_batch()
+                probs.append(p)
+                spreads.append(spread)
+        ood = self.ood.score(tap.take()).numpy() if self.ood is not None and probs else None
+        out = np.concatenate(probs) if probs else np.zeros((0, len(self.labels)), np.float32)
+        spread = np.concatenate(spreads) if probs and spreads[0] is not None else None
+        return Scores(out[:, 0] if self.task == "binary" else out, ood, spread)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+        stacked = getattr(self.model, "stacked", None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = (stacked(x, t) if stacked else self.model(x, t)[None]).float()
+        probs = self.activate(logits.mean(dim=0)).cpu().numpy()
+        if stacked is None:
+            return probs, None
+        per_member = torch.stack([self.activate(member) for member in logits])  # (members, B, K)
+        return probs, per_member.std(dim=0).mean(dim=1).cpu().numpy()
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
@@ -117,8 +171,8 @@ class Predictor:
     def predict_images(self, images: Sequence[Image]) -> list[dict[str, Any]]:
         """Decoded images -> one result per image (probabilities per label, decision, threshold)."""
         arrays = np.stack([self.prepare_input(im) for im in images]) if images else np.zeros((0, 1, 1), np.uint8)
-        probs = self.predict_proba(arrays, self.tabular_for(images))
-        return [self.describe(p) for p in probs]
+        scores = self.score(arrays, self.tabular_for(images))
+        return [self.describe(p, **scores.of(i)) for i, p in enumerate(scores.probs)]
 
     def tabular_for(self, images: Sequence[Image]) -> np.ndarray | None:
         """The tabular inputs (age, sex, view from the image headers) of a fusion model; None otherwise."""
@@ -131,9 +185,41 @@ class Predictor:
     def predict_files(self, sources: Sequence[str | Path | bytes]) -> list[dict[str, Any]]:
         return self.predict_images([self.read(s) for s in sources])
 
-    def describe(self, prob: np.ndarray | float, threshold: float | None = None) -> dict[str, Any]:
-        """Probabilities per label plus the decision at the model's own threshold(s), or (binary) at
-        ``threshold`` when given (a site's operating point)."""
+    def describe(
+        self,
+        prob: np.ndarray | float,
+        threshold: float | None = None,
+        *,
+        ood: float | None = None,
+        spread: float | None = None,
+        decide_out_of_distribution: bool = False,
+    ) -> dict[str, Any]:
+        """Probabilities per label plus the decision at the model's own threshold(s), or (binary) at ``threshold``
+        when given (a site's operating point). A film out of distribution gets the decision ``abstain`` and the
+        reason, unless ``decide_out_of_distribution`` asks for the decision anyway."""
+        out = self._decision(prob, threshold)
+        if self.card.ood is None:  # the card, not the detector: a weightless copy (the HTTP process) words answers
+            out["ood"] = {"checked": False}
+        else:
+            limit = self.card.ood.threshold
+            inside = bool(ood is not None and ood <= limit)
+            out["ood"] = {"checked": True, "score": ood, "threshold": limit, "in_distribution": inside}
+            if not inside and not decide_out_of_distribution:
+                out.update(prediction=ABSTAIN, abstain_reason=self.abstain_reason(ood))
+                if "positive" in out:
+                    out["positive"] = None
+        if spread is not None:
+            out["uncertainty"] = float(spread)  # spread of the members' / views' probabilities
+        return out
+
+    def abstain_reason(self, score: float | None) -> str:
+        check = self.card.ood
+        return (
+            f"out of distribution: unlike the films the model was trained on (score {score:.1f} above {check.threshold:.1f}, "
+            f"which {check.val_pass_rate:.0%} of validation films stay under), so it gives no decision"
+        )
+
+    def _decision(self, prob: np.ndarray | float, threshold: float | None) -> dict[str, Any]:
         if self.task == "binary":
             p, t = float(prob), self.threshold if threshold is None else threshold
             return {

@@ -30,7 +30,11 @@ class Ensemble(nn.Module):
         self.n_tabular = int(members[0].spec.get("n_tabular", 0))
 
     def forward(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
-        return torch.stack([m(x, tabular) for m in self.members]).mean(dim=0)
+        return self.stacked(x, tabular).mean(dim=0)
+
+    def stacked(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
+        """Every member's logits, ``(members, B, n_outputs)``: their spread is the ensemble's uncertainty."""
+        return torch.stack([m(x, tabular) for m in self.members])
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -59,11 +63,16 @@ class TestTimeAugmentation(nn.Module):
         self.n_tabular = int(network.spec.get("n_tabular", 0))
 
     def forward(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
+        return self.stacked(x, tabular).mean(dim=0)
+
+    def stacked(self, x: Tensor, tabular: Tensor | None = None) -> Tensor:
+        """The logits of every view (and every member of an ensemble), ``(views [x members], B, n_outputs)``."""
         b = x.shape[0]
         views = [
             apply_augment(x, view.expand(b, -1)).contiguous(memory_format=torch.channels_last) for view in self.views
         ]
-        return torch.stack([self.network(v, tabular) for v in views]).mean(dim=0)
+        inner = getattr(self.network, "stacked", None)
+        return torch.cat([inner(v, tabular) if inner else self.network(v, tabular)[None] for v in views])
 
     @property
     def spec(self) -> dict[str, Any]:

@@ -182,6 +182,12 @@ class Monitor:
             buckets=Z_BUCKETS,
             registry=registry,
         )
+        self.ood = Counter(
+            "cxr_out_of_distribution",
+            "Answered films out of distribution, by outcome: abstained, or decided because the caller asked.",
+            ["outcome", "model_version"],
+            registry=registry,
+        )
 
     @_never_fails
     def answered(self, served: "ServedModel", prepared: "Prepared", answer: dict[str, Any]) -> None:
@@ -196,6 +202,9 @@ class Monitor:
             for reason in warning_reasons(message):
                 self.warnings.labels(reason).inc()
         self.inputs.labels(**input_kind(prepared.meta)).inc()
+        ood = answer.get("ood", {})
+        if ood.get("checked") and not ood.get("in_distribution"):
+            self.ood.labels("abstained" if "abstain_reason" in answer else "decided", version).inc()
         self.observe_intensity(prepared.stats, predictor.card.train_intensity)
 
     def observe_intensity(self, stats: dict[str, float], reference: IntensityStats | None) -> None:

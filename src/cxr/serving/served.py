@@ -42,7 +42,9 @@ WHAT_TO_DO = (
 # Run metrics worth showing in /metadata (the rest are per-epoch training curves).
 METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
 # The lineage fields /metadata shows (None when the card has none).
-METADATA_LINEAGE = ("dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit")
+METADATA_LINEAGE = (
+    "dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit", "environment",
+)  # fmt: skip
 # What an answered input tells the service's metrics about itself (cxr.serving.monitoring): nothing identifying.
 INPUT_META = ("format", "view", "photometric")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
@@ -202,7 +204,16 @@ class ServedModel:
             "training": {k: training.get(k) for k in METADATA_LINEAGE},
             "metrics": self.metrics,
             "operating_points": self.sites,
+            "out_of_distribution": self.ood_check(),
         }
+
+    def ood_check(self) -> dict[str, Any]:
+        """How the model tells films unlike its training films (``checked: false`` for a model without it)."""
+        check = self.predictor.card.ood
+        if check is None:
+            return {"checked": False}
+        fields = ("method", "threshold", "val_pass_rate", "fit_images")
+        return {"checked": True, **{k: getattr(check, k) for k in fields}, "stages": len(check.stages)}
 
     def _decode(self, data: bytes, label: str = "upload") -> tuple[Any, np.ndarray]:
         """Read, refuse non-chest DICOMs, preprocess. UserError for anything unusable."""
@@ -225,11 +236,13 @@ class ServedModel:
         stats = image_stats(x)
         return Prepared(x, None if tabular is None else tabular[0], input_warnings(image.meta, x, stats), stats, meta)
 
-    def infer(self, batch: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[Any]:
-        """(input array, tabular) pairs -> one probability (binary) or probability vector per pair."""
+    def infer(self, batch: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[dict[str, Any]]:
+        """(input array, tabular) pairs -> per pair, as JSON crosses from the model process: ``prob`` (binary) or
+        the probability vector, the out-of-distribution score ``ood`` and the members' ``spread`` (or None)."""
         xs = np.stack([x for x, _ in batch])
         tabular = np.stack([t for _, t in batch]) if batch and batch[0][1] is not None else None
-        return list(self.predictor.predict_proba(xs, tabular))
+        scores = self.predictor.score(xs, tabular)
+        return [{"prob": np.asarray(p).tolist(), **scores.of(i)} for i, p in enumerate(scores.probs)]
 
     def site_refusal(self, site: str | None) -> dict[str, Any] | None:
         """A refusal naming the known sites when ``site`` is not an operating point of this version, else None."""
@@ -242,16 +255,25 @@ class ServedModel:
             f"unknown site {site!r} for {self.ref.name} version {self.ref.version or '-'}; known: {known}", UNKNOWN_SITE
         )
 
-    def answer(self, prepared: Prepared, prob: Any, site: str | None = None) -> dict[str, Any]:
+    def answer(
+        self, prepared: Prepared, scored: dict[str, Any], site: str | None = None, abstain: bool = True
+    ) -> dict[str, Any]:
         """The response; with ``site`` (checked by ``site_refusal``) the decision is at that site's threshold,
-        and ``operating_point`` says so."""
-        if site is None:
-            decision = self.predictor.describe(prob)
-        else:
-            decision = {**self.predictor.describe(prob, self.sites[site]["threshold"]), "operating_point": site}
+        and ``operating_point`` says so. A film out of distribution is answered ``abstain`` unless ``abstain``
+        is False (the caller asked for the decision anyway)."""
+        threshold = None if site is None else self.sites[site]["threshold"]
+        decision = self.predictor.describe(
+            scored["prob"],
+            threshold,
+            ood=scored["ood"],
+            spread=scored["spread"],
+            decide_out_of_distribution=not abstain,
+        )
+        if site is not None:
+            decision["operating_point"] = site
         return {**decision, "model": self.ref.to_dict(), "warnings": prepared.warnings}
 
-    def predict(self, uploads: Sequence[bytes], site: str | None = None) -> list[dict[str, Any]]:
+    def predict(self, uploads: Sequence[bytes], site: str | None = None, abstain: bool = True) -> list[dict[str, Any]]:
         """One response (or refusal) per upload; the usable ones go through the model as one batch."""
         unknown = self.site_refusal(site)
         if unknown is not None:
@@ -259,9 +281,9 @@ class ServedModel:
         results: list[Any] = [self.prepare(data) for data in uploads]
         usable = [i for i, r in enumerate(results) if isinstance(r, Prepared)]
         if usable:
-            probs = self.infer([(results[i].x, results[i].tabular) for i in usable])
-            for i, p in zip(usable, probs):
-                results[i] = self.answer(results[i], p, site)
+            scored = self.infer([(results[i].x, results[i].tabular) for i in usable])
+            for i, one in zip(usable, scored):
+                results[i] = self.answer(results[i], one, site, abstain)
         return results
 
     def explain(self, data: bytes, label: str | None = None) -> dict[str, Any]:
@@ -270,15 +292,19 @@ class ServedModel:
         try:
             image, x = self._decode(data)
             result = explain(self.predictor, image, label)
+            scores = self.predictor.score(x[None], self.predictor.tabular_for([image]))
         except UserError as exc:
             return refusal(str(exc))
         except Exception as exc:
             return _unexpected(exc)
+        ood = self.predictor.describe(scores.probs[0], **scores.of(0))["ood"]
+        outside = [self.predictor.abstain_reason(ood["score"])] if ood["checked"] and not ood["in_distribution"] else []
         return {
             **result.summary(),
             "png": result.png,
             "model": self.ref.to_dict(),
-            "warnings": input_warnings(image.meta, x) + result.warnings,
+            "ood": ood,
+            "warnings": input_warnings(image.meta, x) + result.warnings + outside,
         }
 
 

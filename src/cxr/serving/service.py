@@ -113,8 +113,8 @@ class CxrModel:
         else bentoml.api
     )
     def infer(self, inputs: list[Any]) -> list[Any]:
-        """(preprocessed uint8 image, tabular or None) pairs -> probabilities (concurrent calls merged
-        by BentoML's adaptive batcher when CXR_BATCHING is on)."""
+        """(preprocessed uint8 image, tabular or None) pairs -> probability, out-of-distribution score and spread
+        of each (ServedModel.infer); concurrent calls merged by BentoML's adaptive batcher when CXR_BATCHING is on."""
         return self.served.infer(inputs)
 
     @bentoml.api
@@ -256,10 +256,12 @@ class CxrService:
         return await self._remote("infer", [(p.x, p.tabular) for p in prepared])
 
     @bentoml.api
-    async def predict(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
+    async def predict(self, file: Path, ctx: bentoml.Context, abstain: bool = True) -> dict[str, Any]:
         """Probabilities per label, the decision at the model's threshold, the model version and warnings.
-        With `?site=NAME` (or header `X-CXR-Site: NAME`) the decision is at that site's stored operating
-        point, and `operating_point` names it; an unknown site is refused (400) with the known ones."""
+        `ood` says whether the film is like the training films; one that is not gets the decision `abstain`
+        and `abstain_reason`, unless the form field `abstain` is false (then the decision is given anyway,
+        still marked out of distribution). With `?site=NAME` (or header `X-CXR-Site: NAME`) the decision is at
+        that site's stored operating point, and `operating_point` names it; an unknown site is refused (400)."""
 
         site = await self._site(ctx)
         if is_refusal(site):
@@ -267,19 +269,21 @@ class CxrService:
         (prepared,) = await self._prepare([file])
         if is_refusal(prepared):
             return _refused_upload(prepared, ctx)
-        (prob,) = await self._infer([prepared])
-        return self._answer(prepared, prob, site)
+        (scored,) = await self._infer([prepared])
+        return self._answer(prepared, scored, site, abstain)
 
-    def _answer(self, prepared: Any, prob: Any, site: str | None) -> dict[str, Any]:
-        answer = self._served.answer(prepared, prob, site)
+    def _answer(self, prepared: Any, scored: Any, site: str | None, abstain: bool) -> dict[str, Any]:
+        answer = self._served.answer(prepared, scored, site, abstain)
         monitor().answered(self._served, prepared, answer)
         return answer
 
     @bentoml.api
-    async def predict_batch(self, files: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
+    async def predict_batch(
+        self, files: list[Path], ctx: bentoml.Context, abstain: bool = True
+    ) -> list[dict[str, Any]]:
         """Several files (multipart field `files`, repeated): a list of `predict` answers in the same order.
         If any file is unusable the whole request is refused (422), naming the file by its position.
-        `?site=NAME` / `X-CXR-Site` as for `predict`."""
+        `abstain`, `?site=NAME` / `X-CXR-Site` as for `predict`."""
 
         site = await self._site(ctx)
         if is_refusal(site):
@@ -297,8 +301,8 @@ class CxrService:
                 monitor().refused(r["error"])
             message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
             return _refused({"error": message, "status": max(r["status"] for _, r in refused)}, ctx)
-        probs = await self._infer(prepared)
-        return [self._answer(p, prob, site) for p, prob in zip(prepared, probs)]
+        scored = await self._infer(prepared)
+        return [self._answer(p, one, site, abstain) for p, one in zip(prepared, scored)]
 
     async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
         """The requested site, or a refusal (unknown site: the known ones are listed)."""
@@ -311,7 +315,9 @@ class CxrService:
     async def explain(self, file: Path, label: str | None = None) -> Annotated[Path, ContentType("image/png")]:
         """Grad-CAM heatmap over the image (PNG). Headers: X-CXR-Label (explained label),
         X-CXR-Probability, X-CXR-Lung-Share (share of the heat inside a crude lung mask),
-        X-CXR-Lung-Area (the share a uniform heatmap would get), X-CXR-Model, X-CXR-Warnings (JSON list).
+        X-CXR-Lung-Area (the share a uniform heatmap would get), X-CXR-Model, X-CXR-OOD (JSON: the film's
+        out-of-distribution score and whether it is in distribution; when not, `predict` abstains and a warning
+        says so), X-CXR-Warnings (JSON list).
 
         Lung-Share and Lung-Area are `none` (never 0) when there is no meaningful value, and a warning
         says why: the Grad-CAM is empty (no heat, or the same everywhere: the PNG then shows none), or
@@ -330,6 +336,7 @@ class CxrService:
             "X-CXR-Lung-Share": number(result["lung_share"]),
             "X-CXR-Lung-Area": number(result["lung_area"]),
             "X-CXR-Model": json.dumps(result["model"]),
+            "X-CXR-OOD": json.dumps(result["ood"]),  # in_distribution false: predict would abstain
             "X-CXR-Warnings": json.dumps(result["warnings"]),
         }
         return Response(result["png"], media_type="image/png", headers=headers)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_PREFIX = "promotion."
+EXTERNAL_OOD_PREFIX = "external_ood_share."  # + an external set's dataset hash: the share it had out of distribution
 # Training-run metrics put on the version when no evaluation gives the number (a tuning trial's objective).
 RUN_METRIC_TAGS = {
     "val_auroc": ("best_val_auroc",),
@@ -59,6 +60,7 @@ class Rule(StrEnum):
     CHANCE = "auroc-ci-includes-chance"  # the validation AUROC CI does not lie above CHANCE_AUROC
     OTHER_DATA = "different-data"  # validated on other data than the champion: numbers not comparable
     NOT_BETTER = "does-not-beat-champion"  # validation AUROC not above the champion's by registry.promote_margin
+    NO_OOD_CHECK = "no-ood-check"  # no out-of-distribution check, with registry.require_ood (else a warning)
 
 
 class RegistryError(UserError):
@@ -150,7 +152,10 @@ def version_tags(
         "dataset_hash": card.training.dataset_hash,
         "data_source": card.training.source,
         "synthetic_data": str(card.training.synthetic).lower(),
+        "ood_method": card.ood.method if card.ood else "none",
     }
+    if card.ood:
+        tags |= {"ood_threshold": f"{card.ood.threshold:.6f}", "ood_val_pass_rate": f"{card.ood.val_pass_rate:.4f}"}
     tags |= {k: run_tags[k] for k in RUN_TAGS if k in run_tags}
     for tag, names in RUN_METRIC_TAGS.items():
         value = next((run_metrics[n] for n in names if n in run_metrics), None)
@@ -343,6 +348,8 @@ def promote(cfg: "Config", version: str | int, *, force: bool = False, reason: s
     candidate = _version(client, name, version)
     current = champion(cfg, client)
     decision = compare(candidate, current, cfg.registry.promote_margin)
+    if decision.promote:
+        decision = ood_check(candidate, cfg.registry.require_ood) or decision
     overridden = None
     if not decision.promote:
         overridable = decision.rule is not Rule.ALREADY_CHAMPION
@@ -369,6 +376,28 @@ def promote(cfg: "Config", version: str | int, *, force: bool = False, reason: s
         overrode=None if overridden is None else str(overridden),
     )
     return decision
+
+
+def ood_check(candidate: "ModelVersion", required: bool) -> Decision | None:
+    """A refusal when the version has no out-of-distribution check and one is required; else a warning, or None."""
+    if candidate.tags.get("ood_method", "none") != "none":
+        return None
+    why = (
+        f"version {candidate.version} has no out-of-distribution check: the service will decide every film, "
+        "however unlike its training films"
+    )
+    if required:
+        return _refuse(Rule.NO_OOD_CHECK, why + " (registry.require_ood is on)")
+    log.warning("%s (set registry.require_ood to refuse such versions)", why)
+    return None
+
+
+def record_external_ood(cfg: "Config", name: str, version: str, dataset_hash: str, share: float) -> str:
+    """The share of an external set flagged out of distribution, as version tag ``external_ood_share.HASH``."""
+    client = _client(cfg)
+    key = f"{EXTERNAL_OOD_PREFIX}{dataset_hash[:12]}"
+    client.set_model_version_tag(name, str(version), key, f"{share:.4f}")
+    return key
 
 
 def rollback(cfg: "Config", *, reason: str | None = None) -> "ModelVersion":

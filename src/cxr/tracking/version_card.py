@@ -88,6 +88,15 @@ def limits(card: ModelCard, report: dict[str, Any] | None, findings: list[str]) 
     return [f"- {line}" for line in out]
 
 
+def _ood(card: ModelCard) -> str:
+    if card.ood is None:
+        return "none: every film gets a decision, however unlike the training films"
+    return (
+        f"{card.ood.method} over {len(card.ood.stages)} stages; threshold {card.ood.threshold:.2f} passes "
+        f"{card.ood.val_pass_rate:.1%} of validation films; films beyond it are answered `abstain`"
+    )
+
+
 def describe(
     name: str, version: str, card: ModelCard, tags: dict[str, str], report: dict[str, Any] | None, findings: list[str]
 ) -> str:
@@ -99,6 +108,7 @@ def describe(
         ("Synthetic data", "yes" if lineage.synthetic else "no"),
         ("Architecture", f"{card.arch} ({card.task}: {', '.join(card.labels)})"),
         ("Threshold", _threshold(card)),
+        ("Out-of-distribution check", _ood(card)),
         ("Training run", f"`{tags.get('run_id', lineage.run_id)}`, git `{tags.get('git_commit', lineage.git_commit)}`"),
         ("Evaluated", tags.get("evaluated", "false")),
     ]

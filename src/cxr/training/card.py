@@ -12,7 +12,7 @@ import numpy as np
 
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
-from cxr.models.card import IntensityStats, Limits, Lineage, ModelCard, Moments, Preprocessing
+from cxr.models.card import IntensityStats, Limits, Lineage, ModelCard, Moments, OodCheck, Preprocessing
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -45,8 +45,9 @@ def check_prepared(cfg: "Config", data: PreparedData) -> None:
 
 
 def model_card(
-    cfg: "Config", data: PreparedData, architecture: dict[str, Any], threshold: Any, **lineage: Any
-) -> ModelCard:
+    cfg: "Config", data: PreparedData, architecture: dict[str, Any], threshold: Any, ood: OodCheck | None,
+    **lineage: Any,
+) -> ModelCard:  # fmt: skip
     """model.json: everything needed to use the weights on a raw image, plus lineage."""
     made = data.card["preprocess"]
     return ModelCard(
@@ -65,6 +66,7 @@ def model_card(
             **lineage,
         ),
         train_intensity=intensity_stats(data.images, data.split("train")),
+        ood=ood,
     )
 
 

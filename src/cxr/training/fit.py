@@ -31,7 +31,9 @@ from cxr.training.baseline import fit_linear
 from cxr.training.callbacks import Callback, EarlyStopping, MlflowMetrics, ScoreYardstick, Timer
 from cxr.training.card import check_prepared, model_card
 from cxr.training.distributed import Ranks
+from cxr.training.environment import environment, environment_tags
 from cxr.training.loop import Member, train_network
+from cxr.training.ood import fit_ood
 from cxr.training.scoring import Yardstick, predict_split, task_auroc, uses_bf16
 from cxr.training.setup import resolve_device
 from cxr.training.threshold import choose_thresholds, threshold_scores
@@ -67,7 +69,7 @@ class Trained:
     history: list[dict[str, float]]
     images_per_second: float
     metrics: dict[str, float]  # the run's summary metrics
-    lineage: dict[str, Any] = field(default_factory=dict)  # extra model-card lineage (an ensemble's members)
+    lineage: dict[str, Any] = field(default_factory=dict)  # extra model-card lineage (members, commit, environment)
 
 
 def fit(
@@ -92,7 +94,8 @@ def fit(
     with distributed.process_group(ranks, device):
         if not ranks.is_main:
             return follow_rank0(cfg, data, device, ranks, model_dir)
-        tags = {**tracking.lineage_tags(data.card), **(extra_tags or {})}
+        env = environment(device)
+        tags = {**tracking.lineage_tags(data.card), **environment_tags(env), **(extra_tags or {})}
         with tracking.run(cfg, name=training_run_name(cfg), nested=nested, tags=tags, run_id=run_id) as active:
             run_id = active.info.run_id if active else None
             if active:
@@ -103,8 +106,8 @@ def fit(
                                   [{"val_auroc": linear.val_auroc}], linear.images_per_second, linear.metrics)  # fmt: skip
             else:
                 trained = fit_networks(cfg, data, list(callbacks), yardstick, active is not None, device, ranks)
-            result = finish(cfg, data, trained, model_dir, run_id, tags.get("git_commit"),
-                            log_model=log_model and active is not None)  # fmt: skip
+            trained.lineage = {**trained.lineage, "git_commit": tags.get("git_commit"), "environment": env}
+            result = finish(cfg, data, trained, model_dir, run_id, log_model=log_model and active is not None)
         distributed.wait_for_rank0(ranks)  # the others wait here until the model is saved and logged
         return result
 
@@ -202,19 +205,20 @@ def saved_model(cfg: "Config", networks: list[torch.nn.Module]) -> torch.nn.Modu
 
 
 def finish(
-    cfg: "Config", data: PreparedData, trained: Trained, model_dir: Path, run_id: str | None,
-    git_commit: str | None, *, log_model: bool,
-) -> FitResult:  # fmt: skip
-    """The tail every model goes through: threshold on validation, model card, saved model, MLflow."""
+    cfg: "Config", data: PreparedData, trained: Trained, model_dir: Path, run_id: str | None, *, log_model: bool
+) -> FitResult:
+    """The tail every model goes through: threshold and out-of-distribution check on validation, model card,
+    saved model, MLflow."""
     val_idx = data.split("val")
     scores = threshold_scores(trained.model, data, val_idx, trained.val_probs, cfg, trained.device)
     threshold = choose_thresholds(data.task, *scores, cfg)
-    card = model_card(cfg, data, trained.model.spec, threshold, run_id=run_id, best_epoch=trained.best_epoch,
-                      val_auroc=trained.val_auroc, epochs_trained=len(trained.history), git_commit=git_commit,
-                      **trained.lineage)  # fmt: skip
-    Predictor(trained.model.cpu().float(), card).save(model_dir)
+    detector, check = fit_ood(trained.model, data, cfg, trained.device) or (None, None)
+    card = model_card(cfg, data, trained.model.spec, threshold, check, run_id=run_id, best_epoch=trained.best_epoch,
+                      val_auroc=trained.val_auroc, epochs_trained=len(trained.history), **trained.lineage)  # fmt: skip
+    Predictor(trained.model.cpu().float(), card, ood=detector).save(model_dir)
     if run_id is not None:
-        mlflow.log_metrics(trained.metrics)
+        ood_metrics = {"ood_threshold": check.threshold, "ood_val_pass_rate": check.val_pass_rate} if check else {}
+        mlflow.log_metrics({**trained.metrics, **ood_metrics})
         if log_model:
             tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
     return FitResult(model_dir, run_id, trained.best_epoch, trained.val_auroc, len(trained.history),
