@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.config import REAL_FILMS_AUGMENT_STRENGTH
+from cxr.training.environment import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -60,24 +61,15 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector kernels: they change float rounding
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     for pkg in ("cxr", "mlflow", "optuna", "pydicom", "numpy"):
         info[pkg] = version(pkg)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def git_commit() -> str:
