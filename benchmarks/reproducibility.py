@@ -3,6 +3,7 @@ CPU instruction sets: val and test AUROC of each, their spread, and whether the 
 
     python benchmarks/reproducibility.py                 # ~15 min on 2 cores
     python benchmarks/reproducibility.py --seeds 42,1    # fewer seeds (the JSON says which ran)
+    python benchmarks/reproducibility.py --seeds 42 -s train.augment.strength=3.0 --name reproducibility_strength3
 
 Every run is the default `dvc repro`: the stage commands of dvc.yaml (`cxr ingest`, `prepare`, `train`,
 `evaluate`) with params.yaml as shipped and only ``project.seed`` changed (MLflow off: it records, it does not
@@ -44,10 +45,10 @@ def prepared(work: Path, seed: int, name: str) -> dict[str, str]:
     return {p.name: sha(p) for p in sorted(out.iterdir())}
 
 
-def pipeline(work: Path, seed: int, name: str, env: dict[str, str] | None = None) -> dict:
+def pipeline(work: Path, seed: int, name: str, env: dict[str, str] | None = None, extra: dict | None = None) -> dict:
     """train + evaluate on seed's prepared arrays (``prepared_<seed>``); what the run reached."""
     paths = {"paths.prepared": f"prepared_{seed}", "paths.model": f"model_{name}", "paths.reports": f"reports_{name}"}
-    settings = {"project.seed": seed, **paths}
+    settings = {"project.seed": seed, **paths, **(extra or {})}
     run_cxr(work, "train", settings, env)
     run_cxr(work, "evaluate", settings, env)
     card = json.loads((work / f"model_{name}" / "model.json").read_text())["training"]
@@ -76,9 +77,12 @@ def spread(values: list[float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("-s", dest="overrides", action="append", default=[], help="KEY=VALUE on top of params.yaml")
+    ap.add_argument("--name", default="reproducibility", help="results/NAME.json")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = WORK / "reproducibility"
+    extra = dict(o.split("=", 1) for o in args.overrides)
+    work = WORK / args.name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", work)
@@ -86,15 +90,16 @@ def main() -> None:
     arrays = [prepared(work, seeds[0], "a"), prepared(work, seeds[0], "b")]
     for seed in seeds:
         prepared(work, seed, str(seed))
-    runs = {f"seed {s}": pipeline(work, s, str(s)) for s in seeds}
-    again = pipeline(work, seeds[0], "again")
+    runs = {f"seed {s}": pipeline(work, s, str(s), extra=extra) for s in seeds}
+    again = pipeline(work, seeds[0], "again", extra=extra)
     variants = {
-        "1 thread": pipeline(work, seeds[0], "1thread", {"OMP_NUM_THREADS": "1"}),
-        "AVX2 kernels": pipeline(work, seeds[0], "avx2", AVX2),
+        "1 thread": pipeline(work, seeds[0], "1thread", {"OMP_NUM_THREADS": "1"}, extra),
+        "AVX2 kernels": pipeline(work, seeds[0], "avx2", AVX2, extra),
     }
     val = [r["val_auroc"] for r in runs.values()]
     first = runs[f"seed {seeds[0]}"]
     figures = {
+        "overrides": extra,
         "seeds": seeds,
         "runs": runs,
         "val_auroc": spread(val),
@@ -109,14 +114,14 @@ def main() -> None:
         },
     }
     figures["summary"] = (
-        f"default dvc repro, seeds {','.join(map(str, seeds))}: val AUROC {figures['val_auroc']['min']:.3f}-"
+        f"{'default' if not extra else extra} dvc repro, seeds {','.join(map(str, seeds))}: val AUROC {figures['val_auroc']['min']:.3f}-"
         f"{figures['val_auroc']['max']:.3f} (every seed >= {TARGET}: {figures['every_seed_reaches_target']}), "
         f"test {figures['test_auroc']['min']:.3f}-{figures['test_auroc']['max']:.3f}; seed {seeds[0]} at 1 thread "
         f"{variants['1 thread']['val_auroc']:.3f}, AVX2 {variants['AVX2 kernels']['val_auroc']:.3f} "
         f"(default {first['val_auroc']:.3f}); arrays identical: {figures['prepared_arrays_identical']}, "
         f"weights identical on a rerun: {figures['same_seed_same_weights']}"
     )
-    write_result("reproducibility", figures)
+    write_result(args.name, figures)
 
 
 if __name__ == "__main__":
