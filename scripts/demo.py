@@ -122,7 +122,10 @@ def summary(version: str) -> None:
     console.print(f"champion: {load_config().mlflow.registered_model} version {version}")
     console.print(f"out of distribution at {SITE}: {report['out_of_distribution']['verdict']}", highlight=False)
     tables().print(external_table(report))
-    tables().print(site_table(report["site_calibration"]))
+    if "site_calibration" in report:
+        tables().print(site_table(report["site_calibration"]))
+    else:
+        console.print(f"no site threshold: {report['site_calibration_skipped']}", highlight=False)
     console.print(f"external report: {EXTERNAL_OUT / 'report' / 'external.html'}")
     for label, path in (("champion", "reports/champion.json"), ("pipeline model (dvc repro, models/cxr)", METRICS)):
         test = json.loads(Path(path).read_text()).get("test", {})

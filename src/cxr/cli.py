@@ -409,6 +409,8 @@ def evaluate_external(
     colour = {"not_built_for": "red", "notable": "yellow"}.get(ood.get("level"), "")
     console.print(f"[bold {colour}]out of distribution:[/] {ood.get('verdict', 'not reported')}", highlight=False)
     tables().print(external_table(report))
+    if report.get("site_calibration_skipped"):
+        console.print(f"[yellow]no site threshold:[/] {report['site_calibration_skipped']}", highlight=False)
     if report.get("site_calibration"):
         tables().print(site_table(report["site_calibration"]))
         if report["site_calibration"]["saved_as"]:

@@ -44,7 +44,7 @@ def metadata(version: str | None = "7") -> dict:
 class ShiftedSite:
     """/metadata and /predict answering each upload with the score scripted for its bytes."""
 
-    def __init__(self, scores: dict[str, float], version: str | None = "7"):
+    def __init__(self, scores: dict[str, float], version: str | None = "7", outside: set[str] | None = None):
         from starlette.applications import Starlette
         from starlette.responses import JSONResponse
         from starlette.routing import Route
@@ -54,17 +54,27 @@ class ShiftedSite:
 
         async def predict(request):
             data = await (await request.form())["file"].read()
-            p = scores[hashlib.sha256(data).hexdigest()]
-            return JSONResponse(
-                {
-                    "probabilities": {LABELS[0]: 1 - p, LABELS[1]: p},
-                    "prediction": LABELS[int(p >= MODEL_THRESHOLD)],
-                    "positive": p >= MODEL_THRESHOLD,
-                    "threshold": MODEL_THRESHOLD,
-                    "model": metadata(version)["model"],
-                    "warnings": [],
+            key = hashlib.sha256(data).hexdigest()
+            p = scores[key]
+            answer = {
+                "probabilities": {LABELS[0]: 1 - p, LABELS[1]: p},
+                "prediction": LABELS[int(p >= MODEL_THRESHOLD)],
+                "positive": p >= MODEL_THRESHOLD,
+                "threshold": MODEL_THRESHOLD,
+                "model": metadata(version)["model"],
+                "warnings": [],
+            }
+            if outside is not None:  # a model with an out-of-distribution check: these films it abstains on
+                inside = key not in outside
+                answer["ood"] = {
+                    "checked": True,
+                    "score": 1.0 if inside else 9.0,
+                    "threshold": 5.0,
+                    "in_distribution": inside,
                 }
-            )
+                if not inside:
+                    answer.update(prediction="abstain", positive=None, abstain_reason="out of distribution")
+            return JSONResponse(answer)
 
         self.app = Starlette(
             routes=[Route("/metadata", meta, methods=["POST"]), Route("/predict", predict, methods=["POST"])]
@@ -101,7 +111,7 @@ def run(site, tmp_path: Path, **kwargs) -> dict:
         data=manifest,
         url="http://site",
         out=tmp_path,
-        transport=ShiftedSite(scores, kwargs.pop("version", "7")).transport(),
+        transport=ShiftedSite(scores, kwargs.pop("version", "7"), kwargs.pop("outside", None)).transport(),
         backoff=0,
         **kwargs,
     )
@@ -177,3 +187,26 @@ def test_site_options_misused_are_one_line_errors(site, tmp_path: Path, kwargs, 
         run(site, tmp_path, **kwargs)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "report").exists()
+
+
+def test_the_site_threshold_is_chosen_on_the_films_the_service_decides(site, tmp_path: Path):
+    manifest, scores = site
+    keys = sorted(scores)
+    outside = set(keys[::3])  # a third of the films out of distribution
+    report = run(site, tmp_path / "third", calibrate="0.5", outside=outside)
+    split = report["site_calibration"]["split"]
+    for part in ("calibration", "evaluation"):
+        assert split[part]["in_distribution"] < split[part]["scored"] == split[part]["images"]
+    assert split["calibration"]["in_distribution"] + split["evaluation"]["in_distribution"] == len(keys) - len(outside)
+    ood = report["out_of_distribution"]
+    assert ood["images"] == split["evaluation"]["scored"] and 0.2 < ood["share"] < 0.5  # on the evaluation part
+    assert report["site_calibration"]["operating_points"]["site"]["n"] == split["evaluation"]["in_distribution"]
+
+    everything = run(site, tmp_path / "all", calibrate="0.5", outside=set(keys))
+    assert (
+        "site_calibration" not in everything
+        and "too few films in distribution" in everything["site_calibration_skipped"]
+    )
+    assert everything["out_of_distribution"]["level"] == "not_built_for"
+    assert everything["out_of_distribution"]["in_distribution_metrics"] is None
+    assert everything["metrics"]["n"] > 0  # the films' probabilities are still scored and reported

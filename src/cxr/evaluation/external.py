@@ -409,8 +409,12 @@ def build_report(
         return report
     thresholds = {"model": model.threshold}
     if calibration is not None:
-        report["site_calibration"] = site_section(table, model, y, probs, ok, ok & ~outside, calibration, cfg)
-        thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
+        try:
+            report["site_calibration"] = site_section(table, model, y, probs, ok, ok & ~outside, calibration, cfg)
+            thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
+        except TooFewInDistribution as exc:  # the report still says what the model did with these films
+            report["site_calibration_skipped"] = str(exc)
+            log.warning("no site threshold: %s", exc)
     report["score_shift"] = score_shift(model, y[rows], probs[rows], cfg, thresholds, plots_dir, evaluation)
     return report
 
@@ -427,6 +431,10 @@ def flag_small_subgroups(groups: dict[str, Any]) -> dict[str, Any]:
 # --- site calibration and score shift (binary) -----------------------------------------------------
 
 
+class TooFewInDistribution(UserError):
+    """Site calibration needs films the service decides (in distribution) in both parts."""
+
+
 def site_section(
     table: pd.DataFrame,
     model: EvaluatedModel,
@@ -441,10 +449,10 @@ def site_section(
     the ``decided`` films only (scored and in distribution): the threshold is for the films the service decides."""
     chosen = calibration.split.calibration
     cal, ev = decided & chosen, decided & ~chosen
-    if not cal.any() or not ev.any():
-        raise UserError(
-            "too few films in distribution to calibrate a site threshold "
-            f"({int(cal.sum())} to choose it, {int(ev.sum())} to check it): the model was not built for this site"
+    if len(set(y[cal].tolist())) < 2 or not ev.any():
+        raise TooFewInDistribution(
+            f"too few films in distribution ({int(cal.sum())} to choose a site threshold, with both labels, and "
+            f"{int(ev.sum())} to check it): the service abstains on this site's films, so no threshold is chosen"
         )
     threshold = site.site_threshold(y[cal], probs[cal], calibration.rule)
     at_site_model = dataclasses.replace(model, threshold=threshold)
@@ -598,6 +606,8 @@ def log_to_mlflow(
         mlflow.set_tag("ood_verdict", report["out_of_distribution"]["verdict"])
         if report.get("site_calibration"):
             mlflow.set_tags(_site_tags(report["site_calibration"]))
+        if report.get("site_calibration_skipped"):
+            mlflow.set_tag("site_calibration", f"skipped: {report['site_calibration_skipped']}")
         dataset = _mlflow_dataset(ext)
         mlflow.log_input(dataset, context="external_test")
         mlflow.log_metrics(values, model_id=_logged_model_id(model), dataset=dataset)
@@ -729,7 +739,7 @@ def evaluate_external(
         scored = score_local(ext, evaluated, in_process, cache)
     with atomic_dir(out / REPORT_DIR) as tmp:  # the report appears whole or not at all
         report = build_report(ext, evaluated, scored, cfg, endpoint, tmp / "plots", calibration)
-        if calibration is not None and calibration.save_as:
+        if calibration is not None and calibration.save_as and "site_calibration" in report:
             _save_site(cfg, report, evaluated, calibration.save_as, ext)
         write_report(report, predictions_table(ext, evaluated, scored.answers), tmp)
     report["mlflow_run_id"] = log_to_mlflow(cfg, report, out / REPORT_DIR, ext, evaluated)

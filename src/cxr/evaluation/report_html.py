@@ -59,6 +59,7 @@ the threshold it was given on validation; the metrics below "all films" include 
 <td class="num {{ 'bad' if r.requests.failed }}">{{ r.requests.failed }}</td></tr></table>
 <p>Metrics are computed on the {{ r.requests.ok }} scored images; every other image is listed under Failures.</p>
 
+{% if r.site_calibration_skipped %}<p class="note">No site threshold: {{ r.site_calibration_skipped }}.</p>{% endif %}
 {% set sc = r.site_calibration %}
 {% if sc %}<p class="note">Site calibration: {{ sc.split.calibration.in_distribution }} scored images in distribution
 ({{ sc.split.calibration[sc.split.unit ~ "s"] }} {{ sc.split.unit }}s) chose the site threshold; every metric, plot and
