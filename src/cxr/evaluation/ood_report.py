@@ -75,7 +75,7 @@ def verdict(flagged: int, n: int) -> dict[str, str]:
     share = flagged / n if n else 0.0
     said = f"{flagged} of {n} films ({share:.0%}) are out of distribution"
     if share > NOT_BUILT_FOR:
-        line = f"this model was not built for these films: {said}; the metrics on all films describe guesses"
+        line = f"this model was not built for these films: {said}, and the service abstains on them"
         return {"level": "not_built_for", "verdict": line}
     if share > NOTABLE:
         return {"level": "notable", "verdict": f"{said}: read the metrics on the in-distribution films"}
