@@ -82,7 +82,7 @@ def features(predictor: Predictor, images: np.ndarray) -> dict[str, np.ndarray]:
     stages = predictor.card.ood.stages
     with FeatureTap(predictor.model, stages) as tap:
         probs = predictor.predict_proba(images)
-    summaries = [s.numpy() for s in tap.take()]
+    summaries = tap.take()
     grey = images.reshape(len(images), -1).astype(np.float32) / 255.0
     return {"prob": probs, "mean": grey.mean(1), "std": grey.std(1), "summaries": summaries}
 
@@ -102,8 +102,8 @@ def scorers(predictor: Predictor, train: dict, labels: np.ndarray):
         "intensity": lambda f: np.max([np.abs(f[k] - m) / s for k, (m, s) in moments.items()], axis=0),
         "max_probability": lambda f: 0.5 - np.abs(f["prob"] - 0.5),
         "knn_penultimate": knn,
-        "mahalanobis_penultimate": lambda f: penultimate.score([torch.from_numpy(f["summaries"][-2])]).numpy(),
-        "feature_mahalanobis": lambda f: predictor.ood.score([torch.from_numpy(s) for s in f["summaries"]]).numpy(),
+        "mahalanobis_penultimate": lambda f: penultimate.score([f["summaries"][-2]]),
+        "feature_mahalanobis": lambda f: predictor.ood.score(f["summaries"]),
     }
 
 

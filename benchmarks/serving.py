@@ -81,7 +81,7 @@ def with_ood_check(predictor, size: int):
     stages = ood_stages(predictor.model)
     with FeatureTap(predictor.model, stages) as tap, torch.no_grad():
         predictor.model(torch.from_numpy(films).unsqueeze(1).float().div(255))
-    detector = OodDetector.fitted([s.numpy() for s in tap.take()], np.arange(64) % 2)
+    detector = OodDetector.fitted(tap.take(), np.arange(64) % 2)
     check = OodCheck(method=METHOD, stages=stages, dims=detector.dims, classes=2, threshold=1e9, val_pass_rate=1.0,
                      fit_images=64)  # fmt: skip
     return Predictor(predictor.model, predictor.card.model_copy(update={"ood": check}), ood=detector)

@@ -35,8 +35,8 @@ def films(n: int, seed: int, size: int = 32) -> np.ndarray:
 def fitted_predictor(model: torch.nn.Module, train: np.ndarray, val: np.ndarray) -> Predictor:
     """What training does: statistics from training films, the threshold letting 95% of validation through."""
     stages = ood_stages(model.eval())
-    detector = OodDetector.fitted([s.numpy() for s in summaries(model, stages, train)], np.arange(len(train)) % 2)
-    scores = detector.score(summaries(model, stages, val)).numpy()
+    detector = OodDetector.fitted(summaries(model, stages, train), np.arange(len(train)) % 2)
+    scores = detector.score(summaries(model, stages, val))
     t = float(np.quantile(scores, 0.95))
     check = OodCheck(method=METHOD, stages=stages, dims=detector.dims, classes=2, threshold=t,
                      val_pass_rate=float(np.mean(scores <= t)), fit_images=len(train))  # fmt: skip
@@ -44,7 +44,7 @@ def fitted_predictor(model: torch.nn.Module, train: np.ndarray, val: np.ndarray)
 
 
 @torch.no_grad()
-def summaries(model: torch.nn.Module, stages: list[str], images: np.ndarray) -> list[torch.Tensor]:
+def summaries(model: torch.nn.Module, stages: list[str], images: np.ndarray) -> list[np.ndarray]:
     with FeatureTap(model, stages) as tap:
         model(torch.from_numpy(images).unsqueeze(1).float() / 255)
     return tap.take()

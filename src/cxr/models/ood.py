@@ -40,14 +40,15 @@ class FeatureTap:
     """Forward hooks on ``stages`` of ``model`` that keep each film's channel means and standard deviations.
 
     A stage called several times in one forward pass (test-time augmentation's views) gives the average of its
-    calls. :meth:`take` returns the summaries gathered since the last call: ``2 * len(stages)`` arrays
-    ``(films, channels)``, means and standard deviations interleaved by stage.
+    calls. :meth:`take` returns the summaries gathered since the last call: ``2 * len(stages)`` float64 arrays
+    ``(films, channels)``, means and standard deviations interleaved by stage. The hooks only sum the map and its
+    square (fast, in the map's own layout); the rest is a few numpy operations per batch.
     """
 
     def __init__(self, model: nn.Module, stages: Sequence[str]) -> None:
         self.model, self.stages = model, list(stages)
-        self._calls: dict[str, list[tuple[Tensor, Tensor]]] = {s: [] for s in self.stages}
-        self._rows: list[list[Tensor]] = [[] for _ in range(2 * len(self.stages))]
+        self._calls: dict[str, list[tuple[Tensor, Tensor, int]]] = {s: [] for s in self.stages}
+        self._rows: list[list[np.ndarray]] = [[] for _ in range(2 * len(self.stages))]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "FeatureTap":
@@ -63,8 +64,8 @@ class FeatureTap:
 
     def _stage_hook(self, name: str):
         def keep(_module: nn.Module, _inputs: object, out: Tensor) -> None:
-            flat = out.detach().double().contiguous().flatten(2)  # float64 sums: the distances magnify rounding
-            self._calls[name].append((flat.mean(dim=2), flat.std(dim=2)))
+            out = out.detach().float()
+            self._calls[name].append((out.sum(dim=(2, 3)), out.square().sum(dim=(2, 3)), out.shape[2] * out.shape[3]))
 
         return keep
 
@@ -78,14 +79,22 @@ class FeatureTap:
             calls = self._calls[name]
             if not calls:
                 continue
+            moments = [_moments(total, squares, n) for total, squares, n in calls]
             for j in (0, 1):
-                self._rows[2 * i + j].append(torch.stack([c[j] for c in calls]).mean(dim=0).cpu())
+                self._rows[2 * i + j].append(np.mean([m[j] for m in moments], axis=0))
             calls.clear()
 
-    def take(self) -> list[Tensor]:
-        out = [torch.cat(rows) if rows else torch.zeros(0) for rows in self._rows]
+    def take(self) -> list[np.ndarray]:
+        out = [np.concatenate(rows) if rows else np.zeros((0, 0)) for rows in self._rows]
         self._rows = [[] for _ in self._rows]
         return out
+
+
+def _moments(total: Tensor, squares: Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel means and standard deviations from the sums of a map and of its square."""
+    total, squares = total.cpu().numpy().astype(np.float64), squares.cpu().numpy().astype(np.float64)
+    variance = (squares - total * total / n) / max(n - 1, 1)
+    return total / n, np.sqrt(np.maximum(variance, 0))
 
 
 class OodDetector(nn.Module):
@@ -97,6 +106,7 @@ class OodDetector(nn.Module):
         for i, d in enumerate(self.dims):
             self.register_buffer(f"means_{i}", torch.zeros(self.classes, d))
             self.register_buffer(f"precision_{i}", torch.zeros(d, d))
+        self._stats: tuple[tuple[int, ...], list[tuple[np.ndarray, np.ndarray]]] | None = None
 
     @classmethod
     def fitted(cls, summaries: Sequence[np.ndarray], labels: np.ndarray) -> "OodDetector":
@@ -111,14 +121,24 @@ class OodDetector(nn.Module):
             getattr(detector, f"precision_{i}").copy_(torch.from_numpy(LedoitWolf().fit(centred).precision_))
         return detector
 
-    def score(self, summaries: Sequence[Tensor]) -> Tensor:
-        """``(films,)`` scores, higher is further from the training films; float64, rounded to 1e-4. A film's
-        features differ in their last bits with the batch it came in (the kernels sum in another order), which
-        moves its score by about that much: nothing a decision away from the threshold notices."""
-        total = torch.zeros(len(summaries[0]), dtype=torch.float64)
-        for i, x in enumerate(summaries):
-            means, precision = getattr(self, f"means_{i}").double(), getattr(self, f"precision_{i}").double()
-            diff = x.double()[:, None, :] - means[None]  # (films, classes, d)
-            dist = torch.einsum("ncd,de,nce->nc", diff, precision, diff).min(dim=1).values
-            total += torch.log(dist.clamp_min(0) + _EPS)
-        return torch.round(total, decimals=4)
+    def statistics(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(means, precision) per summary as float64 arrays, converted once (again only if the buffers change)."""
+        buffers = [
+            b for i in range(len(self.dims)) for b in (getattr(self, f"means_{i}"), getattr(self, f"precision_{i}"))
+        ]
+        version = tuple(b._version for b in buffers)
+        if self._stats is None or self._stats[0] != version:
+            arrays = [b.cpu().numpy().astype(np.float64) for b in buffers]
+            self._stats = (version, list(zip(arrays[::2], arrays[1::2])))
+        return self._stats[1]
+
+    def score(self, summaries: Sequence[np.ndarray]) -> np.ndarray:
+        """``(films,)`` scores, higher is further from the training films; rounded to 1e-4. A film's features
+        differ in their last bits with the batch it came in (the kernels sum in another order), which moves its
+        score by about that much: nothing a decision away from the threshold notices."""
+        total = np.zeros(len(summaries[0]))
+        for (means, precision), x in zip(self.statistics(), summaries):
+            diff = np.asarray(x, dtype=np.float64)[:, None, :] - means[None]  # (films, classes, d)
+            dist = ((diff @ precision) * diff).sum(axis=2).min(axis=1)
+            total += np.log(np.maximum(dist, 0) + _EPS)
+        return np.round(total, 4)

@@ -150,7 +150,7 @@ class Predictor:
                 tap.end_batch()
                 probs.append(p)
                 spreads.append(spread)
-        ood = self.ood.score(tap.take()).numpy() if self.ood is not None and probs else None
+        ood = self.ood.score(tap.take()) if self.ood is not None and probs else None
         out = np.concatenate(probs) if probs else np.zeros((0, len(self.labels)), np.float32)
         spread = np.concatenate(spreads) if probs and spreads[0] is not None else None
         return Scores(out[:, 0] if self.task == "binary" else out, ood, spread)
