@@ -234,10 +234,10 @@ def test_batch_equals_single_requests(server: Server):
     )
     assert r.status_code == 200, r.text
     singles = [httpx.post(f"{server.url}/predict", files={"file": ("x", d)}, timeout=60).json() for d in uploads]
-    # the same answers; the out-of-distribution score moves in its last digit with the batch (see OodDetector.score)
+    # the same answers; the out-of-distribution score moves by ~1e-4 of itself with the batch (OodDetector.score)
     batch = r.json()
     for batched, single in zip(batch, singles):
-        assert batched["ood"].pop("score") == pytest.approx(single["ood"].pop("score"), abs=1e-3)
+        assert batched["ood"].pop("score") == pytest.approx(single["ood"].pop("score"), rel=1e-3)
     assert batch == singles
     bad = httpx.post(
         f"{server.url}/predict_batch", files=[("files", ("a", uploads[0])), ("files", ("b", b"junk"))], timeout=60

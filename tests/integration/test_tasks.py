@@ -98,7 +98,8 @@ def test_multilabel_with_per_class_thresholds(tmp_path):
     cfg, result, report = run(tmp_path, labels, "multilabel")
     p = Predictor.from_dir(cfg.paths.model)
     assert p.task == "multilabel" and len(p.threshold) == 4
-    out = p.describe(p.predict_proba(np.load(tmp_path / "prepared" / "images_32.npy")[:1])[0])
+    scores = p.score(np.load(tmp_path / "prepared" / "images_32.npy")[:1])
+    out = p.describe(scores.probs[0], **scores.of(0))
     assert isinstance(out["prediction"], list) and set(out["threshold"]) == set(CLASSES)
     assert set(report["splits"]["test"]["per_class"]) == set(CLASSES)
 

@@ -76,6 +76,8 @@ def test_an_answer_out_of_distribution_abstains_unless_asked_to_decide(predictor
     assert decided["ood"]["in_distribution"] is False and "abstain_reason" not in decided
     inside = predictor.score(films(1, 6))
     assert predictor.describe(inside.probs[0], **inside.of(0))["prediction"] in predictor.labels
+    with pytest.raises(ValueError, match="ood score"):  # never a decision for a film nobody checked
+        predictor.describe(inside.probs[0])
 
 
 def test_a_films_score_hardly_depends_on_its_batch(predictor):

@@ -134,8 +134,9 @@ class OodDetector(nn.Module):
 
     def score(self, summaries: Sequence[np.ndarray]) -> np.ndarray:
         """``(films,)`` scores, higher is further from the training films; rounded to 1e-4. A film's features
-        differ in their last bits with the batch it came in (the kernels sum in another order), which moves its
-        score by about that much: nothing a decision away from the threshold notices."""
+        differ in their last bits with the batch it came in (the kernels sum in another order), which the
+        distances magnify: its score moves by up to ~1e-4 of itself (measured), which only a film that close to
+        the threshold notices."""
         total = np.zeros(len(summaries[0]))
         for (means, precision), x in zip(self.statistics(), summaries):
             diff = np.asarray(x, dtype=np.float64)[:, None, :] - means[None]  # (films, classes, d)

@@ -200,9 +200,11 @@ class Predictor:
         out = self._decision(prob, threshold)
         if self.card.ood is None:  # the card, not the detector: a weightless copy (the HTTP process) words answers
             out["ood"] = {"checked": False}
+        elif ood is None:
+            raise ValueError("this model checks every film: describe() needs its ood score (Predictor.score)")
         else:
             limit = self.card.ood.threshold
-            inside = bool(ood is not None and ood <= limit)
+            inside = bool(ood <= limit)
             out["ood"] = {"checked": True, "score": ood, "threshold": limit, "in_distribution": inside}
             if not inside and not decide_out_of_distribution:
                 out.update(prediction=ABSTAIN, abstain_reason=self.abstain_reason(ood))
@@ -212,7 +214,7 @@ class Predictor:
             out["uncertainty"] = float(spread)  # spread of the members' / views' probabilities
         return out
 
-    def abstain_reason(self, score: float | None) -> str:
+    def abstain_reason(self, score: float) -> str:
         check = self.card.ood
         return (
             f"out of distribution: unlike the films the model was trained on (score {score:.1f} above {check.threshold:.1f}, "
