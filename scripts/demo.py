@@ -35,7 +35,7 @@ SERVE_LOG = Path("reports/demo/serve.log")
 METRICS = "reports/metrics.json"  # dvc repro's model, which the tuned champion need not be
 READY_TIMEOUT_S = 300
 # A study small enough for two CPU cores: three trials of the default length (the synthetic findings take
-# ~20 epochs to learn), pruned from the second trial on, around the default learning rate and augmentation.
+# 8-20 epochs to learn), pruned from the second trial on, around the default learning rate and augmentation.
 TUNE = [
     "--trials", "3", "--study", STUDY, "--register",
     "-s", "tune.startup_trials=1",
