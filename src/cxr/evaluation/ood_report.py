@@ -32,13 +32,14 @@ def ood_flags(answers: list["Answer"]) -> tuple[bool, np.ndarray]:
 
 
 def ood_section(
-    model: ModelTask, table: pd.DataFrame, rows: np.ndarray, outside: np.ndarray, y: np.ndarray, probs: np.ndarray,
-    cfg: "Config", checked: bool,
+    model: ModelTask, table: pd.DataFrame, scored: np.ndarray, rows: np.ndarray, outside: np.ndarray, y: np.ndarray,
+    probs: np.ndarray, cfg: "Config", checked: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Share flagged overall and per subgroup, the metrics on in-distribution films, the verdict."""
+    """Share flagged overall and per subgroup (of every ``scored`` film: a property of the set), the metrics on the
+    in-distribution films among ``rows`` (the films the report's metrics are on), the verdict."""
     if not checked:
         return {"checked": False, "level": "unchecked", "verdict": "the model has no check: every film was decided"}
-    n, flagged = int(rows.sum()), int((rows & outside).sum())
+    n, flagged = int(scored.sum()), int((scored & outside).sum())
     inside = rows & ~outside
     both_classes = model.task != "binary" or 0 < y[inside].sum() < inside.sum()
     return {
@@ -46,7 +47,7 @@ def ood_section(
         "images": n,
         "flagged": flagged,
         "share": flagged / n if n else None,
-        "by_subgroup": share_by_subgroup(table[rows], outside[rows]),
+        "by_subgroup": share_by_subgroup(table[scored], outside[scored]),
         "in_distribution_metrics": task_metrics(model, y[inside], probs[inside], cfg) if both_classes else None,
         **verdict(flagged, n),
     }
