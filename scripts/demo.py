@@ -2,8 +2,11 @@
 
 dvc repro → a short `cxr tune` (its own study, pruning on) that registers its best trial → `cxr promote`
 through the gate → a synthetic second hospital → `cxr serve` in the background on 127.0.0.1 →
-`cxr evaluate-external --calibrate` through the HTTP API (the model's threshold and one chosen on 30% of the
-site's films, both scored on the rest) → the server stopped → a summary and the next commands.
+`cxr evaluate-external --calibrate` through the HTTP API (first, how many of the site's films the model calls out
+of distribution; a site threshold is chosen on 30% of the films it does decide, when there are enough) → the server
+stopped → a summary and the next commands. With the defaults, the model finds every hospital_b film unlike its
+training films (another scanner's blur, response curve and collimation), so the service abstains on them and no site
+threshold is chosen: the summary says so, beside the metrics on all films.
 Run again, it reuses what is done: DVC's cache, the finished study, the registered version, the site's files.
 """
 
