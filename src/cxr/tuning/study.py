@@ -11,6 +11,7 @@ nested mode makes no parent run).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -575,7 +576,7 @@ def tune(
     storage = make_storage(cfg, url)
     shared = not url.startswith("sqlite")
     study = load_study(cfg, name, storage, shared)
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study, storage, cfg.tune.grace_period)
 
     client = parent_id = experiment_id = None
     if cfg.mlflow.enabled:
@@ -587,9 +588,9 @@ def tune(
         sync_failed_runs(client, study, experiment_id, parent_id)
     with remembered_interrupt() as interrupted:
         objective = make_objective(cfg, client, experiment_id, parent_id, n_trials, interrupted)
-        _optimize(cfg, study, objective, name, n_trials, timeout, interrupted)
+        _optimize(cfg, study, storage, objective, name, n_trials, timeout, interrupted)
 
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study, storage, cfg.tune.grace_period)
     summary = {}
     if client is not None:
         sync_failed_runs(client, study, experiment_id, parent_id)
@@ -657,9 +658,34 @@ def _in_database_call(frame: Any) -> bool:
     return False
 
 
+def fail_stale_trials(study: Any, storage: "optuna.storages.RDBStorage", grace_period: float) -> None:
+    """Optuna's stale-trial check, and the case it skips: a worker killed between creating its trial and the trial's
+    first heartbeat leaves it RUNNING with no heartbeat, which Optuna never calls stale (optuna 5.0,
+    ``RDBStorage._get_stale_trial_ids``); a resumed study would wait for it forever. Such a trial, started longer
+    than the grace period ago, is failed here."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=grace_period)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.datetime_start and trial.datetime_start < cutoff and not _has_heartbeat(storage, trial._trial_id):
+            if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+                log.info("trial %d: its worker stopped before its first heartbeat; marked failed", trial.number)
+
+
+def _has_heartbeat(storage: "optuna.storages.RDBStorage", trial_id: int) -> bool:
+    # private: Optuna offers no public query for it, and it is pinned (pyproject.toml)
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        return session.query(models.TrialHeartbeatModel).filter_by(trial_id=trial_id).count() > 0
+
+
 def _optimize(
     cfg: "Config",
     study: Any,
+    storage: "optuna.storages.RDBStorage",
     objective: Any,
     name: str,
     n_trials: int,
@@ -667,7 +693,6 @@ def _optimize(
     interrupted: threading.Event,
 ) -> None:
     """Run trials one at a time until the study has ``n_trials`` finished ones (other workers' count too)."""
-    import optuna
 
     start, failures = time.monotonic(), 0
     done = counts(study)["finished"]
@@ -680,7 +705,7 @@ def _optimize(
             if timeout is not None and time.monotonic() - start >= timeout:
                 log.info("timeout reached after %d trials", done)
                 break
-            optuna.storages.fail_stale_trials(study)
+            fail_stale_trials(study, storage, cfg.tune.grace_period)
             now = counts(study)
             if now["finished"] + now["RUNNING"] >= n_trials:  # other workers are running the last trials
                 time.sleep(2)
