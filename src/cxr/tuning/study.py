@@ -250,10 +250,18 @@ def _best(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
 # --- MLflow --------------------------------------------------------------------------------------
 
 
+PARENT_SETTLE_S = 1.0  # a shared study's workers look again this long after making a parent run (see parent_run)
+
+
 def parent_run(
-    cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str
-) -> str:
-    """The study's one parent run, shared by resumed runs and by every worker of a distributed study."""
+    cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str,
+    shared: bool = False,
+) -> str:  # fmt: skip
+    """The study's one parent run, shared by resumed runs and by every worker of a distributed study.
+
+    Workers starting together may each make one; all keep the oldest, and the others delete their own. A worker
+    of a shared study looks again ``PARENT_SETTLE_S`` after making its run: looking at once, two workers each
+    found only their own run (seen in the 3-worker PostgreSQL test), and the study had two parents."""
     filt = f"tags.`cxr.role` = 'study' and tags.`optuna.study` = '{study.study_name}'"
     key = redact(storage_url)
 
@@ -270,6 +278,8 @@ def parent_run(
         run_name=f"tune {study.study_name}",
         tags={"cxr.role": "study", "optuna.study": study.study_name, "optuna.storage": key, **tracking.git_state()},
     )
+    if shared:
+        time.sleep(PARENT_SETTLE_S)  # long enough for another worker's run made at the same moment to be visible
     found = find()
     if found[0].info.run_id != mine.info.run_id:  # another worker made one at the same moment: keep the oldest
         client.delete_run(mine.info.run_id)
@@ -584,7 +594,7 @@ def tune(
 
         experiment_id = tracking.configure(cfg)
         client = MlflowClient()
-        parent_id = parent_run(cfg, client, experiment_id, study, url)
+        parent_id = parent_run(cfg, client, experiment_id, study, url, shared)
         sync_failed_runs(client, study, experiment_id, parent_id)
     with remembered_interrupt() as interrupted:
         objective = make_objective(cfg, client, experiment_id, parent_id, n_trials, interrupted)
