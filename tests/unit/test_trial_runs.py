@@ -3,6 +3,8 @@ whenever its worker died, wherever it died (before its run existed, before recor
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import optuna
 import pytest
@@ -105,13 +107,17 @@ def test_resume_closes_the_run_of_every_killed_trial(tracked):
 
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_the_grace_period(tmp_path):
     """Optuna never calls a RUNNING trial without a heartbeat stale: a resume then waited for it forever."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=600)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=600)
     study = optuna.create_study(storage=storage, study_name="s")
     orphan = study.ask()  # RUNNING, and no heartbeat thread ever started: the worker died right there
     alive = study.ask()
     storage.record_heartbeat(alive._trial_id)  # a live worker's trial
-    tuning.fail_stale_trials(study, storage, grace_period=3600)
+    tuning.fail_stale_trials(study, storage)  # within the grace period: a live worker may not have beaten yet
     assert {t.number: t.state for t in study.get_trials()} == {0: TrialState.RUNNING, 1: TrialState.RUNNING}
-    tuning.fail_stale_trials(study, storage, grace_period=0)
+    time.sleep(1.5)  # both trials are now older than a 1-second grace period
+    storage.grace_period = 1
+    storage.record_heartbeat(alive._trial_id)  # the live worker has just beaten: Optuna's own check keeps it
+    tuning.fail_stale_trials(study, storage)
     assert study.get_trials()[orphan.number].state == TrialState.FAIL
     assert study.get_trials()[alive.number].state == TrialState.RUNNING  # its heartbeat is the stale check's to judge

@@ -26,14 +26,10 @@ FILE = "champion.json"
 def champion_summary(cfg: "Config") -> dict[str, Any]:
     """Which version holds the alias, its run, and its val / test headline metrics (from its run's evaluation)."""
     version = registry.champion(cfg)
+    out: dict[str, Any] = {"model": cfg.mlflow.registered_model, "alias": cfg.registry.alias, "version": None}
     if version is None:
-        return {"model": cfg.mlflow.registered_model, "alias": cfg.registry.alias, "version": None}
-    out: dict[str, Any] = {
-        "model": cfg.mlflow.registered_model,
-        "alias": cfg.registry.alias,
-        "version": int(version.version),
-        "run_id": version.run_id,
-    }
+        return out
+    out.update(version=int(version.version), run_id=version.run_id)
     evaluation = logged_evaluation(version.run_id) if version.run_id else None
     for split, result in (evaluation or {}).get("splits", {}).items():
         out[split] = headline(result)

@@ -82,16 +82,21 @@ def subgroups(
     """Binary metrics per view, sex and age band (manifest columns of the scored rows, in order)."""
     if predictor.task != "binary":
         return {}
+    groups = subgroup_values(rows)
+    if not groups:
+        return {}
+    return metrics.subgroup_metrics(y, probs, predictor.threshold, groups, ci=cfg.evaluate.ci, seed=cfg.project.seed)
+
+
+def subgroup_values(rows: "pd.DataFrame") -> dict[str, list[Any]]:
+    """Each row's view, sex and age band, for the attributes with more than one known value (a single one says
+    nothing about subgroups)."""
     groups = {
         "view": rows["view"].tolist(),
         "sex": rows["sex"].tolist(),
         "age_band": [metrics.age_band(a) for a in rows["age"]],
     }
-    # an attribute with a single known value says nothing about subgroups
-    groups = {k: v for k, v in groups.items() if len({g for g in v if g not in (None, "", "unknown") and g == g}) > 1}
-    if not groups:
-        return {}
-    return metrics.subgroup_metrics(y, probs, predictor.threshold, groups, ci=cfg.evaluate.ci, seed=cfg.project.seed)
+    return {k: v for k, v in groups.items() if len({g for g in v if g not in (None, "", "unknown") and g == g}) > 1}
 
 
 def plots_for(

@@ -410,7 +410,8 @@ def build_report(
     thresholds = {"model": model.threshold}
     if calibration is not None:
         try:
-            report["site_calibration"] = site_section(table, model, y, probs, ok, ok & ~outside, calibration, cfg)
+            decided = ok & ~outside
+            report["site_calibration"] = site_section(table, model, y, probs, ok, decided, calibration, cfg, result)
             thresholds["site"] = report["site_calibration"]["thresholds"]["site"]
         except TooFewInDistribution as exc:  # the report still says what the model did with these films
             report["site_calibration_skipped"] = str(exc)  # said by the CLI with the tables
@@ -443,9 +444,11 @@ def site_section(
     decided: np.ndarray,
     calibration: SiteRequest,
     cfg: "Config",
+    at_model_all: dict[str, Any],
 ) -> dict[str, Any]:
     """The site threshold chosen on the calibration part; both operating points on the evaluation part. Both use
-    the ``decided`` films only (scored and in distribution): the threshold is for the films the service decides."""
+    the ``decided`` films only (scored and in distribution): the threshold is for the films the service decides.
+    ``at_model_all``: the model's threshold on every scored film of the evaluation part (reused when all are decided)."""
     chosen = calibration.split.calibration
     cal, ev = decided & chosen, decided & ~chosen
     if len(set(y[cal].tolist())) < 2 or not ev.any():
@@ -455,7 +458,10 @@ def site_section(
         )
     threshold = site.site_threshold(y[cal], probs[cal], calibration.rule)
     at_site_model = dataclasses.replace(model, threshold=threshold)
-    at_model = task_metrics(model, y[ev], probs[ev], cfg)
+    if (ev == (ok & ~chosen)).all():  # every scored film decided: the report's own metrics are these
+        at_model = {k: v for k, v in at_model_all.items() if k != "subgroups"}
+    else:
+        at_model = task_metrics(model, y[ev], probs[ev], cfg)
     at_site = task_metrics(at_site_model, y[ev], probs[ev], cfg)
     at_site["subgroups"] = flag_small_subgroups(subgroups(at_site_model, table[ev], y[ev], probs[ev], cfg))
     unit = calibration.split.unit

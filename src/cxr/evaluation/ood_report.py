@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from cxr.evaluation import metrics
-from cxr.evaluation.evaluate import ModelTask, task_metrics
+from cxr.evaluation.evaluate import ModelTask, subgroup_values, task_metrics
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -54,17 +53,12 @@ def ood_section(
 
 
 def share_by_subgroup(rows: pd.DataFrame, outside: np.ndarray) -> dict[str, dict[str, dict[str, Any]]]:
-    groups = {
-        "view": rows["view"].fillna("unknown").astype(str),
-        "sex": rows["sex"].fillna("unknown").astype(str),
-        "age_band": pd.Series([metrics.age_band(a) for a in rows["age"]], index=rows.index).astype(str),
-    }
+    """Per view, sex and age band (those ``subgroups`` reports): how many films, and how many flagged."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, values in groups.items():
-        if values.nunique() < 2:  # one value says nothing about where the flags fall
-            continue
+    for name, values in subgroup_values(rows).items():
+        values = pd.Series(values).fillna("unknown").astype(str)
         out[name] = {
-            str(v): {"images": int(m.sum()), "flagged": int(outside[m].sum()), "share": float(outside[m].mean())}
+            v: {"images": int(m.sum()), "flagged": int(outside[m].sum()), "share": float(outside[m].mean())}
             for v in sorted(values.unique())
             for m in [(values == v).to_numpy()]
         }

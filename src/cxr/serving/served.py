@@ -297,14 +297,16 @@ class ServedModel:
             return refusal(str(exc))
         except Exception as exc:
             return _unexpected(exc)
-        ood = self.predictor.describe(scores.probs[0], **scores.of(0))["ood"]
-        outside = [self.predictor.abstain_reason(ood["score"])] if ood["checked"] and not ood["in_distribution"] else []
+        said = self.predictor.describe(scores.probs[0], **scores.of(0))  # what predict would answer
+        warnings = input_warnings(image.meta, x) + result.warnings
+        if "abstain_reason" in said:
+            warnings.append(said["abstain_reason"])
         return {
             **result.summary(),
             "png": result.png,
             "model": self.ref.to_dict(),
-            "ood": ood,
-            "warnings": input_warnings(image.meta, x) + result.warnings + outside,
+            "ood": said["ood"],
+            "warnings": warnings,
         }
 
 

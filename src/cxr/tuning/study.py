@@ -586,7 +586,7 @@ def tune(
     storage = make_storage(cfg, url)
     shared = not url.startswith("sqlite")
     study = load_study(cfg, name, storage, shared)
-    fail_stale_trials(study, storage, cfg.tune.grace_period)
+    fail_stale_trials(study, storage)
 
     client = parent_id = experiment_id = None
     if cfg.mlflow.enabled:
@@ -600,7 +600,7 @@ def tune(
         objective = make_objective(cfg, client, experiment_id, parent_id, n_trials, interrupted)
         _optimize(cfg, study, storage, objective, name, n_trials, timeout, interrupted)
 
-    fail_stale_trials(study, storage, cfg.tune.grace_period)
+    fail_stale_trials(study, storage)
     summary = {}
     if client is not None:
         sync_failed_runs(client, study, experiment_id, parent_id)
@@ -668,15 +668,15 @@ def _in_database_call(frame: Any) -> bool:
     return False
 
 
-def fail_stale_trials(study: Any, storage: "optuna.storages.RDBStorage", grace_period: float) -> None:
+def fail_stale_trials(study: Any, storage: "optuna.storages.RDBStorage") -> None:
     """Optuna's stale-trial check, and the case it skips: a worker killed between creating its trial and the trial's
     first heartbeat leaves it RUNNING with no heartbeat, which Optuna never calls stale (optuna 5.0,
     ``RDBStorage._get_stale_trial_ids``); a resumed study would wait for it forever. Such a trial, started longer
-    than the grace period ago, is failed here."""
+    than the storage's grace period ago, is failed here."""
     import optuna
 
     optuna.storages.fail_stale_trials(study)
-    cutoff = dt.datetime.now() - dt.timedelta(seconds=grace_period)
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=storage.grace_period)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.datetime_start and trial.datetime_start < cutoff and not _has_heartbeat(storage, trial._trial_id):
             if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
@@ -715,7 +715,7 @@ def _optimize(
             if timeout is not None and time.monotonic() - start >= timeout:
                 log.info("timeout reached after %d trials", done)
                 break
-            fail_stale_trials(study, storage, cfg.tune.grace_period)
+            fail_stale_trials(study, storage)
             now = counts(study)
             if now["finished"] + now["RUNNING"] >= n_trials:  # other workers are running the last trials
                 time.sleep(2)
