@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -329,11 +328,15 @@ def serve(
     cfg = _config(params, None)
     launch.check_port(host, port)
     ref = launch.check_model(cfg, model)
-    console.print(f"serving {ref.name} version {ref.version or '-'} ({ref.uri}) on http://{host}:{port}")
+    console.print(f"starting {ref.name} version {ref.version or '-'} ({ref.uri}) on http://{host}:{port} …")
     env = dict(os.environ) | ({"CXR_PARAMS": str(params.resolve())} if params.exists() else {})
     env |= {"CXR_MODEL_URI": model} if model else {}
-    sys.stdout.flush()
-    os.execvpe("bentoml", launch.bentoml_argv(host, port), env)
+
+    def say_serving(ready: dict) -> None:
+        served = ready.get("model", {})
+        console.print(f"serving {served.get('name')} version {served.get('version') or '-'} on http://{host}:{port}")
+
+    raise typer.Exit(launch.run_until_stopped(host, port, env, say_serving))
 
 
 @app.command("evaluate-external")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,7 @@ from cxr.data.ingest import ingest
 from cxr.data.prepare import prepare
 from cxr.data.sources.synthetic import SITE_MANIFEST, write_site
 from cxr.evaluation.evaluate import evaluate
-from cxr.evaluation.external import evaluate_external, load_in_process
+from cxr.evaluation.external import LOCAL_NAMES_NOTE, MLFLOW_NAMES_NOTE, evaluate_external, load_in_process
 from cxr.tracking.runs import use_store
 from cxr.training.fit import fit
 from support.cli import cxr_here, flags
@@ -182,6 +183,41 @@ def test_broken_files_are_counted_and_listed(project: Path, png_folder, tmp_path
     assert f"Failures ({len(broken)})" in html and all(Path(b).name in html for b in broken)
     predictions = (tmp_path / "report" / "predictions.csv").read_text()
     assert predictions.count("refused") == len(broken)
+
+
+def test_mlflow_holds_salted_hashes_of_the_file_names_and_the_local_report_the_names(
+    project: Path, png_folder, tmp_path: Path
+):
+    """File names are often patient names in PACS exports: none may reach MLflow (artifacts, tags, params, name)."""
+    root, broken = png_folder
+    data = tmp_path / "pacs_export"
+    shutil.copytree(root, data)
+    patient = data / "chest_xray" / "test" / "PNEUMONIA" / "Doe_Jane_19700101.png"
+    shutil.copy(data / "chest_xray" / "test" / "NORMAL" / "normal_0.png", patient)
+    (data / "chest_xray" / "test" / "NORMAL" / "Roe_Richard_truncated.png").write_bytes(patient.read_bytes()[:200])
+    report = evaluate_external(config(project), data=data, model=project / "models" / "cxr", out=tmp_path / "out")
+    names = {p.name for p in data.rglob("*") if p.is_file()}
+    assert {"Doe_Jane_19700101.png", "Roe_Richard_truncated.png", *(Path(b).name for b in broken)} <= names
+    patients = ("Doe_Jane", "Roe_Richard")
+
+    local = tmp_path / "out" / "report"
+    predictions = pd.read_csv(local / "predictions.csv")
+    assert {Path(f).name for f in predictions["file"]} == names  # the local report keeps the names ...
+    assert any(f["file"].endswith("Roe_Richard_truncated.png") for f in report["failures"])
+    for page in ("external.json", "external.html"):
+        assert LOCAL_NAMES_NOTE in (local / page).read_text()  # ... and says so
+
+    run = mlflow.get_run(report["mlflow_run_id"])
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "logged")))
+    files = [p for p in logged.rglob("*") if p.is_file()]
+    assert {"predictions.csv", "external.json", "external.html"} <= {p.name for p in files}
+    said = "\n".join(p.read_bytes().decode(errors="replace") for p in files)
+    said += json.dumps([run.info.run_name, run.data.tags, run.data.params, [str(d) for d in run.inputs.dataset_inputs]])
+    assert [n for n in names | set(patients) if n in said] == []
+    shared = pd.read_csv(logged / "external" / "predictions.csv")
+    assert "file" not in shared and shared["file_id"].tolist() == predictions["file_id"].tolist()  # rows match
+    assert shared["file_id"].str.fullmatch("[0-9a-f]{20}").all() and shared["file_id"].is_unique
+    assert MLFLOW_NAMES_NOTE in (logged / "external" / "external.json").read_text()
 
 
 def test_manifest_csv_labels_and_demographics(project: Path, png_folder, tmp_path: Path):
@@ -349,8 +385,9 @@ def test_through_the_service_equals_in_process(project: Path, service: str, cham
     assert remote["requests"]["refused"] == local["requests"]["refused"] == len(broken)
     assert [f["error"] for f in remote["failures"]] == [f["error"] for f in local["failures"]]
     assert remote["model"]["version"] == local["model"]["version"] == "1"
-    remote_predictions = (tmp_path / "remote" / "report" / "predictions.csv").read_text()
-    assert remote_predictions == (tmp_path / "local" / "report" / "predictions.csv").read_text()
+    remote_predictions = pd.read_csv(tmp_path / "remote" / "report" / "predictions.csv").drop(columns="file_id")
+    local_predictions = pd.read_csv(tmp_path / "local" / "report" / "predictions.csv").drop(columns="file_id")
+    pd.testing.assert_frame_equal(remote_predictions, local_predictions)  # file_id: salted per report
 
     run = mlflow.get_run(remote["mlflow_run_id"])
     assert run.data.tags["endpoint"] == f"{service}/predict" and run.data.tags["model_version"] == "1"

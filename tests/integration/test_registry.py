@@ -187,12 +187,13 @@ def test_history_columns_show_their_own_fields(project: Path, monkeypatch):
     res = cli(project, monkeypatch, name, "models", "--history")
     assert res.exit_code == 0, res.output
     rows = table(res.stdout)
-    assert [(r["id"], r["action"], r["from"], r["to"], r["forced"], r["undoes"]) for r in rows] == [
-        ("1", "promote", "", "1", "False", ""),
-        ("2", "promote", "1", "2", "True", ""),
-        ("3", "rollback", "2", "1", "", "2"),
+    assert [(r["action"], r["from"], r["to"], r["forced"], r["undoes"]) for r in rows] == [
+        ("promote", "", "1", "False", ""),
+        ("promote", "1", "2", "True", ""),
+        ("rollback", "2", "1", "", rows[1]["id"]),
     ]
     assert [r["overrode"] for r in rows] == ["", Rule.NOT_BETTER, ""]
+    assert [r["id"] for r in rows] == sorted({r["id"] for r in rows})  # unique, and time-ordered as listed
 
 
 def _unchanged(card: dict, evaluation: dict) -> None:  # another run with the same model and evaluation

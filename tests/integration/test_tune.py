@@ -241,7 +241,8 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu
     trials = study_trials(url, "resume")
     assert len([t for t in trials if t.state.name == "COMPLETE"]) == 2
     assert {t.number: t.value for t in trials if t.number in finished} == finished  # kept, not rerun
-    assert next(t for t in trials if t.number == killed[0]).state.name == "FAIL"
+    dead = next(t for t in trials if t.number == killed[0])
+    assert dead.state.name == "FAIL" and "died" in dead.user_attrs["fail_reason"], dead.user_attrs  # and why
     assert len({t.number for t in trials}) == len(trials)
     # every trial is one MLflow run in the trial's state; the killed trial's run is closed as failed
     found = trial_runs()
@@ -250,6 +251,7 @@ def test_interrupt_and_kill_then_resume_keep_finished_trials(prepared: Path, cpu
     }
     (killed_run,) = found[killed[0]]
     assert killed_run.info.status == "FAILED"
+    assert killed_run.data.tags["fail_reason"] == dead.user_attrs["fail_reason"]
 
 
 # --- PostgreSQL: three workers, one study ------------------------------------------------------------

@@ -218,9 +218,14 @@ def mutant(data: bytes, key: list[int]) -> tuple[str, bytes]:
 
 def rle_with_one_flipped_bit() -> bytes:
     """pydicom's RLE test file with the top bit of its first RLE control byte flipped: a 14-byte literal run
-    becomes a 116-byte replicate run that overruns the segment, and pylibjpeg-rle's Rust decoder panics."""
-    data = Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes()
-    frame = next(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
+    becomes a 116-byte replicate run that overruns the segment, and pylibjpeg-rle's Rust decoder panics. Relabelled
+    a chest CR, so that a reader refusing non-chest headers first still hands it to the decoder."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    ds.BodyPartExamined, ds.Modality = "CHEST", "CR"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     first_segment = data.find(frame) + struct.unpack_from("<I", frame, 4)[0]  # RLE header: count, then offsets
     flipped = bytearray(data)
     flipped[first_segment] ^= 0x80
@@ -242,6 +247,10 @@ def fixed_cases(seeds: list[bytes]) -> list[tuple[str, bytes]]:
         ("pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"),
         ("zip", b"PK\x03\x04" + bytes(26) + rng.bytes(200)),
         ("gif", b"GIF89a" + struct.pack("<HH", 64, 64) + rng.bytes(200)),
+        # zeros: pydicom reads them as millions of empty elements unless the reader stops it
+        ("zeros-8MB", bytes(8 * 1024 * 1024)),
+        ("dicom-tag+zeros-8MB", b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100" + bytes(8 * 1024 * 1024)),
+        ("dicm-preamble+zeros-8MB", bytes(128) + b"DICM" + bytes(8 * 1024 * 1024)),
     ]
     if png is not None:
         cases.append(("png-100000x100000", png_ihdr(100_000, 100_000, png)))

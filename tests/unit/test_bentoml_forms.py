@@ -47,8 +47,51 @@ def request(**kwargs) -> Request:
     return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive)
 
 
+def raw_request(body: bytes, content_type: str, in_app: bool) -> Request:
+    """A request with a hand-built body; inside an app Starlette raises its 400, outside its parse error."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    return Request({**scope, "app": object()} if in_app else scope, receive)
+
+
 def parse(req: Request):
     return asyncio.run(bentoml_forms.FormSerde().parse_request(req, UPLOAD))
+
+
+def part(name: str, filename: str | None = None, boundary: bytes = b"x") -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return b"--%s\r\nContent-Disposition: %s\r\n\r\nv\r\n" % (boundary, disposition.encode())
+
+
+FRAMING = {
+    "no boundary": (part("file", "a") + b"--x--\r\n", "multipart/form-data", "names no boundary"),
+    "another boundary": (part("file", "a", b"y") + b"--y--\r\n", "multipart/form-data; boundary=x", "does not follow"),
+    "no disposition": (
+        b"--x\r\nContent-Type: text/plain\r\n\r\nv\r\n--x--\r\n",
+        "multipart/form-data; boundary=x",
+        "no Content-Disposition",
+    ),
+    "1001 fields": (
+        b"".join(part(f"f{i}") for i in range(1001)) + b"--x--\r\n",
+        "multipart/form-data; boundary=x",
+        "Too many fields",
+    ),
+    "1001 files": (
+        b"".join(part("file", f"{i}") for i in range(1001)) + b"--x--\r\n",
+        "multipart/form-data; boundary=x",
+        "Too many files",
+    ),
+    "1001 urlencoded fields": (
+        b"&".join(b"f%d=v" % i for i in range(1001)),
+        "application/x-www-form-urlencoded",
+        "Too many fields",
+    ),
+}
 
 
 def test_what_the_adapter_relies_on_is_still_there():
@@ -76,9 +119,30 @@ def test_the_two_form_mistakes_are_validation_errors():
     mistakes = request(data={"file": "http://127.0.0.1:9/x.dcm"}, files={"other": ("x.dcm", b"1")})
     with pytest.raises(ValidationError) as err:
         parse(mistakes)
-    text = str(err.value)
-    assert "`file` must be a file upload (URLs and text are not fetched)" in text
-    assert "unexpected file field `other`: this API takes `file`" in text
+    assert err.value.title == (
+        "the form: `file` must be a file upload (URLs and text are not fetched); "
+        "unexpected file field `other`: this API takes `file`"
+    )
+    assert "http://" not in str(err.value)  # no input value is quoted
+
+
+@pytest.mark.parametrize("in_app", [True, False], ids=["in an app", "bare"])
+@pytest.mark.parametrize("case", FRAMING, ids=list(FRAMING))
+def test_a_body_that_is_not_a_form_is_a_validation_error_saying_why(case, in_app):
+    body, content_type, phrase = FRAMING[case]
+    with pytest.raises(ValidationError) as err:
+        parse(raw_request(body, content_type, in_app))
+    assert phrase in err.value.title and err.value.title.startswith("the form body: ")  # BentoML's `error` quotes it
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # one exception, not three chained
+
+
+def test_the_error_of_a_form_without_its_file_names_the_field():
+    with pytest.raises(ValidationError) as err:
+        parse(request(data={"label": "pneumonia"}))
+    assert err.value.title == "the form: `file`: Field required"
+    assert err.value.errors(include_url=False) == [
+        {"type": "missing", "loc": ("file",), "msg": "Field required", "input": "file"}
+    ]
 
 
 def test_a_good_form_goes_on_to_bentomls_own_parser(monkeypatch):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 
 import httpx
 import numpy as np
@@ -11,7 +14,16 @@ import pytest
 
 from cxr.config import Config
 from cxr.data.sources.base import SourceError
-from cxr.evaluation.external import EvaluatedModel, _check_model, compare, external_run_name
+from cxr.evaluation.external import (
+    LOCAL_NAMES_NOTE,
+    MLFLOW_NAMES_NOTE,
+    EvaluatedModel,
+    FileIds,
+    _check_model,
+    compare,
+    external_run_name,
+    without_file_names,
+)
 from cxr.evaluation.external_data import folder_table, load_external_set, map_labels, targets
 from cxr.evaluation.response_cache import ResponseCache, cache_key
 from cxr.serving.client import Answer, ServiceClient, ServiceUnavailable
@@ -164,3 +176,29 @@ def test_external_runs_are_named_after_the_data_and_the_served_version(tmp_path)
     served = EvaluatedModel("binary", ["NORMAL", "PNEUMONIA"], 0.5, name="cxr", version="3")
     assert external_run_name(kaggle, served) == "external chest_xray/test: cxr v3"  # a split folder says whose
     assert external_run_name(mine, EvaluatedModel("binary", ["NORMAL", "PNEUMONIA"], 0.5)) == "external mine: model"
+
+
+def test_file_ids_are_salted_per_report_and_cannot_be_checked_against_a_name():
+    ids, other = FileIds(), FileIds()
+    name = "PNEUMONIA/Doe_Jane_19700101.dcm"
+    assert ids(name) == ids(name) != ids("PNEUMONIA/Roe_Richard.dcm")  # one id per file within a report
+    assert ids(name) != other(name)  # another report, another salt: no link across runs
+    unsalted = {hashlib.sha256(name.encode()).hexdigest(), hmac.new(b"", name.encode(), hashlib.sha256).hexdigest()}
+    assert not any(h.startswith(ids(name)) for h in unsalted)
+    assert "salt" not in repr(ids) and len(ids(name)) == 20
+
+
+def test_what_mlflow_gets_has_ids_where_the_report_has_names():
+    ids = FileIds()
+    report = {
+        "data": {"notes": ["3 rows dropped", LOCAL_NAMES_NOTE]},
+        "failures": [{"file": "NORMAL/Doe_Jane.png", "error": "upload: not a DICOM, PNG or JPEG file"}],
+    }
+    predictions = pd.DataFrame({"file": ["NORMAL/Doe_Jane.png"], "file_id": [ids("NORMAL/Doe_Jane.png")], "p": [0.5]})
+    shared, rows = without_file_names(report, predictions, ids)
+    assert shared["failures"] == [
+        {"file": ids("NORMAL/Doe_Jane.png"), "error": "upload: not a DICOM, PNG or JPEG file"}
+    ]
+    assert shared["data"]["notes"] == ["3 rows dropped", MLFLOW_NAMES_NOTE]
+    assert list(rows) == ["file_id", "p"] and "Doe_Jane" not in json.dumps(shared) + rows.to_csv()
+    assert report["failures"][0]["file"] == "NORMAL/Doe_Jane.png"  # the local report is left as it was

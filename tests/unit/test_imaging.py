@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image as PILImage
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
+from cxr.data.sources.synthetic import render
+from cxr.errors import UserError
 from cxr.imaging import ImageReadError, ReadLimits, age_years, patient_key, read_image
 from support.reader_fuzz import rle_with_one_flipped_bit
 
@@ -47,6 +60,45 @@ def make_dicom(pixels: np.ndarray, **attrs) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def save(ds: Dataset, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, **kwargs)
+    return buf.getvalue()
+
+
+def frame_of(data: bytes) -> bytes:
+    """The one encapsulated frame of a compressed DICOM."""
+    return next(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
+
+
+def with_frame(data: bytes, stream: bytes, syntax: str | None = None, **attrs) -> bytes:
+    """The DICOM ``data`` with its pixel data replaced by the encapsulated ``stream`` (and header attributes)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = syntax or ds.file_meta.TransferSyntaxUID
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    return save(ds)
+
+
+def film8(size: int = 256) -> np.ndarray:
+    return (render(np.random.default_rng(3), 1, 0.6, size) * 255).astype(np.uint8)
+
+
+def jpeg_dicom(pixels: np.ndarray) -> bytes:
+    """An 8-bit grey image as a JPEG Baseline DICOM (PIL's encoder; nothing here pins its bytes)."""
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return with_frame(make_dicom(pixels), buf.getvalue(), JPEGBaseline8Bit)
+
+
+def j2k_dicom(pixels: np.ndarray) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(pixels, BitsStored=12)))
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    return save(ds)
 
 
 def ramp(h: int = 64, w: int = 64, hi: int = 4095, dtype=np.uint16) -> np.ndarray:
@@ -206,3 +258,162 @@ def test_size_limit_on_bytes(tmp_path):
 )
 def test_one_age_parser_for_dicom_headers_and_source_tables(value, years):
     assert age_years(value) == (None if years is None else pytest.approx(years))
+
+
+# --- what a CR archive holds: 12-bit JPEG Extended, files without file meta -----------------------------------
+
+
+def test_12bit_jpeg_extended_that_pylibjpeg_rejects_decodes_like_its_fixed_twin():
+    # NEMA's NM1_JPLY: a process 2 & 4 stream pylibjpeg-libjpeg refuses ("misplaced marker"); pydicom ships a
+    # re-encoded copy (JPGExtended.dcm) that it decodes: the two must agree to within the IDCT's rounding.
+    lossy = read_image(get_testdata_file("JPEG-lossy.dcm"))
+    fixed = read_image(get_testdata_file("JPGExtended.dcm"))
+    assert lossy.meta["bits"] == 12 and lossy.meta["transfer_syntax"] == "JPEG Extended (Process 2 and 4)"
+    assert lossy.pixels.shape == fixed.pixels.shape == (1024, 256)
+    assert 0 <= lossy.pixels.min() and lossy.pixels.max() <= 4095
+    assert np.abs(lossy.pixels - fixed.pixels).max() <= 1
+    assert lossy.meta["range"] == (0.0, 4095.0)
+
+
+def headerless(ds: Dataset, implicit: bool) -> bytes:
+    """An ACR-NEMA style file: the data set's elements only, no preamble, no file meta, no Transfer Syntax UID."""
+    return save(ds, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+
+
+def chest_cr(pixels: np.ndarray) -> Dataset:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(pixels, BitsStored=12, Modality="CR", BodyPartExamined="CHEST")))
+    del ds.file_meta
+    ds.preamble = None
+    return ds
+
+
+@pytest.mark.parametrize("implicit,syntax", [(True, "Implicit VR Little Endian"), (False, "Explicit VR Little Endian")])
+def test_a_chest_cr_without_file_meta_is_read_in_the_encoding_it_was_written_in(implicit, syntax):
+    px = ramp()
+    data = headerless(chest_cr(px), implicit)
+    assert data[:2] == b"\x08\x00" and b"DICM" not in data[:200]  # the premise: no preamble, no file meta
+    img = read_image(data)
+    assert np.array_equal(img.pixels, px.astype(np.float32))
+    assert img.meta["transfer_syntax"] == syntax and img.meta["body_part"] == "CHEST"
+
+
+# --- junk is refused before pydicom walks it ----------------------------------------------------------------
+
+MB64 = 64 * 1024 * 1024
+
+
+def test_64_mb_of_zeros_is_refused_without_a_forced_parse(monkeypatch):
+    def no_parse(*args, **kwargs):
+        raise AssertionError("a file of zeros reached pydicom's parser")
+
+    monkeypatch.setattr(pydicom.filereader, "read_partial", no_parse)
+    for junk in (bytes(MB64), bytes(128) + b"DICM" + bytes(MB64)):
+        with pytest.raises(ImageReadError, match="not a DICOM, PNG or JPEG file"):
+            read_image(junk)
+
+
+def test_zeros_after_a_plausible_first_tag_stop_the_parse_early():
+    # (0008,0005) SpecificCharacterSet, then 64 MB that pydicom would read as 8 million empty elements (~15 s)
+    junk = b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100" + bytes(MB64)
+    started = time.monotonic()
+    with pytest.raises(ImageReadError, match="not a DICOM, PNG or JPEG file"):
+        read_image(junk)
+    assert time.monotonic() - started < 5  # generous: it takes ~0.1 s
+
+
+def test_a_dicom_followed_by_zero_padding_still_decodes():
+    px = ramp()
+    img = read_image(make_dicom(px, BitsStored=12) + bytes(4096))
+    assert np.array_equal(img.pixels, px.astype(np.float32))
+
+
+# --- the header decides before any pixel is decoded ---------------------------------------------------------
+
+
+class Refused(UserError):
+    pass
+
+
+def no_decoding(monkeypatch) -> None:
+    def decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(decode))
+
+
+def test_header_check_sees_the_header_and_refuses_before_decoding(monkeypatch):
+    seen = []
+
+    def refuse_hands(header):
+        seen.append(header)
+        if header.get("body_part") == "HAND":
+            raise Refused("not a chest")
+
+    no_decoding(monkeypatch)
+    with pytest.raises(Refused):  # the caller's own UserError, not turned into an ImageReadError
+        read_image(make_dicom(ramp(), BitsStored=12, BodyPartExamined="HAND"), header_check=refuse_hands)
+    assert seen[0]["modality"] == "DX" and seen[0]["view"] == "PA" and (seen[0]["rows"], seen[0]["cols"]) == (64, 64)
+    read_image(png_bytes(ramp(hi=255, dtype=np.uint8)), header_check=refuse_hands)  # a raster's header too
+    assert seen[-1] == {"format": "png", "rows": 64, "cols": 64}
+
+
+def test_a_jpeg2000_larger_than_its_header_says_is_refused_before_decoding(monkeypatch):
+    data = j2k_dicom(ramp(96, 80))
+    assert read_image(data).pixels.shape == (96, 80)
+    lying = with_frame(data, frame_of(data), Rows=32, Columns=32)
+    no_decoding(monkeypatch)
+    with pytest.raises(ImageReadError, match="JPEG 2000 stream is 80x96 pixels, the header says 32x32"):
+        read_image(lying)
+
+
+def test_a_jpeg_larger_than_its_header_says_is_refused_before_decoding(monkeypatch):
+    data = jpeg_dicom(film8(128))
+    lying = with_frame(data, frame_of(data), Rows=64, Columns=64)
+    no_decoding(monkeypatch)
+    with pytest.raises(ImageReadError, match="JPEG stream is 128x128 pixels, the header says 64x64"):
+        read_image(lying)
+
+
+@pytest.mark.parametrize("encode", [jpeg_dicom, j2k_dicom], ids=["jpeg-baseline", "jpeg2000"])
+def test_an_encapsulated_stream_cut_to_a_quarter_is_refused(encode):
+    px = film8() if encode is jpeg_dicom else film8().astype(np.uint16) * 16
+    data = encode(px)
+    whole = read_image(data)
+    assert np.corrcoef(whole.pixels.ravel(), px.ravel())[0, 1] > 0.99
+    stream = frame_of(data)
+    with pytest.raises(ImageReadError, match="truncated or corrupt DICOM pixel data .*no end marker"):
+        read_image(with_frame(data, stream[: len(stream) // 4]))
+    # fragments are padded to an even length: padding after the end marker is no truncation
+    assert np.array_equal(read_image(with_frame(data, stream + b"\x00")).pixels, whole.pixels)
+
+
+# --- messages: one line, no free-text header value ----------------------------------------------------------
+
+
+def test_refusals_repeat_no_free_text_header_value():
+    with pytest.raises(ImageReadError, match="an unrecognised PhotometricInterpretation") as caught:
+        read_image(make_dicom(ramp(), BitsStored=12, PhotometricInterpretation="MRN12345"))
+    assert "MRN12345" not in str(caught.value)
+    data = make_dicom(ramp(), BitsStored=12)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.12345"  # no transfer syntax anyone knows
+    with pytest.raises(ImageReadError, match="unrecognised") as caught:
+        read_image(save(ds))
+    assert "12345" not in str(caught.value)
+
+
+def broken_12bit_jpeg() -> bytes:
+    """JPEG-lossy.dcm with its scan naming a component the frame does not have: every decoder gives up."""
+    data = Path(get_testdata_file("JPEG-lossy.dcm")).read_bytes()
+    stream = bytearray(frame_of(data))
+    sos = stream.index(b"\xff\xda")
+    stream[sos + 5] = 0x7F  # FFDA, length (2), component count (1), then the first component's id
+    return with_frame(data, bytes(stream))
+
+
+def test_a_refused_12bit_jpeg_is_one_line_and_logs_no_traceback(caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data \\(JPEG Extended") as caught:
+        read_image(broken_12bit_jpeg())
+    assert "\n" not in str(caught.value)
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
-from cxr.data.sources.synthetic import render
+from cxr.data.sources.synthetic import Encoding, encode, make_dataset, render
+from cxr.imaging import read_image
 from cxr.preprocess import PreprocessSpec, preprocess
 from cxr.serving.input_checks import NotAChestError, image_stats, input_warnings, refuse_non_chest
 
@@ -69,3 +71,28 @@ def test_image_stats_of_a_film():
     s = image_stats(film())
     assert 0.25 < s["mean"] < 0.9 and 0.14 < s["std"] < 0.42 and s["mediastinum_contrast"] > 0.1
     assert image_stats(255 - film())["mediastinum_contrast"] == pytest.approx(-s["mediastinum_contrast"], abs=1e-2)
+
+
+def test_messages_repeat_only_known_header_terms():
+    # a free-text field can hold anything: a patient id typed into ViewPosition must not come back
+    said = input_warnings({"format": "dicom", "view": "MRN12345"}, film())
+    assert said[0].startswith("non-frontal view (an unrecognised ViewPosition)") and "MRN12345" not in said[0]
+    with pytest.raises(NotAChestError, match="an unrecognised BodyPartExamined") as caught:
+        refuse_non_chest({"body_part": "MRN12345"})
+    assert "MRN12345" not in str(caught.value)
+    with pytest.raises(NotAChestError, match="BodyPartExamined=HAND"):  # a defined term is worth repeating
+        refuse_non_chest({"body_part": "hand"})
+
+
+def test_refuse_non_chest_runs_as_the_readers_header_check_before_decoding(monkeypatch):
+    rng = np.random.default_rng(0)
+    ds = make_dataset(render(rng, 0, 0.6, 48), Encoding(jpeg2000=True), rng)
+    ds.BodyPartExamined = "KNEE"
+    data = encode(ds)
+
+    def decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(decode))
+    with pytest.raises(NotAChestError, match="BodyPartExamined=KNEE"):
+        read_image(data, header_check=refuse_non_chest)

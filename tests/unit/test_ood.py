@@ -15,7 +15,7 @@ from cxr.models.networks import ARCHS, CXRNet
 from cxr.models.ood import METHOD, FeatureTap, OodDetector, ood_stages
 from cxr.models.predictor import ABSTAIN, Predictor
 from cxr.models.wrappers import Ensemble, TestTimeAugmentation
-from unit.conftest import tiny_card
+from support.tiny_model import tiny_card
 
 
 def films(n: int, seed: int, size: int = 32) -> np.ndarray:

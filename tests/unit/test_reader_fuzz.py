@@ -1,6 +1,6 @@
 """Fuzzing the reader: thousands of truncated, bit-flipped and lying files, each decoded sanely or refused.
 
-Seeds: pydicom's bundled test files (RLE, JPEG, JPEG 2000, JPEG-LS, deflate, big endian, 1/8/16-bit), the
+Seeds: pydicom's bundled test files (RLE, JPEG, 12-bit JPEG through GDCM, JPEG 2000, JPEG-LS, deflate, big endian, 1/8/16-bit), the
 synthetic generator's DICOMs (MONOCHROME1, 8-bit, windowed, JPEG 2000, RLE) and PNG/JPEG files (an RGBA
 PNG among them). tests/data/test_real_fuzz.py does the same with ../shared/data's files. The loop, its
 mutations and its memory cap live in tests/support/reader_fuzz.py; the counts are printed (see them with
@@ -30,6 +30,7 @@ BUNDLED = [
     "JPEG2000.dcm",  # JPEG 2000, 1024 x 256
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
     "JPGExtended.dcm",  # JPEG extended (12-bit), 1024 x 256
+    "JPEG-lossy.dcm",  # the same image as NEMA stored it: 12-bit JPEG that only GDCM decodes
     "image_dfl.dcm",  # deflated, 8-bit
     "liver_1frame.dcm",  # 1-bit
     "SC_rgb_rle.dcm",  # colour RLE: refused, but its mutants go through the header checks

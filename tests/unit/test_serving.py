@@ -106,11 +106,12 @@ def test_one_resolver_for_every_kind_of_model_location(tmp_path, monkeypatch, ti
     """A directory is itself; a registry alias needs the store; anything else says what a location may be."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    model = tiny_predictor(32).save(tmp_path / "model")
+    tiny = tiny_predictor(32)
+    model = tiny.save(tmp_path / "model")
     ref, load_uri = resolve(Config(), str(model))
     assert (ref.name, ref.version, load_uri) == ("model", None, str(model.resolve()))
     assert local_model_dir(model) == model
-    assert load_predictor(model).card == tiny_predictor(32).card
+    assert load_predictor(model).card == tiny.card  # saving recorded the weights' hash on it
     for bad in ("no/such/dir", tmp_path / "missing"):
         with pytest.raises(ModelUriError, match="neither a model directory nor an MLflow URI"):
             resolve(Config(), bad)

@@ -3,6 +3,9 @@ whenever its worker died, wherever it died (before its run existed, before recor
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -90,7 +93,8 @@ def test_resume_closes_the_run_of_every_killed_trial(tracked):
     before_its_run = study.ask()
     live = start(record=True)  # another worker's trial, still running
     for killed in (mid_training, before_recording, before_its_run):
-        study.tell(killed, state=TrialState.FAIL)  # what fail_stale_trials does after the grace period
+        study._storage.set_trial_user_attr(killed._trial_id, tuning.FAIL_REASON_ATTR, f"died {killed.number}")
+        study.tell(killed, state=TrialState.FAIL)  # what fail_stale_trials does when their workers are gone
 
     for _ in range(2):  # a second resume changes nothing
         tuning.sync_failed_runs(client, study, experiment_id, parent_id)
@@ -99,6 +103,7 @@ def test_resume_closes_the_run_of_every_killed_trial(tracked):
         for t in (mid_training, before_recording, before_its_run):
             (run,) = found[t.number]
             assert run.info.status == "FAILED" and run.data.tags["trial_state"] == "FAIL"
+            assert run.data.tags[tuning.FAIL_REASON_ATTR] == f"died {t.number}"  # why, beside the state
         assert "before the trial's run was made" in found[before_its_run.number][0].data.tags["trial_note"]
         (running,) = found[live.number]
         assert running.info.status == "RUNNING" and running.data.tags["trial_state"] == "RUNNING"
@@ -120,4 +125,36 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_th
     storage.record_heartbeat(alive._trial_id)  # the live worker has just beaten: Optuna's own check keeps it
     tuning.fail_stale_trials(study, storage)
     assert study.get_trials()[orphan.number].state == TrialState.FAIL
+    assert "died before its first heartbeat" in study.get_trials()[orphan.number].user_attrs["fail_reason"]
     assert study.get_trials()[alive.number].state == TrialState.RUNNING  # its heartbeat is the stale check's to judge
+    time.sleep(2.1)  # and now it has not beaten for longer than the grace period (sqlite's clock counts whole seconds)
+    tuning.fail_stale_trials(study, storage)
+    assert study.get_trials()[alive.number].state == TrialState.FAIL
+    assert "no heartbeat since" in study.get_trials()[alive.number].user_attrs["fail_reason"]
+
+
+@pytest.mark.skipif(tuning.process_key(os.getpid()) is None, reason="needs Linux /proc to tell a process ended")
+def test_a_trial_whose_worker_process_ended_is_failed_at_once_with_why(tmp_path):
+    """kill -9 then resume on the same machine: no waiting out the grace period for the dead worker's trial."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=600)
+    study = optuna.create_study(storage=storage, study_name="s")
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_key = tuning.process_key(worker.pid)
+    finally:
+        worker.kill()  # kill -9
+        worker.wait(timeout=30)
+    killed, alive = study.ask(), study.ask()
+    for trial, key in ((killed, dead_key), (alive, tuning.process_key(os.getpid()))):
+        trial.set_user_attr(tuning.WORKER_ATTR, f"here:{key.split(':')[2]}")
+        trial.set_user_attr(tuning.PROCESS_ATTR, key)
+        storage.record_heartbeat(trial._trial_id)  # both beat a moment ago: well within the grace period
+
+    tuning.fail_stale_trials(study, storage)
+    trials = study.get_trials()
+    assert trials[killed.number].state == TrialState.FAIL
+    reason = trials[killed.number].user_attrs["fail_reason"]
+    assert reason.startswith(f"worker here:{worker.pid} died: its process has ended (no heartbeat since "), reason
+    assert trials[alive.number].state == TrialState.RUNNING and "fail_reason" not in trials[alive.number].user_attrs
+    assert not tuning.process_gone("otherboot:1:1:1") and not tuning.process_gone("not a key")  # not ours to judge

@@ -9,7 +9,8 @@ model directory) the same happens in-process, through the service's own answer f
 when no service is running. For a binary model the report also sets the external score distributions and
 calibration beside the internal test set's (why a specificity drops at a fixed threshold); with
 ``calibrate`` it chooses a site threshold on part of the set and judges both thresholds on the rest
-(cxr.evaluation.site).
+(cxr.evaluation.site). File names (often patient names in PACS exports) stay in the local report: what is
+logged to MLflow holds a salted hash of each instead (``FileIds``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
+import secrets
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +71,11 @@ NOTABLE_DROP = 0.05
 # A subgroup with fewer positives or negatives than this is flagged: its sensitivity or specificity rests
 # on a handful of films, so its CI is too wide to tell it from the whole set.
 MIN_SUBGROUP_CLASS = 10
+LOCAL_NAMES_NOTE = "file names appear in this local report only; MLflow holds salted hashes"
+MLFLOW_NAMES_NOTE = (
+    "file names are salted hashes here (HMAC-SHA256, a random salt per report, kept nowhere): the names are in the "
+    "local report only, whose predictions.csv has the same file_id column"
+)
 
 
 @dataclass
@@ -121,6 +131,22 @@ def load_in_process(uri: str | Path, cfg: "Config | None" = None) -> "Served":
     (``models:/NAME@ALIAS`` resolved to its version once, so the version reported is the one that answered)."""
 
     return ServedModel.load(cfg, uri)
+
+
+@dataclass(frozen=True)
+class FileIds:
+    """A salted hash of each file name, for what leaves this machine (MLflow).
+
+    The salt is random per report and never written: nobody, not even whoever holds the MLflow store, can test a
+    candidate name (a patient's) against a hash. A per-store secret would make the ids stable across reports, but
+    that secret would have to be kept and guarded somewhere, and the ids would link one file across runs; the
+    content's sha256 already says when two rows are the same image. The local report's predictions.csv carries
+    the same id beside each name, so its owner can match MLflow's rows to files."""
+
+    salt: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    def __call__(self, name: str) -> str:
+        return hmac.new(self.salt, name.encode(), hashlib.sha256).hexdigest()[:20]
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -389,7 +415,7 @@ def build_report(
             "dataset_hash": ext.dataset_hash,
             "n_images": len(table),
             "label_mapping": mapping,
-            "notes": ext.notes,
+            "notes": [*ext.notes, LOCAL_NAMES_NOTE],
             "labels": {str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
         },
         "requests": {
@@ -548,14 +574,16 @@ def _distribution(scores: np.ndarray, thresholds: dict[str, float]) -> dict[str,
     return {"n": int(scores.size), "median": median, "q25": q25, "q75": q75, "above_threshold": above}
 
 
-def predictions_table(ext: ExternalSet, model: EvaluatedModel, answers: list[Answer]) -> pd.DataFrame:
-    """One row per image: what the model said (no paths outside the data folder, no patient data)."""
+def predictions_table(ext: ExternalSet, model: EvaluatedModel, answers: list[Answer], ids: FileIds) -> pd.DataFrame:
+    """One row per image: what the model said (no paths outside the data folder, no patient data), with the
+    file's name and its id (``ids``), as MLflow's copy names it."""
     rows = []
     for row, a in zip(ext.table.itertuples(), answers):
         r = a.response or {}
         rows.append(
             {
                 "file": row.file,
+                "file_id": ids(row.file),
                 "sha256": row.sha256,
                 "label": row.label,
                 "status": a.status,
@@ -577,14 +605,33 @@ def write_report(report: dict[str, Any], predictions: pd.DataFrame, folder: Path
     predictions.to_csv(folder / "predictions.csv", index=False)
 
 
+def without_file_names(
+    report: dict[str, Any], predictions: pd.DataFrame, ids: FileIds
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The report and predictions for MLflow: each file name replaced by its id, and the notes saying so."""
+    shared = json.loads(json.dumps(report, default=str))  # a deep copy, as external.json holds it
+    for failure in shared["failures"]:
+        failure["file"] = ids(failure["file"])
+    notes = shared["data"]["notes"]
+    shared["data"]["notes"] = [MLFLOW_NAMES_NOTE if n == LOCAL_NAMES_NOTE else n for n in notes]
+    return shared, predictions.drop(columns="file")
+
+
 # --- MLflow ---------------------------------------------------------------------------------------
 
 
 def log_to_mlflow(
-    cfg: "Config", report: dict[str, Any], folder: Path, ext: ExternalSet, model: EvaluatedModel
+    cfg: "Config",
+    report: dict[str, Any],
+    predictions: pd.DataFrame,
+    folder: Path,
+    ext: ExternalSet,
+    model: EvaluatedModel,
+    ids: FileIds,
 ) -> str | None:
     """An evaluation run next to the model's training run: ``external_*`` metrics, tags naming the
-    served version and data, the report as artifacts. Returns the run id (None when tracking is off)."""
+    served version and data, the report (in ``folder``) as artifacts with file names replaced by their
+    ``ids``. Returns the run id (None when tracking is off)."""
     tags = {
         "cxr.run_type": "external_evaluation",
         "model_name": str(model.name),
@@ -616,7 +663,11 @@ def log_to_mlflow(
         dataset = _mlflow_dataset(ext)
         mlflow.log_input(dataset, context="external_test")
         mlflow.log_metrics(values, model_id=_logged_model_id(model), dataset=dataset)
-        mlflow.log_artifacts(str(folder), "external")
+        with tempfile.TemporaryDirectory() as shared:
+            if (folder / "plots").is_dir():
+                shutil.copytree(folder / "plots", Path(shared) / "plots")
+            write_report(*without_file_names(report, predictions, ids), Path(shared))
+            mlflow.log_artifacts(shared, "external")
         return active.info.run_id
 
 
@@ -746,8 +797,10 @@ def evaluate_external(
         report = build_report(ext, evaluated, scored, cfg, endpoint, tmp / "plots", calibration)
         if calibration is not None and calibration.save_as and "site_calibration" in report:
             _save_site(cfg, report, evaluated, calibration.save_as, ext)
-        write_report(report, predictions_table(ext, evaluated, scored.answers), tmp)
-    report["mlflow_run_id"] = log_to_mlflow(cfg, report, out / REPORT_DIR, ext, evaluated)
+        ids = FileIds()
+        predictions = predictions_table(ext, evaluated, scored.answers, ids)
+        write_report(report, predictions, tmp)
+    report["mlflow_run_id"] = log_to_mlflow(cfg, report, predictions, out / REPORT_DIR, ext, evaluated, ids)
     _record_ood(cfg, report["out_of_distribution"], evaluated, ext)
     return report
 

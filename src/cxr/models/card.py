@@ -127,6 +127,7 @@ class ModelCard(_Record):
     training: Lineage
     train_intensity: IntensityStats | None = None  # absent from cards written before it existed
     ood: OodCheck | None = None  # None: the model has no out-of-distribution check (the linear baseline, old cards)
+    weights_sha256: str | None = None  # of model.safetensors, checked at every load; None: a card written before it
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

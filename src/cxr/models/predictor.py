@@ -7,7 +7,7 @@ lineage). Loading never executes code from the model files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cxr.data.loader import tabular_features
 from cxr.errors import UserError
-from cxr.fsutil import atomic_dir
+from cxr.fsutil import atomic_dir, sha256_file
 from cxr.imaging import Image, read_image
 from cxr.models.build import build_from_spec
 from cxr.models.card import ModelCard
@@ -32,6 +32,14 @@ CARD_FILE = "model.json"
 
 class ModelLoadError(UserError):
     """No usable model at the given location."""
+
+
+class BrokenModel(ModelLoadError):
+    """The model is there but cannot be trusted: changed, unloadable, or answering NaN."""
+
+
+class NonFiniteOutput(ValueError):
+    """The network gave NaN or inf for a film: there is no probability to decide on."""
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -87,6 +95,8 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
+        """The model in ``path``, checked: weights equal to the card's hash, loadable into its architecture, and
+        finite probabilities on a probe pass. Anything else is one ModelLoadError line, never a traceback."""
         path = Path(path)
         card_path, weights_path = path / CARD_FILE, path / WEIGHTS_FILE
         if not card_path.exists() or not weights_path.exists():
@@ -94,15 +104,26 @@ class Predictor:
                 f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
             )
         card = ModelCard.from_json(card_path.read_text(), str(card_path))
-        model = build_from_spec(card.architecture)
-        state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
-        ood_state = {k[len(OOD_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
-        model.load_state_dict(state)
-        ood = None
-        if card.ood is not None:
-            ood = OodDetector(card.ood.dims, card.ood.classes)
-            ood.load_state_dict(ood_state)
-        return cls(model, card, device, precision, ood)
+        check_weights_digest(card, weights_path)
+        try:
+            model, ood = _load_weights(card, weights_path)
+        except Exception as exc:  # truncated or foreign safetensors, another architecture's tensors
+            raise BrokenModel(f"cannot load the weights {weights_path}: {_first_line(exc)}") from None
+        predictor = cls(model, card, device, precision, ood)
+        predictor.probe()
+        return predictor
+
+    def probe(self) -> None:
+        """One forward pass on two made-up films: a network with NaN or inf in its weights answers NaN for every
+        film, and a NaN decision reads as "negative", so such a model is refused at load."""
+        side = self.spec.size
+        ramp = np.linspace(0, 1, side, dtype=np.float32)
+        films = np.stack([np.full((side, side), 128, np.uint8), (255 * np.outer(ramp, ramp[::-1])).astype(np.uint8)])
+        scores = self.score(films)
+        if not _finite(scores.probs) or (scores.ood is not None and not _finite(scores.ood)):
+            raise BrokenModel(
+                "the model answers NaN or inf on a probe image: its weights are broken; retrain it or serve another version"
+            )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -111,13 +132,18 @@ class Predictor:
             if self.ood is not None:
                 state.update({OOD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.ood.state_dict().items()})
             save_file(state, str(tmp / WEIGHTS_FILE))
+            self.card = self.card.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
             (tmp / CARD_FILE).write_text(self.card.to_json())
         return path
 
     # --- inference ----------------------------------------------------------------------------
 
-    def read(self, src: str | Path | bytes, name: str | None = None) -> Image:
-        return read_image(src, self.limits, name=name)
+    def read(
+        self, src: str | Path | bytes, name: str | None = None, header_check: Callable[[dict], None] | None = None
+    ) -> Image:
+        """The image, within the model's read limits; ``header_check`` may refuse it from its header, before any
+        pixel is decoded."""
+        return read_image(src, self.limits, name=name, header_check=header_check)
 
     def prepare_input(self, image: Image | np.ndarray) -> np.ndarray:
         """The model's own preprocessing: the same function prepare used for its training data."""
@@ -197,6 +223,10 @@ class Predictor:
         """Probabilities per label plus the decision at the model's own threshold(s), or (binary) at ``threshold``
         when given (a site's operating point). A film out of distribution gets the decision ``abstain`` and the
         reason, unless ``decide_out_of_distribution`` asks for the decision anyway."""
+        if not _finite(prob) or (ood is not None and not _finite(ood)):
+            raise NonFiniteOutput(
+                "the model gave no valid probability for this film (NaN or inf), so it gives no decision"
+            )
         out = self._decision(prob, threshold)
         if self.card.ood is None:  # the card, not the detector: a weightless copy (the HTTP process) words answers
             out["ood"] = {"checked": False}
@@ -238,3 +268,36 @@ class Predictor:
             "prediction": [lab for lab, t in zip(self.labels, self.threshold) if probs[lab] >= t],
             "threshold": dict(zip(self.labels, self.threshold)),
         }
+
+
+def _finite(values: Any) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(values, dtype=np.float64))))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def check_weights_digest(card: ModelCard, weights_path: Path) -> None:
+    """The weights must be the ones the card was written with (a card from before hashes is trusted as it is)."""
+    if card.weights_sha256 is None:
+        return
+    found = sha256_file(weights_path)
+    if found != card.weights_sha256:
+        raise BrokenModel(
+            f"{weights_path} is not the file this model was saved with (sha256 {found[:12]}…, its card says "
+            f"{card.weights_sha256[:12]}…): the weights were changed or corrupted; restore or re-register the model"
+        )
+
+
+def _load_weights(card: ModelCard, weights_path: Path) -> tuple[torch.nn.Module, OodDetector | None]:
+    model = build_from_spec(card.architecture)
+    state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
+    ood_state = {k[len(OOD_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
+    model.load_state_dict(state)
+    if card.ood is None:
+        return model, None
+    ood = OodDetector(card.ood.dims, card.ood.classes)
+    ood.load_state_dict(ood_state)
+    return model, ood

@@ -17,6 +17,10 @@ Warned (the prediction is returned, with the reason it may be unreliable):
   column) brighter than the lung fields by 0.07-0.55 in 99% of films (0.15% of 2,608 Kermany films,
   every second one, fall below 0.02, at 32 and at 224 px). An inverted grey scale (wrong MONOCHROME1
   handling) gives -0.4 to -0.1, the NEMA tibia -0.06, noise 0.0.
+
+A message repeats a header value only when it is a known DICOM term; any other value is described ("an
+unrecognised ViewPosition"), since a free-text field can hold anything, a patient id included. ``refuse_non_chest``
+reads only the header, so it can run as ``cxr.imaging.read_image``'s ``header_check``, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "
 # Modalities that are certainly not a projection radiograph of the chest.
 NOT_RADIOGRAPHY = frozenset({"CT", "MR", "US", "NM", "PT", "MG", "OP", "OPT", "SM", "XC", "ES", "IVUS", "OCT"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
+# The values a message may repeat: ViewPosition's defined terms (PS3.3 C.8.11.5.1.1) and common vendor spellings,
+# BodyPartExamined's defined terms (PS3.16 Annex L) for the regions a radiograph shows.
+KNOWN_VIEWS = FRONTAL_VIEWS | {"LL", "RL", "LLD", "RLD", "LLO", "RLO", "LAT", "LATERAL", "AP AXIAL", "PA AXIAL"}
+KNOWN_BODY_PARTS = CHEST_BODY_PARTS | {
+    "ABDOMEN", "ANKLE", "ARM", "BREAST", "CALCANEUS", "CLAVICLE", "COCCYX", "CSPINE", "ELBOW", "EXTREMITY",
+    "FEMUR", "FINGER", "FOOT", "FOREARM", "HAND", "HEAD", "HEART", "HIP", "HUMERUS", "JAW", "KNEE", "LEG",
+    "LSPINE", "NECK", "PELVIS", "RIB", "SACRUM", "SCAPULA", "SHOULDER", "SKULL", "SPINE", "SSPINE", "TOE",
+    "TSPINE", "WHOLEBODY", "WRIST", "ZYGOMA",
+}  # fmt: skip
 
 MEAN_RANGE = (0.25, 0.90)
 STD_RANGE = (0.14, 0.42)
@@ -44,14 +57,21 @@ class NotAChestError(UserError):
 def refuse_non_chest(meta: dict[str, Any], label: str = "upload") -> None:
     body_part = (meta.get("body_part") or "").strip().upper()
     if body_part and body_part not in CHEST_BODY_PARTS:
+        shown = _shown(body_part, KNOWN_BODY_PARTS, "BodyPartExamined")
         raise NotAChestError(
-            f"{label}: the DICOM header says BodyPartExamined={body_part}; this model reads chest radiographs only"
+            f"{label}: the DICOM header names a body part other than the chest ({shown}); "
+            "this model reads chest radiographs only"
         )
     modality = (meta.get("modality") or "").strip().upper()
-    if modality in NOT_RADIOGRAPHY:
+    if modality in NOT_RADIOGRAPHY:  # a known term, so it may be repeated
         raise NotAChestError(
             f"{label}: the DICOM header says Modality={modality}; this model reads chest radiographs only"
         )
+
+
+def _shown(value: str, known: frozenset[str], field: str) -> str:
+    """How a message repeats a header value: the value when it is a known term, else only that it is unknown."""
+    return f"{field}={value}" if value in known else f"an unrecognised {field}"
 
 
 def image_stats(x: np.ndarray) -> dict[str, float]:
@@ -73,7 +93,8 @@ def input_warnings(meta: dict[str, Any], x: np.ndarray, stats: dict[str, float] 
         if meta.get("format") == "dicom":  # the one format that could have said
             out.append("view unknown (no DICOM ViewPosition): the model expects a frontal PA or AP chest film")
     elif view not in FRONTAL_VIEWS:
-        out.append(f"non-frontal view (ViewPosition={view}): the model was trained on frontal PA/AP chest films")
+        shown = _shown(view, KNOWN_VIEWS, "ViewPosition")
+        out.append(f"non-frontal view ({shown}): the model was trained on frontal PA/AP chest films")
     s = stats or image_stats(x)
     odd = []
     if not MEAN_RANGE[0] <= s["mean"] <= MEAN_RANGE[1]:

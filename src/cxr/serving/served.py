@@ -22,10 +22,10 @@ import torch
 from cxr.config import load_config
 from cxr.errors import UserError
 from cxr.models.card import ModelCard
-from cxr.models.predictor import ModelLoadError, Predictor
+from cxr.models.predictor import BrokenModel, ModelLoadError, NonFiniteOutput, Predictor
 from cxr.serving.explain import explain
 from cxr.serving.input_checks import image_stats, input_warnings, refuse_non_chest
-from cxr.tracking.registry import operating_points
+from cxr.tracking.registry import WEIGHTS_TAG, operating_points
 from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, registry_version, resolve
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ METADATA_LINEAGE = (
 # What an answered input tells the service's metrics about itself (cxr.serving.monitoring): nothing identifying.
 INPUT_META = ("format", "view", "photometric")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why
+NO_VALID_OUTPUT = 503  # the model, not the film, failed (NaN or inf): the service's fault, never a decision
 UNKNOWN_SITE = 400  # the request names an operating point this version does not have
 
 
@@ -146,6 +147,9 @@ class ServedModel:
         try:
             ref, load_uri = resolve(cfg, str(uri or model_uri(cfg)))
             predictor = load_predictor(load_uri, device=device, precision=precision)
+            check_registered_weights(ref, predictor.card)
+        except BrokenModel as exc:  # changed, unloadable or NaN weights: serving another model is not the fix
+            raise NoModelToServe(str(exc)) from None
         except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
         served = cls(predictor, ref, _metrics(load_uri, predictor.card), _operating_points(ref))
@@ -218,8 +222,8 @@ class ServedModel:
     def _decode(self, data: bytes, label: str = "upload") -> tuple[Any, np.ndarray]:
         """Read, refuse non-chest DICOMs, preprocess. UserError for anything unusable."""
 
-        image = self.predictor.read(data, name=label)  # never the client's file name: it may name the patient
-        refuse_non_chest(image.meta, label)
+        # never the client's file name: it may name the patient; a non-chest header is refused before decoding
+        image = self.predictor.read(data, name=label, header_check=lambda header: refuse_non_chest(header, label))
         return image, self.predictor.prepare_input(image)
 
     def prepare(self, data: bytes) -> "Prepared | dict[str, Any]":
@@ -258,17 +262,21 @@ class ServedModel:
     def answer(
         self, prepared: Prepared, scored: dict[str, Any], site: str | None = None, abstain: bool = True
     ) -> dict[str, Any]:
-        """The response; with ``site`` (checked by ``site_refusal``) the decision is at that site's threshold,
+        """The response, or a refusal when the model gave no finite probability; with ``site`` (checked by ``site_refusal``) the decision is at that site's threshold,
         and ``operating_point`` says so. A film out of distribution is answered ``abstain`` unless ``abstain``
         is False (the caller asked for the decision anyway)."""
         threshold = None if site is None else self.sites[site]["threshold"]
-        decision = self.predictor.describe(
-            scored["prob"],
-            threshold,
-            ood=scored["ood"],
-            spread=scored["spread"],
-            decide_out_of_distribution=not abstain,
-        )
+        try:
+            decision = self.predictor.describe(
+                scored["prob"],
+                threshold,
+                ood=scored["ood"],
+                spread=scored["spread"],
+                decide_out_of_distribution=not abstain,
+            )
+        except NonFiniteOutput as exc:
+            log.error("model %s version %s: %s", self.ref.name, self.ref.version, exc)
+            return refusal(str(exc), NO_VALID_OUTPUT)
         if site is not None:
             decision["operating_point"] = site
         return {**decision, "model": self.ref.to_dict(), "warnings": prepared.warnings}
@@ -293,11 +301,13 @@ class ServedModel:
             image, x = self._decode(data)
             result = explain(self.predictor, image, label)
             scores = self.predictor.score(x[None], self.predictor.tabular_for([image]))
+            said = self.predictor.describe(scores.probs[0], **scores.of(0))  # what predict would answer
         except UserError as exc:
             return refusal(str(exc))
+        except NonFiniteOutput as exc:
+            return refusal(str(exc), NO_VALID_OUTPUT)
         except Exception as exc:
             return _unexpected(exc)
-        said = self.predictor.describe(scores.probs[0], **scores.of(0))  # what predict would answer
         warnings = input_warnings(image.meta, x) + result.warnings
         if "abstain_reason" in said:
             warnings.append(said["abstain_reason"])
@@ -308,6 +318,20 @@ class ServedModel:
             "ood": said["ood"],
             "warnings": warnings,
         }
+
+
+def check_registered_weights(ref: ModelRef, card: ModelCard) -> None:
+    """A registered version must serve the weights it was registered with: its ``weights_sha256`` tag and the
+    card (which the loader checked against the file) must agree; a version registered before the tag passes."""
+    if ref.version is None:
+        return
+    entry = registry_version(f"models:/{ref.name}/{ref.version}")
+    registered = entry.tags.get(WEIGHTS_TAG) if entry is not None else None
+    if registered is not None and registered != card.weights_sha256:
+        raise BrokenModel(
+            f"{ref.name} version {ref.version} was registered with weights sha256 {registered[:12]}…, but its "
+            f"artifacts hold {(card.weights_sha256 or 'unhashed')[:12]}…: the stored model was changed after registration"
+        )
 
 
 class WeightsElsewhere(torch.nn.Module):

@@ -57,6 +57,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,7 +70,7 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
 
 from cxr.errors import UserError
-from cxr.serving import bentoml_forms
+from cxr.serving import bentoml_forms, quiet_logs
 from cxr.serving.monitoring import monitor
 from cxr.serving.served import ServedModel, is_refusal, service_config
 
@@ -91,6 +92,8 @@ PRECISION = os.environ.get("CXR_PRECISION", "fp32").strip().lower()
 MAX_FILES = 64  # files per predict_batch request
 TIMEOUT_S = 120
 INTERNAL_RETRIES = 3
+READY_WITHIN_S = 2.0  # readiness answers within this, whatever the model service is doing
+SATURATED_AFTER_S = 10.0  # every decoder busy with one upload this long: not ready (503 + Retry-After)
 
 
 @bentoml.service(name="cxr_model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S})
@@ -103,8 +106,11 @@ class CxrModel:
         torch.set_num_threads(TORCH_THREADS)
         try:
             self.served = ServedModel.load(device=DEVICE, precision=PRECISION)
-        except UserError as exc:  # NoModelToServe, or a bad CXR_PRECISION
+        except UserError as exc:  # NoModelToServe (missing, corrupted, broken weights), or a bad CXR_PRECISION
             _stop_server(str(exc))
+            raise
+        except Exception as exc:  # anything else at load is as fatal: one line, not a restart loop
+            _stop_server(f"the model could not be loaded ({type(exc).__name__}: {str(exc).strip()[:200]})")
             raise
 
     @(
@@ -181,11 +187,23 @@ SITE_PARAM, SITE_HEADER = "site", "x-cxr-site"
 
 def requested_site(ctx: bentoml.Context) -> str | dict[str, Any] | None:
     """The operating point asked for: ``?site=NAME`` or the ``X-CXR-Site: NAME`` header (None: the model's
-    own threshold); a refusal when the two name different sites."""
+    own threshold); a refusal when the two name different sites, or for a query parameter the API does not take."""
+    unknown = unknown_query(ctx, {SITE_PARAM})
+    if unknown is not None:
+        return unknown
     query, header = ctx.request.query_params.get(SITE_PARAM), ctx.request.headers.get(SITE_HEADER)
     if query and header and query != header:
         return {"error": f"?site={query} and X-CXR-Site: {header} disagree; give one", "status": 400}
     return query or header or None
+
+
+def unknown_query(ctx: bentoml.Context, known: set[str]) -> dict[str, Any] | None:
+    """A refusal naming query parameters the API does not read (a typo must not be silently ignored), else None."""
+    unknown = sorted(set(ctx.request.query_params) - known)
+    if not unknown:
+        return None
+    takes = ", ".join(f"?{k}=" for k in sorted(known)) or "none"
+    return {"error": f"unknown query parameter {', '.join(unknown)}; this API takes {takes}", "status": 400}
 
 
 def _refused_upload(result: dict[str, Any], ctx: bentoml.Context | None = None) -> JSONResponse:
@@ -209,9 +227,11 @@ class CxrService:
     def __init__(self) -> None:
         logging.getLogger("cxr").setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
         bentoml_forms.install()  # client mistakes in a form upload answer 400, not 500
+        quiet_logs.install()  # client mistakes log one line, server errors their traceback
         self._served = None  # a weightless copy of the served model, built from the model service's card
         # Uploads are decoded here, in threads, while the model process runs forward passes.
         self._decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
+        self._decoding_since: dict[int, float] = {}  # decode id -> when it took its decoder (readiness reads it)
 
     def _client(self) -> Any:
         """The async client of the model service, told never to replace its HTTP session.
@@ -248,7 +268,12 @@ class CxrService:
 
         async def one(path: Path) -> Any:
             data = await anyio.Path(path).read_bytes()
-            return await anyio.to_thread.run_sync(served.prepare, data, limiter=self._decoders)
+            async with self._decoders:
+                self._decoding_since[id(data)] = time.monotonic()
+                try:
+                    return await anyio.to_thread.run_sync(served.prepare, data)
+                finally:
+                    del self._decoding_since[id(data)]
 
         return list(await asyncio.gather(*(one(f) for f in files)))
 
@@ -270,11 +295,13 @@ class CxrService:
         if is_refusal(prepared):
             return _refused_upload(prepared, ctx)
         (scored,) = await self._infer([prepared])
-        return self._answer(prepared, scored, site, abstain)
+        answer = self._answer(prepared, scored, site, abstain)
+        return _refused(answer, ctx) if is_refusal(answer) else answer
 
     def _answer(self, prepared: Any, scored: Any, site: str | None, abstain: bool) -> dict[str, Any]:
         answer = self._served.answer(prepared, scored, site, abstain)
-        monitor().answered(self._served, prepared, answer)
+        if not is_refusal(answer):  # a model that gave NaN: logged by ServedModel, answered 503
+            monitor().answered(self._served, prepared, answer)
         return answer
 
     @bentoml.api
@@ -302,7 +329,12 @@ class CxrService:
             message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
             return _refused({"error": message, "status": max(r["status"] for _, r in refused)}, ctx)
         scored = await self._infer(prepared)
-        return [self._answer(p, one, site, abstain) for p, one in zip(prepared, scored)]
+        answers = [self._answer(p, one, site, abstain) for p, one in zip(prepared, scored)]
+        failed = [(i, a) for i, a in enumerate(answers) if is_refusal(a)]
+        if failed:
+            message = "; ".join(f"file {i + 1} of {len(answers)}: {a['error']}" for i, a in failed)
+            return _refused({"error": message, "status": failed[0][1]["status"]}, ctx)
+        return answers
 
     async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
         """The requested site, or a refusal (unknown site: the known ones are listed)."""
@@ -312,7 +344,9 @@ class CxrService:
         return (await self._model()).site_refusal(site) or site
 
     @bentoml.api
-    async def explain(self, file: Path, label: str | None = None) -> Annotated[Path, ContentType("image/png")]:
+    async def explain(
+        self, file: Path, ctx: bentoml.Context, label: str | None = None
+    ) -> Annotated[Path, ContentType("image/png")]:
         """Grad-CAM heatmap over the image (PNG). Headers: X-CXR-Label (explained label),
         X-CXR-Probability, X-CXR-Lung-Share (share of the heat inside a crude lung mask),
         X-CXR-Lung-Area (the share a uniform heatmap would get), X-CXR-Model, X-CXR-OOD (JSON: the film's
@@ -322,10 +356,14 @@ class CxrService:
         Lung-Share and Lung-Area are `none` (never 0) when there is no meaningful value, and a warning
         says why: the Grad-CAM is empty (no heat, or the same everywhere: the PNG then shows none), or
         no lung mask could be estimated on this image. The mask depends on the pixels only, so a
-        PNG/JPEG and a DICOM of the same film get the same answer."""
+        PNG/JPEG and a DICOM of the same film get the same answer. The label may also come as ``?label=``."""
+        unknown = unknown_query(ctx, {"label"})
+        if unknown is not None:
+            return _refused(unknown, ctx)
+        label = label or ctx.request.query_params.get("label")
         result = await self._remote("explain_upload", await anyio.Path(file).read_bytes(), label)
         if "error" in result:
-            return _refused_upload(result)
+            return _refused_upload(result, ctx)
 
         def number(v: float | None) -> str:
             return "none" if v is None else f"{v:.4f}"
@@ -353,14 +391,28 @@ class CxrService:
 
     @bentoml.api
     async def readyz(self) -> dict[str, Any]:
-        """Readiness: the model answers (also GET /readyz, BentoML's probe)."""
+        """Readiness: the model answers, within seconds, and uploads are not stuck behind slow decodes (503 with
+        Retry-After otherwise; also GET /readyz, BentoML's probe)."""
         try:
-            served = await self._model()
-        except Exception as exc:  # the model service is still starting or has gone
-            return JSONResponse(
-                {"ready": False, "error": f"model not available ({type(exc).__name__})"}, status_code=503
-            )
+            served = await asyncio.wait_for(self._model(), READY_WITHIN_S)
+        except Exception as exc:  # the model service is still starting, has gone, or does not answer in time
+            name = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+            return _not_ready(f"model not available ({name})")
+        busy = self._saturated_for()
+        if busy is not None:
+            return _not_ready(f"every upload decoder has been busy for {busy:.0f} s", retry_after=int(busy))
         return {"ready": True, "model": served.ref.to_dict()}
+
+    def _saturated_for(self) -> float | None:
+        """How long every decoder has been taken, when longer than SATURATED_AFTER_S; else None."""
+        if self._decoders.available_tokens > 0 or not self._decoding_since:
+            return None
+        busy = time.monotonic() - max(self._decoding_since.values())
+        return busy if busy > SATURATED_AFTER_S else None
+
+
+def _not_ready(error: str, retry_after: int = 5) -> JSONResponse:
+    return JSONResponse({"ready": False, "error": error}, status_code=503, headers={"Retry-After": str(retry_after)})
 
 
 class UploadLimit:

@@ -3,9 +3,15 @@
 Aliases only (the stages API is deprecated). A version records the evaluation its run came with (tags the
 gate judges) and carries a Markdown model card as its description. The gate refuses a version that fails
 one of its rules (:class:`Rule`), naming the rule; ``--force`` with a reason overrides. Every alias move is
-recorded as a registered-model tag ``promotion.NNNN`` holding JSON (who, when, from, to, why, forced and the
+recorded as a registered-model tag ``promotion.ID`` holding JSON (who, when, from, to, why, forced and the
 rule it overrode), so the history lives next to the model in whatever registry the team uses, and
 ``rollback`` can walk it back.
+
+Concurrent ``promote``/``rollback`` commands take turns: each reads the champion and the history, decides, moves
+the alias and records the move while holding the store's promotion lock (a file lock beside a sqlite or file
+store; for a remote registry, which offers no lock, a registered model created as a mutex). Each entry's ID is
+unique and sorts after every earlier one (UTC time, nudged past the last entry's, plus a random tail), so no
+entry can overwrite another; entries numbered ``promotion.0001``... by older versions of cxr sort first.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import getpass
 import json
 import logging
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,6 +32,7 @@ from cxr.errors import UserError
 from cxr.models.card import ModelCard
 from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
+from cxr.tracking.promotion_lock import promotion_lock
 from cxr.tracking.version_card import describe
 
 if TYPE_CHECKING:
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_PREFIX = "promotion."
+ID_TIME = "%Y%m%dT%H%M%S.%fZ"  # a history entry's ID: this UTC time, then "-" and random hex
 EXTERNAL_OOD_PREFIX = "external_ood_share."  # + an external set's dataset hash: the share it had out of distribution
 # Training-run metrics put on the version when no evaluation gives the number (a tuning trial's objective).
 RUN_METRIC_TAGS = {
@@ -138,6 +147,9 @@ def evaluation_tags(report: dict[str, Any] | None) -> dict[str, str]:
     return tags
 
 
+WEIGHTS_TAG = "weights_sha256"  # the service refuses a version whose stored weights no longer match it
+
+
 def version_tags(
     run_id: str, card: ModelCard, run_tags: dict[str, str], run_metrics: dict[str, float], report: Any
 ) -> dict[str, str]:
@@ -154,6 +166,8 @@ def version_tags(
         "synthetic_data": str(card.training.synthetic).lower(),
         "ood_method": card.ood.method if card.ood else "none",
     }
+    if card.weights_sha256:
+        tags[WEIGHTS_TAG] = card.weights_sha256
     if card.ood:
         tags |= {"ood_threshold": f"{card.ood.threshold:.6f}", "ood_val_pass_rate": f"{card.ood.val_pass_rate:.4f}"}
     tags |= {k: run_tags[k] for k in RUN_TAGS if k in run_tags}
@@ -345,37 +359,37 @@ def promote(cfg: "Config", version: str | int, *, force: bool = False, reason: s
     """
     client = _client(cfg)
     name = cfg.mlflow.registered_model
-    candidate = _version(client, name, version)
-    current = champion(cfg, client)
+    with promotion_lock(client, name):  # the champion judged against is the one the alias still holds when moved
+        candidate = _version(client, name, version)
+        current = champion(cfg, client)
+        decision = _decide(cfg, candidate, current, force, reason)
+        overrode = decision.rule  # set only on a forced decision: the rule it overrides
+        extra = {"forced": overrode is not None, "overrode": None if overrode is None else str(overrode)}
+        _move_alias(cfg, client, current, candidate, "promote", decision.reason, **extra)
+    return decision
+
+
+def _decide(
+    cfg: "Config", candidate: "ModelVersion", current: "ModelVersion | None", force: bool, reason: str | None
+) -> Decision:
+    """The gate's decision, or the forced one (with the rule it overrides); raises when the move is refused."""
     decision = compare(candidate, current, cfg.registry.promote_margin)
     if decision.promote:
         decision = ood_check(candidate, cfg.registry.require_ood) or decision
-    overridden = None
-    if not decision.promote:
-        overridable = decision.rule is not Rule.ALREADY_CHAMPION
-        if not force or not overridable:
-            hint = "; `--force --reason WHY` overrides, on the record" if overridable and not force else ""
-            raise PromotionRefused(
-                f"version {candidate.version} not promoted (rule {decision.rule}): {decision.reason}{hint}"
-            )
-        if not reason:
-            raise RegistryError(
-                f"--force needs --reason: version {candidate.version} fails rule {decision.rule}, and the "
-                "history keeps why it was promoted anyway"
-            )
-        overridden = decision.rule
-        decision = Decision(True, f"forced ({reason}); rule {decision.rule} refused: {decision.reason}", overridden)
-    _move_alias(
-        cfg,
-        client,
-        current,
-        candidate,
-        "promote",
-        decision.reason,
-        forced=overridden is not None,
-        overrode=None if overridden is None else str(overridden),
-    )
-    return decision
+    if decision.promote:
+        return decision
+    overridable = decision.rule is not Rule.ALREADY_CHAMPION
+    if not force or not overridable:
+        hint = "; `--force --reason WHY` overrides, on the record" if overridable and not force else ""
+        raise PromotionRefused(
+            f"version {candidate.version} not promoted (rule {decision.rule}): {decision.reason}{hint}"
+        )
+    if not reason:
+        raise RegistryError(
+            f"--force needs --reason: version {candidate.version} fails rule {decision.rule}, and the "
+            "history keeps why it was promoted anyway"
+        )
+    return Decision(True, f"forced ({reason}); rule {decision.rule} refused: {decision.reason}", decision.rule)
 
 
 def ood_check(candidate: "ModelVersion", required: bool) -> Decision | None:
@@ -401,32 +415,44 @@ def record_external_ood(cfg: "Config", name: str, version: str, dataset_hash: st
 
 
 def rollback(cfg: "Config", *, reason: str | None = None) -> "ModelVersion":
-    """Return the alias to the version that held it before the current champion's last promotion."""
+    """Return the alias to the version that held it before the promotion that put the current champion there."""
     client = _client(cfg)
-    current = champion(cfg, client)
-    if current is None:
-        raise RegistryError(f"{cfg.mlflow.registered_model!r} has no {cfg.registry.alias!r}: nothing to roll back")
-    events = history(cfg, client)
-    undone = {e["undoes"] for e in events if e.get("undoes") is not None}
-    for event in reversed(events):
-        if event["action"] == "promote" and event["id"] not in undone and event["to"] == str(current.version):
-            if event["from"] is None:
-                raise RegistryError(f"version {current.version} was the first {cfg.registry.alias}: no earlier holder")
-            previous = _version(client, cfg.mlflow.registered_model, event["from"])
-            _move_alias(
-                cfg,
-                client,
-                current,
-                previous,
-                "rollback",
-                reason or f"rollback of promotion {event['id']}",
-                undoes=event["id"],
-            )
-            return previous
-    raise RegistryError(
-        f"no recorded promotion to version {current.version}: cannot tell who held "
-        f"{cfg.registry.alias!r} before (set it with `cxr promote VERSION --force`)"
-    )
+    name, alias = cfg.mlflow.registered_model, cfg.registry.alias
+    with promotion_lock(client, name):
+        current = champion(cfg, client)
+        if current is None:
+            raise RegistryError(f"{name!r} has no {alias!r}: nothing to roll back")
+        event = standing_promotion(history(cfg, client), alias, str(current.version))
+        if event["from"] is None:
+            raise RegistryError(f"version {current.version} was the first {alias}: no earlier holder")
+        previous = _version(client, name, event["from"])
+        why = reason or f"rollback of promotion {event['id']}"
+        _move_alias(cfg, client, current, previous, "rollback", why, undoes=event["id"])
+    return previous
+
+
+def standing_promotion(events: list[dict[str, Any]], alias: str, current: str) -> dict[str, Any]:
+    """The promotion that put ``current`` on ``alias``: the latest one of that alias that no rollback undid.
+
+    Promotions stack and a rollback pops the top one, so the top must have put the current holder there; if it
+    did not, the alias was moved outside cxr and the history cannot say what to return to.
+    """
+    moves = [e for e in events if e.get("alias", alias) == alias]
+    undone = {e["undoes"] for e in moves if e.get("undoes") is not None}
+    standing = [e for e in moves if e["action"] == "promote" and e["id"] not in undone]
+    if not standing:
+        raise RegistryError(
+            f"no recorded promotion to version {current}: cannot tell who held {alias!r} before "
+            "(set it with `cxr promote VERSION --force`)"
+        )
+    top = standing[-1]
+    if top["to"] != current:
+        raise RegistryError(
+            f"{alias!r} is on version {current}, but its last recorded promotion ({top['id']}) put version "
+            f"{top['to']} there: the alias was moved outside `cxr promote`, so rollback cannot tell what to return "
+            "to (set it with `cxr promote VERSION --force`)"
+        )
+    return top
 
 
 def _move_alias(
@@ -438,21 +464,59 @@ def _move_alias(
     why: str,
     **extra: Any,
 ) -> None:
-    name = cfg.mlflow.registered_model
-    events = history(cfg, client)
+    """Move the alias from ``current`` to ``target`` and record it; call with the promotion lock held."""
+    name, alias = cfg.mlflow.registered_model, cfg.registry.alias
+    _check_holder(cfg, client, current, "before moving it; nothing changed, run the command again")
+    event_id = new_event_id(history(cfg, client))
     event = {
-        "id": len(events) + 1,
+        "id": event_id,
         "action": action,
-        "alias": cfg.registry.alias,
+        "alias": alias,
         "from": str(current.version) if current else None,
         "to": str(target.version),
         "why": why,
         "who": f"{getpass.getuser()}@{socket.gethostname()}",
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "when": _id_time(event_id).isoformat(timespec="seconds"),
         **extra,
     }
-    client.set_registered_model_alias(name, cfg.registry.alias, target.version)
-    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{event['id']:04d}", json.dumps(event))
+    # alias first: a process dying in between leaves a move without its record, which rollback refuses to guess
+    # about, never a record of a move that did not happen
+    client.set_registered_model_alias(name, alias, target.version)
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{event_id}", json.dumps(event))
+    _check_holder(cfg, client, target, f"after this {action} ({event_id}) was recorded; see `cxr models --history`")
+
+
+def _check_holder(cfg: "Config", client: "MlflowClient", expected: "ModelVersion | None", when: str) -> None:
+    """Raise if the alias is not on ``expected``: something outside the lock (the MLflow UI, a holder whose lock
+    was broken as expired) moved it."""
+    held = champion(cfg, client)
+    if (held and str(held.version)) != (expected and str(expected.version)):
+        raise RegistryError(
+            f"{cfg.mlflow.registered_model}@{cfg.registry.alias} was moved to version "
+            f"{held.version if held else None} by someone else {when}"
+        )
+
+
+def new_event_id(events: list[dict[str, Any]]) -> str:
+    """A history ID that no other entry has and that sorts after every recorded one.
+
+    The UTC time, nudged a microsecond past the last entry's when this machine's clock is behind, then a random
+    tail: two writers racing outside the lock still write two tags, never one over the other.
+    """
+    now = dt.datetime.now(dt.UTC)
+    last = next((e["id"] for e in reversed(events) if isinstance(e["id"], str)), None)
+    if last is not None:
+        now = max(now, _id_time(last) + dt.timedelta(microseconds=1))
+    return f"{now.strftime(ID_TIME)}-{secrets.token_hex(3)}"
+
+
+def _id_time(event_id: str) -> dt.datetime:
+    return dt.datetime.strptime(event_id.split("-", 1)[0], ID_TIME).replace(tzinfo=dt.UTC)
+
+
+def _history_order(event: dict[str, Any]) -> tuple[int, int, str]:
+    """Entries numbered 1, 2, ... by older cxr first, in number order; then time-ordered IDs."""
+    return (0, event["id"], "") if isinstance(event["id"], int) else (1, 0, str(event["id"]))
 
 
 def history(cfg: "Config", client: "MlflowClient | None" = None) -> list[dict[str, Any]]:
@@ -465,7 +529,7 @@ def history(cfg: "Config", client: "MlflowClient | None" = None) -> list[dict[st
     except MlflowException:
         return []
     events = [json.loads(v) for k, v in model.tags.items() if k.startswith(HISTORY_PREFIX)]
-    return sorted(events, key=lambda e: e["id"])
+    return sorted(events, key=_history_order)
 
 
 def versions(cfg: "Config") -> list[dict[str, Any]]:

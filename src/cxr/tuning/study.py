@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"
+WORKER_ATTR = "worker"  # host:pid of the process running the trial
+PROCESS_ATTR = "worker_process"  # boot:pid-namespace:pid:start-time, to tell on this machine that it has ended
+FAIL_REASON_ATTR = "fail_reason"  # why a trial whose worker died was failed (also its MLflow run's tag)
 # The objective of a study that records none: studies made before objectives were recorded judged on this.
 CLEAN_VALIDATION = {"objective": "val_auroc"}
 
@@ -322,6 +325,8 @@ def sync_failed_runs(client: "MlflowClient", study: "optuna.Study", experiment_i
             continue
         if run.info.status == "RUNNING" or run.data.tags.get("trial_state") in (None, "RUNNING"):
             client.set_tag(run_id, "trial_state", "FAIL")
+            if t.user_attrs.get(FAIL_REASON_ATTR):
+                client.set_tag(run_id, FAIL_REASON_ATTR, t.user_attrs[FAIL_REASON_ATTR])
             client.set_terminated(run_id, "FAILED")
 
 
@@ -351,6 +356,7 @@ def _record_lost_trial(
             **trial_run_tags(study_name, t.number, parent_id),
             "trial_state": "FAIL",
             "trial_note": "the worker stopped before the trial's run was made",
+            **({FAIL_REASON_ATTR: t.user_attrs[FAIL_REASON_ATTR]} if t.user_attrs.get(FAIL_REASON_ATTR) else {}),
         },
     )
     client.set_terminated(run.info.run_id, "FAILED", end_time=_millis(t.datetime_complete))
@@ -449,11 +455,11 @@ def make_objective(
     def objective(trial: optuna.Trial) -> float:
         # The trial's run comes first, before any work, so that a worker stopped at any later point leaves a run
         # to close (one stopped between optuna making the trial and this line is given a run by sync_failed_runs).
+        _record_worker(trial)  # first: a resume on this machine can tell at once that this process died
         run_id = _start_trial_run(client, experiment_id, parent_id, trial)
         try:
             if run_id is not None:
                 trial.set_user_attr(RUN_ID_ATTR, run_id)
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             if interrupted.is_set():
                 raise KeyboardInterrupt
             params = suggest(trial, cfg.tune.space)
@@ -489,6 +495,13 @@ def make_objective(
         return result.objective
 
     return objective
+
+
+def _record_worker(trial: "optuna.Trial") -> None:
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    key = process_key(os.getpid())
+    if key is not None:
+        trial.set_user_attr(PROCESS_ATTR, key)
 
 
 def _log_value(client: "MlflowClient", run_id: str | None, value: float, epochs_trained: int | None = None) -> None:
@@ -669,27 +682,89 @@ def _in_database_call(frame: Any) -> bool:
 
 
 def fail_stale_trials(study: Any, storage: "optuna.storages.RDBStorage") -> None:
-    """Optuna's stale-trial check, and the case it skips: a worker killed between creating its trial and the trial's
-    first heartbeat leaves it RUNNING with no heartbeat, which Optuna never calls stale (optuna 5.0,
-    ``RDBStorage._get_stale_trial_ids``); a resumed study would wait for it forever. Such a trial, started longer
-    than the storage's grace period ago, is failed here."""
+    """Fail every RUNNING trial whose worker is known dead, with why as the trial's user attr ``fail_reason``.
+
+    Dead means: its process, recorded on this machine, has ended (known at once, so a study resumed right after a
+    kill -9 does not wait out the grace period); or its last heartbeat is older than the storage's grace period
+    (Optuna's rule); or it never beat and started longer than the grace period ago, which Optuna never calls
+    stale (optuna 5.0, ``RDBStorage._get_stale_trial_ids``), so that a resumed study would wait for it forever.
+    """
     import optuna
 
-    optuna.storages.fail_stale_trials(study)
-    cutoff = dt.datetime.now() - dt.timedelta(seconds=storage.grace_period)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.datetime_start and trial.datetime_start < cutoff and not _has_heartbeat(storage, trial._trial_id):
-            if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
-                log.info("trial %d: its worker stopped before its first heartbeat; marked failed", trial.number)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not running:
+        return
+    grace = storage.grace_period or 2 * (storage.heartbeat_interval or 0)
+    now, beats = _heartbeats(storage, [t._trial_id for t in running])
+    for trial in running:
+        reason = _why_dead(trial, beats.get(trial._trial_id), now, grace)
+        if reason is not None:
+            _fail_dead_trial(storage, trial, reason)
 
 
-def _has_heartbeat(storage: "optuna.storages.RDBStorage", trial_id: int) -> bool:
+def _why_dead(trial: Any, beat: dt.datetime | None, now: dt.datetime, grace: float) -> str | None:
+    """Why ``trial``'s worker is known to be dead; None while it may be alive."""
+    worker = f"worker {trial.user_attrs[WORKER_ATTR]}" if trial.user_attrs.get(WORKER_ATTR) else "its worker"
+    since = f"no heartbeat since {beat:%Y-%m-%d %H:%M:%S} (database clock)" if beat else "no heartbeat yet"
+    if trial.user_attrs.get(PROCESS_ATTR) and process_gone(trial.user_attrs[PROCESS_ATTR]):
+        return f"{worker} died: its process has ended ({since})"
+    if beat is not None and (now - beat).total_seconds() > grace:
+        return f"{worker} died: {since}, longer than the {grace:g} s grace period"
+    started = trial.datetime_start
+    if beat is None and started and started < dt.datetime.now() - dt.timedelta(seconds=grace):
+        return f"{worker} died before its first heartbeat (trial started {started:%Y-%m-%d %H:%M:%S})"
+    return None
+
+
+def _fail_dead_trial(storage: "optuna.storages.RDBStorage", trial: Any, reason: str) -> None:
+    import optuna
+
+    try:
+        storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)  # a finished trial takes none
+        if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):
+            log.warning("trial %d failed: %s", trial.number, reason)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first (or it just finished)
+        pass
+
+
+def _heartbeats(storage: "optuna.storages.RDBStorage", trial_ids: list[int]) -> tuple[dt.datetime, dict]:
+    """The database's clock and the trials' last heartbeats by trial id (timezone dropped, as Optuna does)."""
     # private: Optuna offers no public query for it, and it is pinned (pyproject.toml)
+    import sqlalchemy
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(storage.scoped_session) as session:
-        return session.query(models.TrialHeartbeatModel).filter_by(trial_id=trial_id).count() > 0
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = session.query(models.TrialHeartbeatModel).filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
+        return now, {r.trial_id: r.heartbeat.replace(tzinfo=None) for r in rows}
+
+
+def process_key(pid: int) -> str | None:
+    """``boot:pid-namespace:pid:start-time`` of a running process on this Linux machine; None where /proc cannot
+    tell, or when no such process runs (a zombie has ended)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start = fields[18]  # field 22 of proc_pid_stat(5): start time after boot; a reused pid has another
+    except (OSError, IndexError):
+        return None
+    return None if state == "Z" else f"{boot}:{namespace}:{pid}:{start}"
+
+
+def process_gone(key: str) -> bool:
+    """True only when ``key`` names a process of this machine's boot and this pid namespace that no longer runs;
+    a process elsewhere (another host or container) is never judged here, its heartbeat is."""
+    mine = process_key(os.getpid())
+    try:
+        boot, namespace, pid, _start = key.rsplit(":", 3)
+        pid_number = int(pid)
+    except ValueError:
+        return False
+    if mine is None or mine.split(":")[:2] != [boot, namespace]:
+        return False
+    return process_key(pid_number) != key
 
 
 def _optimize(
