@@ -11,6 +11,12 @@ starts the real service and measures
   and a 224x224 PNG;
 * throughput of /predict with the PNG at concurrency 1, 8 and 32 (requests/s over a fixed time).
 
+``--runtime``: onnxruntime against torch eager instead (CXR_RUNTIME=onnx / torch): each model (with its OOD check, as
+training makes it) exported and served by both runtimes, both up at once, /predict alternated between them: p50 at
+concurrency 1, then req/s at concurrency 8 in alternating windows, and the bare ``score()`` at batch 1 and 8. Writes
+benchmarks/results/serving_onnx.json with ``--torch-threads 1`` (the setting for a shared machine), else
+serving_onnx_threadsN.json.
+
 ``--ood``: the out-of-distribution check's cost instead: each model served with and without it, both up at once,
 /predict alternated between them (p50 ratio; the issue's target is at most 1.10) and the bare ``score()``.
 
@@ -127,15 +133,16 @@ def bare_forward(model_dir: Path, threads: int, precision: str, seconds: float =
     return {"images_per_s_by_batch": rates, "batching_ceiling": round(max(rates.values()) / rates["1"], 2)}
 
 
-def start_server(model_dir: Path, batching: bool, home: Path, precision: str) -> ServiceProcess:
-    """The repository's params.yaml, this model, batching on or off."""
+def start_server(model_dir: Path, batching: bool, home: Path, precision: str, runtime: str = "torch") -> ServiceProcess:
+    """The repository's params.yaml, this model, batching on or off, in this runtime."""
     return ServiceProcess(
         REPO,
-        home / f"serve-{model_dir.name}-{int(batching)}.log",
+        home / f"serve-{model_dir.name}-{int(batching)}-{runtime}.log",
         home=home,
         CXR_MODEL_URI=str(model_dir),
         CXR_BATCHING="1" if batching else "0",
         CXR_PRECISION=precision,
+        CXR_RUNTIME=runtime,
     )
 
 
@@ -233,10 +240,115 @@ def ood_overhead(models: list[str], n: int) -> None:
     write_result("serving_ood", figures)
 
 
+RUNTIMES = ("torch", "onnx")
+
+
+def alternated_p50(clients: dict[str, httpx.Client], data: bytes, n: int) -> dict[str, float]:
+    """/predict p50 (ms) per runtime at concurrency 1, requests alternated (the order flips every round)."""
+    times: dict[str, list[float]] = {rt: [] for rt in clients}
+    for i in range(n + 3):
+        for rt in RUNTIMES if i % 2 else RUNTIMES[::-1]:
+            t0 = time.perf_counter()
+            clients[rt].post("/predict", files={"file": ("x.png", data)}).raise_for_status()
+            if i >= 3:  # the first requests warm both services
+                times[rt].append(time.perf_counter() - t0)
+    return {rt: round(float(np.median(v)) * 1000, 2) for rt, v in times.items()}
+
+
+def alternated_rps(urls: dict[str, str], data: bytes, seconds: float, rounds: int = 2) -> dict[str, float]:
+    """req/s per runtime at concurrency 8, in alternating windows of ``seconds``, averaged over ``rounds``."""
+    rates: dict[str, list[float]] = {rt: [] for rt in urls}
+    for i in range(rounds):
+        for rt in RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]:
+            result = asyncio.run(_throughput(urls[rt], data, 8, seconds))
+            assert result["errors"] == 0, f"{rt}: {result}"
+            rates[rt].append(result["requests_per_s"])
+    return {rt: round(float(np.mean(v)), 1) for rt, v in rates.items()}
+
+
+def alternated_bare(model_dir: Path, threads: int, n: int = 60) -> dict[str, dict[str, float]]:
+    """The bare score() p50 (ms) per runtime at batch 1 and 8, in this process, calls alternated."""
+    import torch
+
+    from cxr.models.onnx_runtime import predictor_class
+
+    torch.set_num_threads(threads)  # before the session: it takes torch's thread count
+    predictors = {rt: predictor_class(rt).from_dir(model_dir) for rt in RUNTIMES}
+    size = predictors["torch"].spec.size
+    out: dict[str, dict[str, float]] = {}
+    for bs in (1, 8):
+        x = np.random.default_rng(0).integers(0, 256, (bs, size, size), dtype=np.uint8)
+        times: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
+        for i in range(n + 3):
+            for rt in RUNTIMES if i % 2 else RUNTIMES[::-1]:
+                t0 = time.perf_counter()
+                predictors[rt].score(x)
+                if i >= 3:
+                    times[rt].append(time.perf_counter() - t0)
+        out[str(bs)] = {rt: round(float(np.median(v)) * 1000, 2) for rt, v in times.items()}
+    return out
+
+
+def runtime_comparison(models: list[str], seconds: float, n: int, threads: int) -> None:
+    """onnxruntime against torch eager, both services up at once and measured alternately (so a busy moment of the
+    shared machine falls on both): p50 at concurrency 1, req/s at concurrency 8, and the bare score()."""
+    from cxr.models.onnx_export import export
+
+    data = inputs()["png_224"]
+    figures: dict = {"requests_per_arm": n, "seconds_per_window": seconds, "threads": threads, "models": {}}
+    load_start, t_start = round(os.getloadavg()[0], 2), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-onnx-") as tmp:
+        tmp = Path(tmp)
+        for name in models:
+            spec = MODELS[name]
+            model_dir = make_model(spec["arch"], spec["size"], tmp, ood=True)
+            t0 = time.perf_counter()
+            export(model_dir)
+            export_s = round(time.perf_counter() - t0, 1)
+            servers = {rt: start_server(model_dir, True, tmp, "fp32", rt) for rt in RUNTIMES}
+            try:
+                for server in servers.values():
+                    server.wait_ready()
+                clients = {rt: httpx.Client(base_url=s.url, timeout=60) for rt, s in servers.items()}
+                p50 = alternated_p50(clients, data, n)
+                rps = alternated_rps({rt: s.url for rt, s in servers.items()}, data, seconds)
+            finally:
+                for server in servers.values():
+                    server.stop()
+            bare = alternated_bare(model_dir, threads)
+            figures["models"][name] = {
+                "image_size": spec["size"],
+                "export_seconds": export_s,
+                "predict_p50_ms_c1": p50,
+                "requests_per_s_c8": rps,
+                "bare_score_p50_ms": bare,
+                "onnx_over_torch": {
+                    "requests_per_s_c8": round(rps["onnx"] / rps["torch"], 2),
+                    "predict_p50_c1": round(p50["onnx"] / p50["torch"], 2),
+                    **{f"bare_p50_batch{b}": round(v["onnx"] / v["torch"], 2) for b, v in bare.items()},
+                },
+            }
+            print(name, figures["models"][name], flush=True)
+    figures["summary"] = (
+        "; ".join(
+            f"{name} {m['image_size']} px: onnx / torch req/s at c=8 {m['requests_per_s_c8']['onnx']} / "
+            f"{m['requests_per_s_c8']['torch']}, p50 at c=1 {m['predict_p50_ms_c1']['onnx']} / "
+            f"{m['predict_p50_ms_c1']['torch']} ms, bare score p50 batch 1 {m['bare_score_p50_ms']['1']['onnx']} / "
+            f"{m['bare_score_p50_ms']['1']['torch']} ms"
+            for name, m in figures["models"].items()
+        )
+        + f"; {threads} thread(s)"
+    )
+    figures["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    figures["load_average_1min"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
+    write_result("serving_onnx" if threads == 1 else f"serving_onnx_threads{threads}", figures)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ood", action="store_true", help="only the out-of-distribution check's cost (serving_ood.json)")
-    ap.add_argument("--requests", type=int, default=60, help="with --ood: requests per arm and input")
+    ap.add_argument("--runtime", action="store_true", help="only onnxruntime against torch (serving_onnx.json)")
+    ap.add_argument("--requests", type=int, default=60, help="with --ood / --runtime: requests per arm (and input)")
     ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per throughput point")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument(
@@ -259,6 +371,8 @@ def main() -> None:
 
     if args.ood:
         return ood_overhead(args.models.split(","), args.requests)
+    if args.runtime:
+        return runtime_comparison(args.models.split(","), args.seconds, args.requests, service.TORCH_THREADS)
 
     data = inputs()
     figures: dict = {

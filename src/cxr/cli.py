@@ -211,6 +211,28 @@ def tune(
 
 @app.command()
 @_user_errors
+def export(
+    model: Annotated[str | None, typer.Option(help="Model directory or MLflow URI (default: paths.model).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a copy of the model with its graph here (default: a directory gets it inside; "
+            "an MLflow URI's copy goes beside paths.model, named after the version)."
+        ),
+    ] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Export the model to ONNX (model.onnx beside model.safetensors, its sha256 in the card), checked against torch."""
+    from cxr.tracking.onnx_artifacts import export_model  # lazy: pulls in torch/mlflow, `cxr --help` must not
+
+    cfg = _config(params, overrides)
+    path = export_model(cfg, model, out)
+    console.print(f"exported {path} (serve it with CXR_RUNTIME=onnx)")
+
+
+@app.command()
+@_user_errors
 def register(
     run_id: Annotated[
         str | None, typer.Option(help="Training run to register (default: the run behind paths.model).")
@@ -337,6 +359,44 @@ def serve(
         console.print(f"serving {served.get('name')} version {served.get('version') or '-'} on http://{host}:{port}")
 
     raise typer.Exit(launch.run_until_stopped(host, port, env, say_serving))
+
+
+@app.command("import-weights")
+@_user_errors
+def import_weights(
+    src: Annotated[
+        Path | None,
+        typer.Argument(help="A TorchXRayVision checkpoint (a pickled DenseNet) or a torchvision state dict."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for NAME.safetensors and NAME.json.")] = Path("models/imported"),
+    download: Annotated[
+        str | None, typer.Option(help="Fetch TorchXRayVision weights by name instead, e.g. densenet121-res224-all.")
+    ] = None,
+    arch: Annotated[str, typer.Option(help="The cxr architecture the weights must load into.")] = "densenet121",
+    labels: Annotated[str | None, typer.Option(help="Comma-separated output order, if the file does not say.")] = None,
+    mean: Annotated[float | None, typer.Option(help="Input mean on [0, 1] (default: the source's convention).")] = None,
+    std: Annotated[float | None, typer.Option(help="Input std on [0, 1] (default: the source's convention).")] = None,
+) -> None:
+    """Convert pretrained weights into safetensors plus a JSON (normalisation, labels) for model.weights=PATH.
+
+    The one command that opens a pickle: only a TorchXRayVision DenseNet's module classes are allowed in it."""
+    from cxr.models import import_weights as convert  # lazy: pulls in torch, `cxr --help` must not
+    from cxr.models import xrv_download  # lazy: pulls in torch, `cxr --help` must not
+
+    if (src is None) == (download is None):
+        raise UserError("give either a checkpoint file SRC or --download NAME")
+    if download is not None:
+        src = xrv_download.download(download)
+        labels = labels or ",".join(xrv_download.labels_of(download))
+    assert src is not None
+    names = labels.split(",") if labels else None
+    done = convert.import_weights(src, out, arch=arch, labels=names, mean=mean, std=std)
+    info = done.description
+    console.print(
+        f"converted {src} ({info.source.kind}) into {done.weights} and {done.info.name} "
+        f"({info.arch}, {info.in_channels}-channel input, normalisation {info.norm_mean:g} / {info.norm_std:g}); "
+        f"train from it with `cxr train -s model.arch={info.arch} -s model.weights={done.weights}`"
+    )
 
 
 @app.command("evaluate-external")

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,6 +144,14 @@ class AugmentConfig(Section):
     hflip: bool = False
 
 
+class ForestConfig(Section):
+    # model.arch: random_forest (scikit-learn on the baselines' 16x16 pooled pixels). Chosen on PneumoniaMNIST's
+    # validation split by benchmarks/forest_defaults.py: the cheapest within 0.002 AUROC of the best (0.9894 vs 0.9907)
+    n_estimators: int = Field(100, ge=1)
+    max_depth: int | None = Field(16, ge=1)  # None: grow until leaves are pure or at min_samples_leaf
+    min_samples_leaf: int = Field(5, ge=1)
+
+
 class ModelConfig(Section):
     arch: str = "simple_cnn"
     weights: str = "none"  # imagenet | none | <path to a state_dict or safetensors file>
@@ -153,6 +161,17 @@ class ModelConfig(Section):
     tabular: bool = False
     tta_views: int = Field(0, ge=0)  # K > 0: the saved model averages K fixed views drawn from train.augment
     tta_strength: float = Field(1.0, gt=0)  # the views' augmentation strength (instead of train.augment's)
+    # Transfer: none | backbone | N (the backbone's first N blocks) held fixed, their BatchNorm statistics too
+    freeze: Literal["none", "backbone"] | Annotated[int, Field(ge=1)] = "none"
+    unfreeze_epoch: int | None = Field(None, ge=2)  # from this epoch on everything trains (None: never)
+    forest: ForestConfig = ForestConfig()  # the random_forest baseline's trees
+
+    @model_validator(mode="after")
+    @_not_a_read
+    def _unfreeze_needs_freeze(self) -> "ModelConfig":
+        if self.unfreeze_epoch is not None and self.freeze == "none":
+            raise ValueError("model.unfreeze_epoch needs model.freeze (backbone or a number of blocks)")
+        return self
 
 
 class EarlyStoppingConfig(Section):
@@ -174,6 +193,7 @@ class TrainConfig(Section):
     scheduler: Literal["onecycle", "cosine", "plateau", "none"] = "onecycle"
     imbalance: Literal["weight", "sample", "none"] = "weight"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    backbone_lr_scale: float = Field(1.0, gt=0)  # the backbone's learning rate as a share of lr (the head's)
     # Exponential moving average of the weights, used for validation and the saved model (0 = off).
     ema_decay: float = Field(0.995, ge=0, lt=1)
     # Networks trained with seeds seed, seed+1, ...; the saved model averages their logits (1 = one network).

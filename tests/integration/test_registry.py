@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.config import load_config
+from cxr.models.onnx_runtime import ONNX_FILE
+from cxr.tracking.onnx_artifacts import ONNX_TAG
 from cxr.tracking.registry import MIN_SCORE_STD, Decision, Rule, compare, history
 from cxr.tracking.runs import use_store
+from cxr.tracking.uris import load_predictor, local_model_dir
 from support.cli import cxr_here
 
 pytestmark = pytest.mark.slow
@@ -379,3 +382,19 @@ def test_promotion_gate(candidate, champion, margin, promote, rule, words):
     decision = compare(candidate, champion, margin)
     assert isinstance(decision, Decision) and decision.promote is promote and words in decision.reason
     assert decision.rule == rule
+
+
+def test_a_version_carries_its_onnx_graph(project: Path, monkeypatch):
+    """`cxr register` exports the graph into the version's artifacts (once: a second registration finds it) and tags
+    its hash; the version then loads in the ONNX runtime."""
+    name = "with-onnx"
+    for _ in range(2):
+        assert cli(project, monkeypatch, name, "register", "--run-id", run_of(project, "a")).exit_code == 0
+    tags = versions(project, name)["1"]["tags"]
+    stored = local_model_dir(f"models:/{name}/1")
+    card = json.loads((stored / "model.json").read_text())
+    assert (stored / ONNX_FILE).exists() and tags[ONNX_TAG] == card["onnx_sha256"]
+    assert load_predictor(f"models:/{name}/1", runtime="onnx").card.onnx_sha256 == tags[ONNX_TAG]
+    # `cxr export` of a registered version: a copy with its graph beside paths.model, named after the version
+    assert cli(project, monkeypatch, name, "export", "--model", f"models:/{name}/1").exit_code == 0
+    assert (project / "models" / f"{name}-v1" / ONNX_FILE).exists()

@@ -23,6 +23,7 @@ from cxr.models import (
     imagenet_weights_path,
     model_spec,
 )
+from cxr.models.archs import SPECS
 from cxr.models.networks import PRETRAINED_MEAN, PRETRAINED_STD
 
 X64 = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -57,18 +58,30 @@ def _random_resnet18_state() -> dict[str, torch.Tensor]:
 # -- shapes for every arch --------------------------------------------------------------------
 
 
+def _input(arch: str) -> torch.Tensor:
+    """Two films at 64 px, or at the arch's smallest side where that is larger (inception_v3: 75)."""
+    side = max(64, SPECS[arch].min_size)
+    return torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_builds_and_forwards(arch: str) -> None:
     n_out = 1 if arch in ("resnet50", "densenet121") else 3
-    model = build_model(arch, n_out).eval()
+    x = _input(arch)
+    model = build_model(arch, n_out, image_size=x.shape[-1]).eval()
     with torch.no_grad():
-        out = model(X64)
-        feats = model.features(X64)
+        out = model(x)
+        feats = model.features(x)
     assert out.shape == (2, n_out)
     assert feats.shape == (2, model.feature_dim)
     assert torch.isfinite(out).all()
     assert model.spec["norm_mean"] == 0.5 and model.spec["norm_std"] == 0.25
-    assert model.gradcam_module is model.get_submodule(model.gradcam_layer)
+    if SPECS[arch].gradcam:
+        assert model.gradcam_module is model.get_submodule(model.gradcam_layer)
+    else:  # no convolutional map: explain refuses it as it refuses the linear baseline
+        assert model.gradcam_layer is None and not hasattr(model, "gradcam_module")
+    for name in [*model.ood_stages, *model.blocks]:
+        model.get_submodule(name)  # the spec names modules that exist
     assert model.backbone.state_dict()  # no leftover classifier
     assert not any(k.startswith(("backbone.fc.", "backbone.classifier.")) for k in model.state_dict())
 
@@ -424,3 +437,72 @@ def test_torchvision_checkpoint_quirks_are_handled(tmp_path: Path) -> None:
     model = build_model("densenet121", 1, weights=str(tmp_path / "d.safetensors"))
     got = model.backbone.features.denseblock4.denselayer16.conv2.weight
     torch.testing.assert_close(got, d["features.denseblock4.denselayer16.conv2.weight"])
+
+
+# -- vgg19, inception_v3, mlp -----------------------------------------------------------------
+
+
+def _torchvision_like_state(arch: str, **options: object) -> dict[str, torch.Tensor]:
+    """Random tensors shaped as torchvision's ``arch`` checkpoint (built on the meta device: no init cost); the
+    classifier's and auxiliary heads' keys are there, as placeholders (they are dropped)."""
+    with torch.device("meta"):
+        shapes = torchvision.models.get_model(arch, weights=None, **options).state_dict()
+    gen, foreign = torch.Generator().manual_seed(0), SPECS[arch].foreign_prefixes
+    return {
+        k: torch.zeros(1)
+        if k.startswith(foreign)
+        else torch.randn(v.shape, generator=gen)
+        if v.is_floating_point()
+        else torch.zeros(v.shape, dtype=v.dtype)
+        for k, v in shapes.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "arch,options,first_conv",
+    [("vgg19", {}, "features.0"), ("inception_v3", {"aux_logits": True, "init_weights": False}, "Conv2d_1a_3x3.conv")],
+)
+def test_new_archs_take_torchvision_checkpoints(tmp_path: Path, arch: str, options: dict, first_conv: str) -> None:
+    """The ImageNet files' layout: classifier and auxiliary head dropped, the RGB first conv summed to grey."""
+    sd = _torchvision_like_state(arch, **options)
+    save_file(sd, str(tmp_path / f"{arch}.safetensors"))
+    model = build_model(arch, 1, weights=str(tmp_path / f"{arch}.safetensors"))
+    got = model.backbone.get_submodule(first_conv).weight
+    torch.testing.assert_close(got, sd[f"{first_conv}.weight"].sum(1, keepdim=True))
+    assert model.spec["norm_mean"] == (0.5 if arch == "inception_v3" else PRETRAINED_MEAN)  # TF-ported: [-1, 1]
+
+
+@pytest.mark.parametrize("arch,file", [("vgg19", "vgg19-dcbb9e9d.pth"), ("inception_v3", "inception_v3_google")])
+def test_new_archs_imagenet_offline_names_the_file(hub_dir: Path, arch: str, file: str) -> None:
+    with pytest.raises(ModelError, match="not cached and could not be downloaded") as info:
+        build_model(arch, 1, weights="imagenet")
+    assert str(hub_dir / "checkpoints" / file) in str(info.value)
+
+
+def test_inception_refuses_inputs_below_its_minimum_in_one_line() -> None:
+    with pytest.raises(ModelError, match=r"inception_v3 needs inputs of at least 75 px .*299.*model.image_size >= 75"):
+        build_model("inception_v3", 1, image_size=64)
+    assert model_spec("inception_v3", 1, image_size=75)["arch"] == "inception_v3"  # no image_size recorded
+    assert "image_size" not in model_spec("inception_v3", 1, image_size=75)
+    with pytest.raises(ModelError, match="at least 32 px"):
+        build_model("vgg19", 1, image_size=16)
+
+
+def test_mlp_is_built_for_its_input_side_and_has_no_feature_map() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", 2, width=4, image_size=32, n_tabular=2).eval()
+    assert [m.out_features for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)] == [64, 32]
+    spec = json.loads(json.dumps(model.spec))
+    assert spec["image_size"] == 32 and spec == model_spec("mlp", 2, width=4, image_size=32, n_tabular=2)
+    rebuilt = build_from_spec(spec).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x, tab = torch.rand(3, 1, 32, 32), torch.rand(3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, tab), model(x, tab), rtol=0, atol=0)
+        with pytest.raises(ModelError, match="takes 32x32 inputs"):
+            model(X64, torch.rand(2, 2))
+    assert model.ood_stages == [] and not hasattr(model, "gradcam_module")
+    with pytest.raises(ModelError, match="built for one input size"):
+        build_model("mlp", 1)
+    with pytest.raises(ModelError, match="no pretrained weights for mlp"):
+        build_model("mlp", 1, image_size=32, weights="imagenet")

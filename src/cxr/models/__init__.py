@@ -1,9 +1,9 @@
 """Networks and the one way to use a trained model.
 
-networks (simple CNN, torchvision backbones in one CXRNet wrapper) · weights (state dicts, ImageNet) ·
-wrappers (ensemble, test-time augmentation) · linear (the logistic-regression baseline's twin) ·
-build (a network from names or from a saved spec) · card (the typed model card) · predictor (load, save, infer).
-A new architecture goes in networks.py (ARCHS and a trunk) and nothing else needs to change.
+archs (one spec per architecture) · small (simple CNN, pixel MLP) · networks (the CXRNet wrapper) ·
+weights (state dicts, ImageNet) · wrappers (ensemble, test-time augmentation) · linear (the logistic-regression
+baseline's twin) · build (a network from names or from a saved spec) · card (the typed model card) · predictor (load, save, infer).
+A new architecture is one spec in archs.py (SPECS) and nothing else needs to change.
 """
 
 from cxr.models.build import build_from_spec, build_model, model_spec

@@ -8,18 +8,18 @@ from typing import Any
 
 import torch
 
+from cxr.models.forest import ARCH as FOREST_ARCH
+from cxr.models.forest import ForestBaseline
 from cxr.models.linear import LinearBaseline
 from cxr.models.networks import (
-    GOOGLENET_PRETRAINED_MEAN,
-    GOOGLENET_PRETRAINED_STD,
-    PRETRAINED_MEAN,
-    PRETRAINED_STD,
+    OPTIONAL_SPEC_KEYS,
     RANDOM_MEAN,
     RANDOM_STD,
     SPEC_KEYS,
     CXRNet,
     ModelError,
-    check_arch,
+    arch_spec,
+    check_input_size,
     check_params,
 )
 from cxr.models.weights import load_imagenet_state_dict, load_weights
@@ -37,11 +37,10 @@ def _weights_kind(weights: str | Path | None) -> str:
 
 
 def _norm_stats(arch: str, kind: str) -> tuple[float, float]:
-    if kind == "none" or arch == "simple_cnn":
+    pretrained = arch_spec(arch).pretrained_norm
+    if kind == "none" or pretrained is None:
         return RANDOM_MEAN, RANDOM_STD
-    if arch == "googlenet":
-        return GOOGLENET_PRETRAINED_MEAN, GOOGLENET_PRETRAINED_STD
-    return PRETRAINED_MEAN, PRETRAINED_STD
+    return pretrained
 
 
 def model_spec(
@@ -52,12 +51,15 @@ def model_spec(
     dropout: float = 0.2,
     width: int = 32,
     n_tabular: int = 0,
+    image_size: int | None = None,
 ) -> dict[str, Any]:
     """The spec ``build_model`` would produce (for a full CXRNet weights file the file's buffers win)."""
-    check_arch(arch)
+    spec = arch_spec(arch)
     check_params(n_outputs, dropout, width, n_tabular)
+    if image_size is not None:
+        check_input_size(arch, int(image_size))
     mean, std = _norm_stats(arch, _weights_kind(weights))
-    return {
+    out = {
         "arch": arch,
         "n_outputs": int(n_outputs),
         "dropout": float(dropout),
@@ -66,6 +68,11 @@ def model_spec(
         "norm_mean": mean,
         "norm_std": std,
     }
+    if spec.fixed_size:  # the network is built for this input side
+        if image_size is None:
+            raise ModelError(f"{arch} is built for one input size: give its image_size (model.image_size)")
+        out["image_size"] = int(image_size)
+    return out
 
 
 def build_model(
@@ -76,6 +83,7 @@ def build_model(
     dropout: float = 0.2,
     width: int = 32,
     n_tabular: int = 0,
+    image_size: int | None = None,
 ) -> CXRNet:
     """Build a :class:`CXRNet`.
 
@@ -86,17 +94,20 @@ def build_model(
             hub cache or downloaded; :class:`ModelError` if neither works) or a path to a local
             ``.safetensors``/``.pt``/``.pth`` state dict of the torchvision backbone or of a CXRNet.
         dropout: dropout before the head.
-        width: base channel count of ``simple_cnn`` (ignored by torchvision archs).
+        width: base channel count of ``simple_cnn``, hidden width of ``mlp`` (ignored by torchvision archs).
         n_tabular: length of the tabular vector fused with the image features (0 = none).
+        image_size: the input side it will see: checked against the arch's smallest; ``mlp`` is built for it.
     """
-    check_arch(arch)
     kind = _weights_kind(weights)
-    if kind == "imagenet" and arch == "simple_cnn":
-        raise ModelError("no pretrained weights for simple_cnn: use weights='none' or a local weights file")
-    spec = model_spec(arch, n_outputs, weights=weights, dropout=dropout, width=width, n_tabular=n_tabular)
+    if kind == "imagenet" and arch_spec(arch).torchvision is None:
+        raise ModelError(f"no pretrained weights for {arch}: use weights='none' or a local weights file")
+    spec = model_spec(
+        arch, n_outputs, weights=weights, dropout=dropout, width=width, n_tabular=n_tabular, image_size=image_size
+    )
+    imagenet = load_imagenet_state_dict(arch) if kind == "imagenet" else None  # offline: fails before building
     model = build_from_spec(spec)
-    if kind == "imagenet":
-        model.load_backbone_state_dict(load_imagenet_state_dict(arch), source=f"ImageNet weights for {arch}")
+    if imagenet is not None:
+        model.load_backbone_state_dict(imagenet, source=f"ImageNet weights for {arch}")
     elif kind == "path":
         load_weights(model, weights)
     return model
@@ -112,14 +123,16 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
         return Ensemble([build_from_spec(member) for member in spec.get("members", [])])  # type: ignore[return-value]
     if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
         return LinearBaseline.from_spec(dict(spec))  # type: ignore[return-value]
+    if spec.get("arch") == FOREST_ARCH:  # the random-forest baseline, stored as its trees' tensors
+        return ForestBaseline.from_spec(dict(spec))  # type: ignore[return-value]
     missing = [k for k in SPEC_KEYS if k not in spec]
-    unknown = [k for k in spec if k not in SPEC_KEYS]
+    unknown = [k for k in spec if k not in SPEC_KEYS + OPTIONAL_SPEC_KEYS]
     if missing or unknown:
         raise ModelError(
             f"invalid model spec: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
             f"expected keys {', '.join(SPEC_KEYS)}"
         )
-    check_arch(spec["arch"])
+    arch_spec(spec["arch"])
     return CXRNet(
         spec["arch"],
         int(spec["n_outputs"]),
@@ -128,4 +141,5 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
         n_tabular=int(spec["n_tabular"]),
         norm_mean=float(spec["norm_mean"]),
         norm_std=float(spec["norm_std"]),
+        image_size=int(spec["image_size"]) if "image_size" in spec else None,
     )

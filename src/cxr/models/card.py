@@ -128,6 +128,7 @@ class ModelCard(_Record):
     train_intensity: IntensityStats | None = None  # absent from cards written before it existed
     ood: OodCheck | None = None  # None: the model has no out-of-distribution check (the linear baseline, old cards)
     weights_sha256: str | None = None  # of model.safetensors, checked at every load; None: a card written before it
+    onnx_sha256: str | None = None  # of model.onnx (`cxr export`), checked when the ONNX runtime loads it; None: none
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

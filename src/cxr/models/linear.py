@@ -16,6 +16,11 @@ ARCH = "logistic_regression"
 POOL = 16
 
 
+def pooled_pixels(x: torch.Tensor, pool: int = POOL) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1] -> (B, pool * pool): the classical baselines' inputs (this one's and the forest's)."""
+    return F.adaptive_avg_pool2d(x, pool).flatten(1)
+
+
 class LinearBaseline(nn.Module):
     """Average-pool to POOL x POOL, flatten, one linear layer: the torch twin of the sklearn model."""
 
@@ -27,7 +32,7 @@ class LinearBaseline(nn.Module):
         self.linear = nn.Linear(pool * pool, n_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x, self.pool).flatten(1)
+        return pooled_pixels(x, self.pool)
 
     def forward(self, x: torch.Tensor, tabular: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(self.features(x))

@@ -1,4 +1,4 @@
-"""Model zoo: a small grayscale CNN and single-channel torchvision backbones behind one wrapper.
+"""The one wrapper every network is: :class:`CXRNet` around a backbone described by its spec (:mod:`cxr.models.archs`).
 
 Every model is a :class:`CXRNet`:
 
@@ -25,259 +25,44 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxr.errors import UserError
+from cxr.models.archs import (
+    ARCHS,
+    GOOGLENET_PRETRAINED_MEAN,
+    GOOGLENET_PRETRAINED_STD,
+    PRETRAINED_MEAN,
+    PRETRAINED_STD,
+    RANDOM_MEAN,
+    RANDOM_STD,
+    SPECS,
+    TORCHVISION_ARCHS,
+    ArchSpec,
+    make_backbone,
+)
+from cxr.models.small import SimpleCNN
 
 logger = logging.getLogger(__name__)
 
-ARCHS: tuple[str, ...] = (
-    "simple_cnn",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "densenet121",
-    "efficientnet_b0",
-    "mobilenet_v3_small",
-    "googlenet",
-)
-TORCHVISION_ARCHS: tuple[str, ...] = ARCHS[1:]
-
-# Grey equivalents of the ImageNet statistics (means of the RGB values).
-PRETRAINED_MEAN = 0.449
-PRETRAINED_STD = 0.226
-RANDOM_MEAN = 0.5
-RANDOM_STD = 0.25
-# googlenet's ImageNet weights were ported from TensorFlow and expect inputs in [-1, 1]
-# (torchvision's transform_input=True maps ImageNet-normalised inputs back to (x - 0.5) / 0.5).
-# We build it with transform_input=False, so the equivalent normalisation lives in the buffers.
-GOOGLENET_PRETRAINED_MEAN = 0.5
-GOOGLENET_PRETRAINED_STD = 0.5
+__all__ = [  # the names other modules have always imported from here
+    "ARCHS", "GOOGLENET_PRETRAINED_MEAN", "GOOGLENET_PRETRAINED_STD", "PRETRAINED_MEAN", "PRETRAINED_STD",
+    "RANDOM_MEAN", "RANDOM_STD", "SPEC_KEYS", "TORCHVISION_ARCHS", "WEIGHT_SUFFIXES", "CXRNet", "ModelError",
+    "SimpleCNN", "arch_spec", "check_arch", "check_input_size", "check_params",
+]  # fmt: skip
 
 TABULAR_EMBED_DIM = 32
 SPEC_KEYS: tuple[str, ...] = ("arch", "n_outputs", "dropout", "width", "n_tabular", "norm_mean", "norm_std")
+OPTIONAL_SPEC_KEYS: tuple[str, ...] = ("image_size",)  # only in the specs of archs built for one input side
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 class ModelError(UserError):
     """A user-facing model problem (unknown arch, unusable weights, wrong inputs)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# simple_cnn
-# ---------------------------------------------------------------------------------------------
-
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
-
-
-class DepthwiseSeparable(nn.Sequential):
-    """Depthwise 3x3 (stride 1 or 2) -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU (MobileNet v1 block)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__(
-            ConvBNReLU(c_in, c_in, 3, stride, groups=c_in),
-            ConvBNReLU(c_in, c_out, 1),
-        )
-
-
-class SimpleCNN(nn.Module):
-    """Small grayscale CNN: a plain 3x3 conv stem then 5 depthwise-separable blocks (3 of them stride 2).
-
-    Channels: ``w -> 2w -> 2w -> 4w -> 4w -> 8w``; ``forward`` returns the last feature map
-    (``8w`` channels, spatial size ``ceil(H / 8)``: 4x4 at 28 px, 8x8 at 64 px).
-    """
-
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        w = width
-        # Full-resolution stem: at 28 px a stride-2 stem throws away half the detail (measured on
-        # PneumoniaMNIST: test AUROC 0.96-0.97 with it, see benchmarks/README.md).
-        self.stem = ConvBNReLU(1, w, 3, stride=1)
-        self.blocks = nn.Sequential(
-            DepthwiseSeparable(w, 2 * w, stride=2),
-            DepthwiseSeparable(2 * w, 2 * w),
-            DepthwiseSeparable(2 * w, 4 * w, stride=2),
-            DepthwiseSeparable(4 * w, 4 * w),
-            DepthwiseSeparable(4 * w, 8 * w, stride=2),
-        )
-        self.out_channels = 8 * w
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.stem(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# torchvision backbones
-# ---------------------------------------------------------------------------------------------
-
-
-def _family(arch: str) -> str:
-    if arch.startswith("resnet"):
-        return "resnet"
-    if arch.startswith("densenet"):
-        return "densenet"
-    if arch.startswith("efficientnet") or arch.startswith("mobilenet"):
-        return "features"
-    return arch  # simple_cnn, googlenet
-
-
-# Per arch: the first conv (replaced by a 1-channel conv), the classifier attribute removed, and
-# the module whose output is the last spatial feature map (Grad-CAM target), all relative to the
-# torchvision model.
-_FIRST_CONV = {
-    "resnet18": "conv1",
-    "resnet34": "conv1",
-    "resnet50": "conv1",
-    "densenet121": "features.conv0",
-    "efficientnet_b0": "features.0.0",
-    "mobilenet_v3_small": "features.0.0",
-    "googlenet": "conv1.conv",
-}
-_CLASSIFIER = {
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "resnet50": "fc",
-    "densenet121": "classifier",
-    "efficientnet_b0": "classifier",
-    "mobilenet_v3_small": "classifier",
-    "googlenet": "fc",
-}
-_GRADCAM = {
-    "simple_cnn": "blocks",
-    "resnet18": "layer4",
-    "resnet34": "layer4",
-    "resnet50": "layer4",
-    "densenet121": "features",
-    "efficientnet_b0": "features",
-    "mobilenet_v3_small": "features",
-    "googlenet": "inception5b",
-}
-# The stages whose outputs the out-of-distribution score summarises (cxr.models.ood), relative to the backbone:
-# where the resolution or the block type changes, from the first block to the last feature map.
-_OOD_STAGES = {
-    "simple_cnn": ("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"),
-    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
-    "resnet34": ("layer1", "layer2", "layer3", "layer4"),
-    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
-    "densenet121": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
-    "efficientnet_b0": ("features.2", "features.3", "features.4", "features.6", "features.8"),
-    "mobilenet_v3_small": ("features.1", "features.3", "features.8", "features.12"),
-    "googlenet": ("conv3", "inception3b", "inception4e", "inception5b"),
-}
-# Keys of a torchvision checkpoint that are not part of our backbone (classifier, googlenet aux heads).
-_DROP_PREFIXES = {
-    "resnet18": ("fc.",),
-    "resnet34": ("fc.",),
-    "resnet50": ("fc.",),
-    "densenet121": ("classifier.",),
-    "efficientnet_b0": ("classifier.",),
-    "mobilenet_v3_small": ("classifier.",),
-    "googlenet": ("fc.", "aux1.", "aux2."),
-}
-# Old-style densenet checkpoints name layers "norm.1" instead of "norm1" (same fix as torchvision).
-_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-)
-
-
-def _torchvision_model(arch: str) -> tuple[nn.Module, int]:
-    """Random-init torchvision model with a 1-channel first conv and no classifier; returns (model, feature dim)."""
-    import torchvision.models as tvm
-
-    if arch == "googlenet":
-        model = tvm.googlenet(weights=None, aux_logits=False, transform_input=False, init_weights=True)
-    else:
-        model = getattr(tvm, arch)(weights=None)
-
-    classifier = getattr(model, _CLASSIFIER[arch])
-    linear = (
-        classifier
-        if isinstance(classifier, nn.Linear)
-        else next(m for m in classifier.modules() if isinstance(m, nn.Linear))
-    )
-    feat_dim = linear.in_features
-    setattr(model, _CLASSIFIER[arch], nn.Identity())
-
-    parent_name, _, attr = _FIRST_CONV[arch].rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    assert isinstance(old, nn.Conv2d) and old.groups == 1
-    new = nn.Conv2d(
-        1,
-        old.out_channels,
-        old.kernel_size,
-        old.stride,
-        old.padding,
-        old.dilation,
-        bias=old.bias is not None,
-        padding_mode=old.padding_mode,
-    )
-    with torch.no_grad():  # keep the arch's own init scheme (its fan_out does not depend on C_in)
-        new.weight.copy_(old.weight[:, :1])
-        if old.bias is not None:
-            new.bias.copy_(old.bias)
-    setattr(parent, attr, new)
-    return model, feat_dim
-
-
-def _resnet_trunk(m: nn.Module, x: Tensor) -> Tensor:
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
-
-
-def _densenet_trunk(m: nn.Module, x: Tensor) -> Tensor:
-    # torchvision applies an in-place ReLU here; out-of-place keeps Grad-CAM hooks on `features` valid.
-    return F.relu(m.features(x))
-
-
-def _features_trunk(m: nn.Module, x: Tensor) -> Tensor:
-    return m.features(x)
-
-
-def _googlenet_trunk(m: nn.Module, x: Tensor) -> Tensor:
-    x = m.maxpool1(m.conv1(x))
-    x = m.maxpool2(m.conv3(m.conv2(x)))
-    x = m.maxpool3(m.inception3b(m.inception3a(x)))
-    x = m.inception4e(m.inception4d(m.inception4c(m.inception4b(m.inception4a(x)))))
-    x = m.maxpool4(x)
-    return m.inception5b(m.inception5a(x))
-
-
-def _simple_trunk(m: nn.Module, x: Tensor) -> Tensor:
-    return m(x)
-
-
-_TRUNKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
-    "resnet": _resnet_trunk,
-    "densenet": _densenet_trunk,
-    "features": _features_trunk,
-    "googlenet": _googlenet_trunk,
-    "simple_cnn": _simple_trunk,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# The wrapper
-# ---------------------------------------------------------------------------------------------
 
 
 def check_arch(arch: str) -> str:
@@ -286,6 +71,22 @@ def check_arch(arch: str) -> str:
             f"unknown model arch {arch!r}; valid names: {', '.join(ARCHS)}, logistic_regression (baseline)"
         )
     return arch
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    return SPECS[check_arch(arch)]
+
+
+def check_input_size(arch: str, size: int) -> int:
+    """``size`` if ``arch`` accepts square inputs of that side, else one line naming the smallest it does."""
+    spec = arch_spec(arch)
+    if size < spec.min_size:
+        native = f" (its pretrained weights were trained at {spec.native_size} px)" if spec.native_size else ""
+        raise ModelError(
+            f"{arch} needs inputs of at least {spec.min_size} px{native}, got {size}: "
+            f"set model.image_size >= {spec.min_size} (and add it to prepare.sizes)"
+        )
+    return size
 
 
 def _short_float(v: float) -> float:
@@ -309,7 +110,10 @@ class CXRNet(nn.Module):
         head: ``nn.Linear(feature_dim [+ 32], n_outputs)``.
         feature_dim: size of the pooled image feature vector returned by :meth:`features`.
         gradcam_layer: dotted module name (``model.get_submodule(name)``) whose output is the last
-            spatial feature map, e.g. ``"backbone.layer4"``; :attr:`gradcam_module` is the module.
+            spatial feature map, e.g. ``"backbone.layer4"``; :attr:`gradcam_module` is the module. ``None`` for
+            an arch without a convolutional map (``mlp``), which then has no ``gradcam_module`` attribute.
+        arch_spec: the architecture's :class:`~cxr.models.archs.ArchSpec`.
+        image_size: the input side of an arch built for one (``mlp``), else ``None``.
     """
 
     def __init__(
@@ -322,10 +126,15 @@ class CXRNet(nn.Module):
         n_tabular: int = 0,
         norm_mean: float = RANDOM_MEAN,
         norm_std: float = RANDOM_STD,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
-        check_arch(arch)
+        self.arch_spec = spec = arch_spec(arch)
         check_params(n_outputs, dropout, width, n_tabular)
+        if spec.fixed_size and image_size is None:
+            raise ModelError(f"{arch} is built for one input size: give its image_size (model.image_size)")
+        if image_size is not None:
+            check_input_size(arch, int(image_size))
         if not (math.isfinite(norm_std) and norm_std > 0 and math.isfinite(norm_mean)):
             raise ModelError(f"invalid normalisation mean={norm_mean} std={norm_std}")
         self.arch = arch
@@ -333,16 +142,13 @@ class CXRNet(nn.Module):
         self.dropout_p = float(dropout)
         self.width = int(width)
         self.n_tabular = int(n_tabular)
+        self.image_size = int(image_size) if spec.fixed_size else None
         self.register_buffer("norm_mean", torch.full((1, 1, 1, 1), float(norm_mean)))
         self.register_buffer("norm_std", torch.full((1, 1, 1, 1), float(norm_std)))
 
-        if arch == "simple_cnn":
-            self.backbone: nn.Module = SimpleCNN(self.width)
-            self.feature_dim = self.backbone.out_channels
-        else:
-            self.backbone, self.feature_dim = _torchvision_model(arch)
-        self._trunk = _TRUNKS[_family(arch)]
-        self.gradcam_layer = f"backbone.{_GRADCAM[arch]}"
+        self.backbone, self.feature_dim = make_backbone(spec, self.width, self.image_size)
+        self._trunk = spec.trunk
+        self.gradcam_layer = f"backbone.{spec.gradcam}" if spec.gradcam else None
 
         if self.n_tabular > 0:
             self.tabular: nn.Module | None = nn.Sequential(
@@ -365,6 +171,12 @@ class CXRNet(nn.Module):
             raise ModelError(f"expected input of shape (B, 1, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ModelError(f"expected a float input scaled to [0, 1], got dtype {x.dtype}")
+        if self.image_size is not None and tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ModelError(
+                f"this {self.arch} takes {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[2:])}"
+            )
+        if min(x.shape[2:]) < self.arch_spec.min_size:
+            check_input_size(self.arch, min(x.shape[2:]))
         return (x - self.norm_mean) / self.norm_std
 
     def feature_map(self, x: Tensor) -> Tensor:
@@ -394,16 +206,23 @@ class CXRNet(nn.Module):
     @property
     def ood_stages(self) -> list[str]:
         """Modules (names within this model) whose outputs the out-of-distribution score summarises."""
-        return [f"backbone.{stage}" for stage in _OOD_STAGES[self.arch]]
+        return [f"backbone.{stage}" for stage in self.arch_spec.ood_stages]
+
+    @property
+    def blocks(self) -> list[str]:
+        """The modules (names within this model) ending each block that ``model.freeze=N`` counts, in order."""
+        return [f"backbone.{block}" for block in self.arch_spec.freeze_blocks]
 
     @property
     def gradcam_module(self) -> nn.Module:
+        if self.gradcam_layer is None:  # AttributeError: hasattr(model, "gradcam_module") is False, as for the baseline
+            raise AttributeError(f"a {self.arch} has no convolutional feature map")
         return self.get_submodule(self.gradcam_layer)
 
     @property
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable description; ``build_from_spec(model.spec)`` rebuilds the architecture."""
-        return {
+        spec = {
             "arch": self.arch,
             "n_outputs": self.n_outputs,
             "dropout": self.dropout_p,
@@ -412,6 +231,7 @@ class CXRNet(nn.Module):
             "norm_mean": _short_float(float(self.norm_mean.flatten()[0].item())),
             "norm_std": _short_float(float(self.norm_std.flatten()[0].item())),
         }
+        return spec if self.image_size is None else {**spec, "image_size": self.image_size}
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, n_outputs={self.n_outputs}, n_tabular={self.n_tabular}"
@@ -420,22 +240,11 @@ class CXRNet(nn.Module):
 
     def load_backbone_state_dict(self, state: Mapping[str, Tensor], source: str = "state dict") -> None:
         """Load a torchvision-style backbone state dict (3- or 1-channel first conv; classifier keys ignored)."""
-        if self.arch == "simple_cnn":
-            prefix_drop: tuple[str, ...] = ()
-            first_conv = "stem.0.weight"
-        else:
-            prefix_drop = _DROP_PREFIXES[self.arch]
-            first_conv = f"{_FIRST_CONV[self.arch]}.weight"
-        sd: dict[str, Tensor] = {}
-        for key, value in state.items():
-            if key.startswith(prefix_drop):
-                continue
-            if self.arch.startswith("densenet"):
-                m = _DENSENET_KEY.match(key)
-                if m:
-                    key = m.group(1) + m.group(2)
-            sd[key] = value
-        w = sd.get(first_conv)
+        spec = self.arch_spec
+        rename = spec.rename or str
+        sd = {rename(key): value for key, value in state.items() if not key.startswith(spec.foreign_prefixes)}
+        first_conv = f"{spec.first_conv}.weight"
+        w = sd.get(first_conv) if spec.first_conv else None
         if w is not None and w.ndim == 4 and w.shape[1] == 3:
             # grey image replicated on RGB gives the same activations as the summed kernel on grey
             sd[first_conv] = w.sum(dim=1, keepdim=True)

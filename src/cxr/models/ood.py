@@ -64,8 +64,7 @@ class FeatureTap:
 
     def _stage_hook(self, name: str):
         def keep(_module: nn.Module, _inputs: object, out: Tensor) -> None:
-            out = out.detach().float()
-            self._calls[name].append((out.sum(dim=(2, 3)), out.square().sum(dim=(2, 3)), out.shape[2] * out.shape[3]))
+            self._calls[name].append(stage_sums(out.detach()))
 
         return keep
 
@@ -90,11 +89,23 @@ class FeatureTap:
         return out
 
 
-def _moments(total: Tensor, squares: Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Channel means and standard deviations from the sums of a map and of its square."""
-    total, squares = total.cpu().numpy().astype(np.float64), squares.cpu().numpy().astype(np.float64)
+def stage_sums(out: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A stage's map ``(B, C, h, w)`` summed over the image, and its square: ``(B, C)`` each, and ``h * w``."""
+    out = out.float()
+    return out.sum(dim=(2, 3)), out.square().sum(dim=(2, 3)), out.shape[2] * out.shape[3]
+
+
+def channel_moments(total: Tensor, squares: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Channel means and standard deviations (float64) from the sums of a map and of its square; the exported
+    ONNX graph computes them with this same function (cxr.models.onnx_export)."""
+    total, squares = total.double(), squares.double()
     variance = (squares - total * total / n) / max(n - 1, 1)
-    return total / n, np.sqrt(np.maximum(variance, 0))
+    return total / n, variance.clamp(min=0).sqrt()
+
+
+def _moments(total: Tensor, squares: Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = channel_moments(total.cpu(), squares.cpu(), n)
+    return mean.numpy(), std.numpy()
 
 
 class OodDetector(nn.Module):

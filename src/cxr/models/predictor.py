@@ -65,7 +65,10 @@ class Scores:
 class Predictor:
     """``precision="bf16"`` runs the forward pass under bfloat16 autocast: several times the images/s on
     a GPU or a CPU with AMX (Intel Xeon 4th gen+), probabilities within ~1e-2 of fp32's; slower on a CPU
-    without native bf16. Grad-CAM (``cxr.serving.explain``) always runs in fp32."""
+    without native bf16. Grad-CAM (``cxr.serving.explain``) always runs in fp32. This one runs the network in
+    torch; cxr.models.onnx_runtime.OnnxPredictor runs the same model's model.onnx in onnxruntime."""
+
+    runtime = "torch"
 
     def __init__(
         self,
@@ -97,18 +100,7 @@ class Predictor:
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
         """The model in ``path``, checked: weights equal to the card's hash, loadable into its architecture, and
         finite probabilities on a probe pass. Anything else is one ModelLoadError line, never a traceback."""
-        path = Path(path)
-        card_path, weights_path = path / CARD_FILE, path / WEIGHTS_FILE
-        if not card_path.exists() or not weights_path.exists():
-            raise ModelLoadError(
-                f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
-            )
-        card = ModelCard.from_json(card_path.read_text(), str(card_path))
-        check_weights_digest(card, weights_path)
-        try:
-            model, ood = _load_weights(card, weights_path)
-        except Exception as exc:  # truncated or foreign safetensors, another architecture's tensors
-            raise BrokenModel(f"cannot load the weights {weights_path}: {_first_line(exc)}") from None
+        card, model, ood = load_checked(path)
         predictor = cls(model, card, device, precision, ood)
         predictor.probe()
         return predictor
@@ -132,7 +124,10 @@ class Predictor:
             if self.ood is not None:
                 state.update({OOD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.ood.state_dict().items()})
             save_file(state, str(tmp / WEIGHTS_FILE))
-            self.card = self.card.model_copy(update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
+            # no model.onnx is written here: `cxr export` makes one for these weights and records its hash
+            self.card = self.card.model_copy(
+                update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE), "onnx_sha256": None}
+            )
             (tmp / CARD_FILE).write_text(self.card.to_json())
         return path
 
@@ -161,32 +156,35 @@ class Predictor:
             images = images[None]
         if self.uses_tabular and tabular is None:
             tabular = np.zeros((len(images), self.card.n_tabular), np.float32)
-        probs, spreads = [], []
-        tap = FeatureTap(self.model, self.card.ood.stages if self.ood is not None else [])
-        with tap:
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
-                x = x.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-                t = (
-                    None
-                    if tabular is None
-                    else torch.from_numpy(np.asarray(tabular[start : start + len(x)], np.float32))
-                )
-                p, spread = self._forward(x, None if t is None else t.to(self.device))
-                tap.end_batch()
-                probs.append(p)
-                spreads.append(spread)
-        ood = self.ood.score(tap.take()) if self.ood is not None and probs else None
+        probs, spreads, summaries = [], [], []
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(self.device)
+            x = x.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            t = None if tabular is None else torch.from_numpy(np.asarray(tabular[start : start + len(x)], np.float32))
+            logits, stats = self.run_network(x, None if t is None else t.to(self.device))
+            p, spread = self._combine(logits)
+            probs.append(p)
+            spreads.append(spread)
+            summaries.append(stats)
+        ood = self.ood.score([np.concatenate(s) for s in zip(*summaries)]) if self.ood is not None and probs else None
         out = np.concatenate(probs) if probs else np.zeros((0, len(self.labels)), np.float32)
         spread = np.concatenate(spreads) if probs and spreads[0] is not None else None
         return Scores(out[:, 0] if self.task == "binary" else out, ood, spread)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
-        stacked = getattr(self.model, "stacked", None)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = (stacked(x, t) if stacked else self.model(x, t)[None]).float()
+    def run_network(self, x: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """One batch through the network: the members' / views' logits ``(S, B, K)`` (S = 1 for one network) and
+        the OOD stages' summaries (FeatureTap's; [] without an OOD check)."""
+        with FeatureTap(self.model, self.card.ood.stages if self.ood is not None else []) as tap:
+            stacked = getattr(self.model, "stacked", None)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                logits = (stacked(x, t) if stacked else self.model(x, t)[None]).float()
+            tap.end_batch()  # `stacked` is not a call of the model, whose hook would close the batch
+        return logits, tap.take()
+
+    def _combine(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """The probabilities of the mean logits, and the spread of the members' / views' (None: one network)."""
         probs = self.activate(logits.mean(dim=0)).cpu().numpy()
-        if stacked is None:
+        if not hasattr(self.model, "stacked"):
             return probs, None
         per_member = torch.stack([self.activate(member) for member in logits])  # (members, B, K)
         return probs, per_member.std(dim=0).mean(dim=1).cpu().numpy()
@@ -289,6 +287,24 @@ def check_weights_digest(card: ModelCard, weights_path: Path) -> None:
             f"{weights_path} is not the file this model was saved with (sha256 {found[:12]}…, its card says "
             f"{card.weights_sha256[:12]}…): the weights were changed or corrupted; restore or re-register the model"
         )
+
+
+def load_checked(path: str | Path) -> tuple[ModelCard, torch.nn.Module, OodDetector | None]:
+    """The card, network and OOD detector in ``path``, the weights checked against the card's hash; anything
+    wrong is one ModelLoadError line."""
+    path = Path(path)
+    card_path, weights_path = path / CARD_FILE, path / WEIGHTS_FILE
+    if not card_path.exists() or not weights_path.exists():
+        raise ModelLoadError(
+            f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
+        )
+    card = ModelCard.from_json(card_path.read_text(), str(card_path))
+    check_weights_digest(card, weights_path)
+    try:
+        model, ood = _load_weights(card, weights_path)
+    except Exception as exc:  # truncated or foreign safetensors, another architecture's tensors
+        raise BrokenModel(f"cannot load the weights {weights_path}: {_first_line(exc)}") from None
+    return card, model, ood
 
 
 def _load_weights(card: ModelCard, weights_path: Path) -> tuple[torch.nn.Module, OodDetector | None]:

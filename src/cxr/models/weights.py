@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cxr.models.networks import TORCHVISION_ARCHS, WEIGHT_SUFFIXES, CXRNet, ModelError, check_arch
+from cxr.models.weights_info import read_info
 
 
 def _as_tensor_dict(obj: Any, source: str) -> dict[str, Tensor]:
@@ -120,12 +121,17 @@ def load_weights(model: CXRNet, weights: str | Path) -> CXRNet:
     """Load a local weights file into ``model`` (in place) and return it.
 
     A file whose keys start with ``backbone.``/``head.`` is a full CXRNet state dict (its
-    normalisation buffers are loaded too); anything else is a torchvision backbone state dict.
+    normalisation buffers are loaded too); anything else is a torchvision backbone state dict. A
+    ``.safetensors`` written by ``cxr import-weights`` has a JSON beside it whose normalisation is applied.
     """
     path = Path(weights).expanduser()
     sd = read_state_dict(path)
+    info = read_info(path, model.arch)  # `cxr import-weights`' JSON beside the file: the input it was trained on
     if _is_cxrnet_state(sd):
         model.load_full_state_dict(sd, source=str(path))
     else:
         model.load_backbone_state_dict(sd, source=str(path))
+    if info is not None:
+        model.norm_mean.fill_(info.norm_mean)
+        model.norm_std.fill_(info.norm_std)
     return model

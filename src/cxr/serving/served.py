@@ -25,6 +25,7 @@ from cxr.models.card import ModelCard
 from cxr.models.predictor import BrokenModel, ModelLoadError, NonFiniteOutput, Predictor
 from cxr.serving.explain import explain
 from cxr.serving.input_checks import image_stats, input_warnings, refuse_non_chest
+from cxr.tracking.onnx_artifacts import ONNX_TAG
 from cxr.tracking.registry import WEIGHTS_TAG, operating_points
 from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, registry_version, resolve
 
@@ -131,36 +132,45 @@ class ServedModel:
         ref: ModelRef,
         metrics: dict[str, float] | None = None,
         sites: dict[str, dict[str, Any]] | None = None,
+        runtime: str | None = None,
     ) -> None:
         self.predictor = predictor
         self.ref = ref
         self.metrics = metrics or {}
         self.sites = sites or {}  # site name -> operating point ({threshold, rule, ...}), from the registry
+        self.runtime = runtime or predictor.runtime  # a weightless copy is told the model service's
 
     @classmethod
     def load(
-        cls, cfg: "Config | None" = None, uri: str | Path | None = None, device: str = "cpu", precision: str = "fp32"
+        cls,
+        cfg: "Config | None" = None,
+        uri: str | Path | None = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        runtime: str = "torch",
     ) -> "ServedModel":
-        """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg."""
+        """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg,
+        run by ``runtime`` ("torch", or "onnx": its model.onnx in onnxruntime)."""
 
         cfg = cfg or service_config()
         try:
             ref, load_uri = resolve(cfg, str(uri or model_uri(cfg)))
-            predictor = load_predictor(load_uri, device=device, precision=precision)
-            check_registered_weights(ref, predictor.card)
+            predictor = load_predictor(load_uri, device=device, precision=precision, runtime=runtime)
+            check_registered_weights(ref, predictor.card, runtime)
         except BrokenModel as exc:  # changed, unloadable or NaN weights: serving another model is not the fix
             raise NoModelToServe(str(exc)) from None
         except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
         served = cls(predictor, ref, _metrics(load_uri, predictor.card), _operating_points(ref))
         log.info(
-            "serving %s version %s (%s): %s, labels %s, %s",
+            "serving %s version %s (%s): %s, labels %s, %s, %s runtime",
             ref.name,
             ref.version,
             ref.uri,
             predictor.card.arch,
             predictor.labels,
             precision,
+            runtime,
         )
         return served
 
@@ -171,6 +181,7 @@ class ServedModel:
             "ref": self.ref.to_dict(),
             "metrics": self.metrics,
             "precision": self.predictor.precision,
+            "runtime": self.runtime,
             "sites": self.sites,
         }
 
@@ -189,6 +200,7 @@ class ServedModel:
             ModelRef(**card["ref"]),
             card["metrics"],
             card.get("sites"),
+            card.get("runtime"),
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -205,6 +217,7 @@ class ServedModel:
             "preprocess": card["preprocess"],
             "read_limits": card["read_limits"],
             "precision": self.predictor.precision,
+            "runtime": self.runtime,
             "training": {k: training.get(k) for k in METADATA_LINEAGE},
             "metrics": self.metrics,
             "operating_points": self.sites,
@@ -320,18 +333,23 @@ class ServedModel:
         }
 
 
-def check_registered_weights(ref: ModelRef, card: ModelCard) -> None:
-    """A registered version must serve the weights it was registered with: its ``weights_sha256`` tag and the
-    card (which the loader checked against the file) must agree; a version registered before the tag passes."""
+def check_registered_weights(ref: ModelRef, card: ModelCard, runtime: str = "torch") -> None:
+    """A registered version must serve the weights it was registered with: its ``weights_sha256`` tag (and under
+    the ONNX runtime its ``onnx_sha256``) and the card (which the loader checked against the files) must agree; a
+    version registered before the tag passes."""
     if ref.version is None:
         return
     entry = registry_version(f"models:/{ref.name}/{ref.version}")
-    registered = entry.tags.get(WEIGHTS_TAG) if entry is not None else None
-    if registered is not None and registered != card.weights_sha256:
-        raise BrokenModel(
-            f"{ref.name} version {ref.version} was registered with weights sha256 {registered[:12]}…, but its "
-            f"artifacts hold {(card.weights_sha256 or 'unhashed')[:12]}…: the stored model was changed after registration"
-        )
+    tags = entry.tags if entry is not None else {}
+    checked = [(WEIGHTS_TAG, "weights", card.weights_sha256)]
+    checked += [(ONNX_TAG, "ONNX graph", card.onnx_sha256)] if runtime == "onnx" else []
+    for tag, what, held in checked:
+        registered = tags.get(tag)
+        if registered is not None and registered != held:
+            raise BrokenModel(
+                f"{ref.name} version {ref.version} was registered with {what} sha256 {registered[:12]}…, but its "
+                f"artifacts hold {(held or 'unhashed')[:12]}…: the stored model was changed after registration"
+            )
 
 
 class WeightsElsewhere(torch.nn.Module):

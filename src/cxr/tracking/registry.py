@@ -32,6 +32,7 @@ from cxr.errors import UserError
 from cxr.models.card import ModelCard
 from cxr.models.predictor import CARD_FILE
 from cxr.tracking import runs as tracking
+from cxr.tracking.onnx_artifacts import ONNX_TAG, log_onnx
 from cxr.tracking.promotion_lock import promotion_lock
 from cxr.tracking.version_card import describe
 
@@ -202,6 +203,8 @@ def register(cfg: "Config", run_id: str | None = None) -> "ModelVersion":
     card = ModelCard.from_json(mlflow.artifacts.load_text(where), where)
     report = _logged_evaluation(run_id)
     tags = version_tags(run_id, card, run.data.tags, run.data.metrics, report)
+    onnx_sha256 = log_onnx(client, model_uri)  # the graph travels with the version's artifacts
+    tags |= {ONNX_TAG: onnx_sha256} if onnx_sha256 else {}
     name = cfg.mlflow.registered_model
     same = _same_registration(client, name, tags)
     if same is not None:

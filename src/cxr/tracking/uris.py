@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxr.models.onnx_runtime import predictor_class
 from cxr.models.predictor import CARD_FILE, ModelLoadError, Predictor
 from cxr.tracking.runs import configured_uri, tracking_uri, use_store
 
@@ -137,6 +138,9 @@ def local_model_dir(uri: str | Path) -> Path:
     return found[0]
 
 
-def load_predictor(uri: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Predictor:
-    """The Predictor of a local model directory or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``)."""
-    return Predictor.from_dir(local_model_dir(uri), device, precision)
+def load_predictor(
+    uri: str | Path, device: str | torch.device = "cpu", precision: str = "fp32", runtime: str = "torch"
+) -> Predictor:
+    """The Predictor of a local model directory or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``),
+    running in ``runtime`` ("torch", or "onnx": the model's model.onnx in onnxruntime)."""
+    return predictor_class(runtime).from_dir(local_model_dir(uri), device, precision)

@@ -1,7 +1,7 @@
 """fit(cfg, callbacks): the one training function behind `cxr train`, DVC's train stage and `cxr tune`.
 
 Trains on the prepared arrays (networks through :func:`cxr.training.loop.train_network`, the logistic-regression
-baseline through :func:`cxr.training.baseline.fit_linear`), then every model goes through the same tail: the
+baselines through :func:`cxr.training.baseline.fit_baseline`), then every model goes through the same tail: the
 threshold chosen on validation, the model card written from the prepared data's card, the model saved and logged
 to MLflow. ``train.ensemble`` > 1 trains that many seeded networks and saves them as one averaging model.
 Launched by torchrun, every process trains its shard of each batch and rank 0 alone does the tail
@@ -22,16 +22,17 @@ import torch
 from cxr.data.augment import draw_augment
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
-from cxr.models.linear import ARCH as LINEAR_ARCH
+from cxr.models.networks import check_input_size
 from cxr.models.predictor import Predictor
 from cxr.models.wrappers import Ensemble, TestTimeAugmentation
 from cxr.tracking import runs as tracking
 from cxr.training import distributed
-from cxr.training.baseline import fit_linear
+from cxr.training.baseline import BASELINE_ARCHS, fit_baseline
 from cxr.training.callbacks import Callback, EarlyStopping, MlflowMetrics, ScoreYardstick, Timer
 from cxr.training.card import check_prepared, model_card
 from cxr.training.distributed import Ranks
 from cxr.training.environment import environment, environment_tags
+from cxr.training.freeze import check_freeze
 from cxr.training.loop import Member, train_network
 from cxr.training.ood import fit_ood
 from cxr.training.scoring import Yardstick, predict_split, task_auroc, uses_bf16
@@ -86,7 +87,7 @@ def fit(
     """Train, choose the threshold, save and log the model. ``callbacks`` see every epoch of every network
     (pruning, diagnostics, interruption); ``run_id`` continues an existing MLflow run (a tuning trial's);
     ``yardstick`` is what that trial is judged on (see :class:`~cxr.training.scoring.Yardstick`)."""
-    if cfg.model.arch == LINEAR_ARCH:  # fitted without augmentation: no trained-for variation to choose under
+    if cfg.model.arch in BASELINE_ARCHS:  # fitted without augmentation: no trained-for variation to choose under
         cfg = cfg.override({"evaluate.threshold_augmented_copies": 0})
     ranks = distributed.ranks_from_env()
     distributed.check_batch_size(cfg.train.batch_size, ranks)
@@ -100,8 +101,8 @@ def fit(
             run_id = active.info.run_id if active else None
             if active:
                 tracking.log_training_inputs(cfg, data)
-            if cfg.model.arch == LINEAR_ARCH:
-                linear = fit_linear(cfg, data)
+            if cfg.model.arch in BASELINE_ARCHS:
+                linear = fit_baseline(cfg, data)
                 trained = Trained(linear.model, device, linear.val_probs, linear.val_auroc, linear.val_auroc, 1,
                                   [{"val_auroc": linear.val_auroc}], linear.images_per_second, linear.metrics)  # fmt: skip
             else:
@@ -114,11 +115,14 @@ def fit(
 
 def training_run_name(cfg: "Config") -> str:
     """What the MLflow UI lists: ``train simple_cnn 64px``, ``train 3x resnet18 224px`` for an ensemble."""
-    ensemble = f"{cfg.train.ensemble}x " if cfg.train.ensemble > 1 and cfg.model.arch != LINEAR_ARCH else ""
+    ensemble = f"{cfg.train.ensemble}x " if cfg.train.ensemble > 1 and cfg.model.arch not in BASELINE_ARCHS else ""
     return f"train {ensemble}{cfg.model.arch} {cfg.model.image_size}px"
 
 
 def load_training_data(cfg: "Config") -> PreparedData:
+    if cfg.model.arch not in BASELINE_ARCHS:  # before any run starts: the arch takes this input side and freeze
+        check_input_size(cfg.model.arch, cfg.model.image_size)
+        check_freeze(cfg.model.arch, cfg.model.freeze)
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     check_prepared(cfg, data)
     n_train, n_val = len(data.split("train")), len(data.split("val"))
@@ -129,7 +133,7 @@ def load_training_data(cfg: "Config") -> PreparedData:
 
 def training_device(cfg: "Config", ranks: Ranks) -> torch.device:
     """The baseline fits on the CPU; a network on ``train.device``, one GPU per process when data-parallel."""
-    if cfg.model.arch == LINEAR_ARCH:
+    if cfg.model.arch in BASELINE_ARCHS:
         return torch.device("cpu")
     return distributed.rank_device(resolve_device(cfg.train.device), ranks)
 
@@ -139,7 +143,7 @@ def follow_rank0(cfg: "Config", data: PreparedData, device: torch.device, ranks:
     while rank 0 chooses the threshold, saves and logs. It writes nothing."""
     n = cfg.train.ensemble
     with distributed.quiet_unless_main(ranks):
-        for i in range(n if cfg.model.arch != LINEAR_ARCH else 0):
+        for i in range(n if cfg.model.arch not in BASELINE_ARCHS else 0):
             train_network(cfg, data, cfg.project.seed + i, device, [], member=(i + 1, n), ranks=ranks)
     distributed.wait_for_rank0(ranks)
     return FitResult(model_dir, None, 0, float("nan"), 0, 0.0, main_process=False)

@@ -21,6 +21,7 @@ from cxr.progress import progress_bar
 from cxr.training import distributed
 from cxr.training.callbacks import Callback, EpochState, run_hook
 from cxr.training.distributed import Ranks
+from cxr.training.freeze import Frozen
 from cxr.training.scoring import autocast, predict_split, task_auroc
 from cxr.training.setup import make_ema, make_loss, make_optimizer, make_scheduler, sample_weights, seed_everything
 
@@ -54,16 +55,19 @@ class _Best:
 
 
 class _Network:
-    """The network, its optimiser, schedule and EMA, built from the config in a fixed order (seeded)."""
+    """The network, its optimiser, schedule and EMA, built from the config in a fixed order (seeded); the part
+    ``model.freeze`` holds fixed until ``model.unfreeze_epoch``."""
 
     def __init__(self, cfg: "Config", data: PreparedData, device: torch.device, ranks: Ranks) -> None:
         self.train_idx = data.split("train")
         self.n_tab = N_TABULAR if cfg.model.tabular else 0
         m = cfg.model
-        model = build_model(
-            m.arch, data.n_outputs, weights=m.weights, dropout=m.dropout, width=m.width, n_tabular=self.n_tab
-        )
+        model = build_model(m.arch, data.n_outputs, weights=m.weights, dropout=m.dropout, width=m.width,
+                            n_tabular=self.n_tab, image_size=m.image_size)  # fmt: skip
         self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.frozen, self.unfreeze_epoch = Frozen(self.model, m.freeze), m.unfreeze_epoch
+        if self.frozen.names and m.weights.strip().lower() in ("", "none"):
+            log.warning("model.freeze=%s holds randomly initialised layers (model.weights=none)", m.freeze)
         self.loss_fn = make_loss(data, self.train_idx, cfg, device)
         self.opt = make_optimizer(self.model, cfg)
         steps = int(np.ceil(len(self.train_idx) / cfg.train.batch_size))
@@ -71,7 +75,16 @@ class _Network:
         self.sched, self.sched_kind = make_scheduler(self.opt, cfg, self.steps)
         self.ema = make_ema(self.model, cfg.train.ema_decay)
         self.scored = self.ema.module if self.ema is not None else self.model  # what is validated and saved
+        self.device, self.ranks = device, ranks
         self.forward = distributed.wrap(self.model, device, ranks)  # what trains: DDP when data-parallel
+
+    def start_epoch(self, epoch: int) -> None:
+        """Training mode, the frozen part held; from ``model.unfreeze_epoch`` everything trains."""
+        if epoch == self.unfreeze_epoch and self.frozen.names:
+            self.frozen.release()
+            self.forward = distributed.wrap(self.model, self.device, self.ranks)  # DDP reduces only what trained
+        self.model.train()
+        self.frozen.hold()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, precision: str, device: torch.device):
         with autocast(device, precision):
@@ -84,6 +97,7 @@ class _Network:
             self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+            self.frozen.keep_in(self.ema.module)
         return loss.detach()
 
     def end_epoch(self, val_auroc: float) -> None:
@@ -105,7 +119,6 @@ def augment_shard(
 
 def _train_epoch(net: _Network, cfg: "Config", data: PreparedData, gen, weights, device, ranks, label) -> tuple:
     """One pass over the training batches: (summed loss, batches, images), over all ranks when data-parallel."""
-    net.model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
     n_batches = images = 0
     bs, n_train = cfg.train.batch_size, len(net.train_idx)
@@ -156,6 +169,7 @@ def train_network(
         for epoch in range(1, cfg.train.epochs + 1):
             state = EpochState(epoch, step0 + epoch, member, net.scored)
             run_hook(callbacks, "on_epoch_start", state)
+            net.start_epoch(epoch)
             total, n_batches, images = _train_epoch(
                 net, cfg, data, gen, weights, device, ranks, f"{label}epoch {epoch}/{cfg.train.epochs}"
             )

@@ -73,11 +73,28 @@ def sample_weights(data: PreparedData, cfg: "Config") -> np.ndarray | None:
     return (1.0 / np.maximum(counts, 1))[y]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: "Config") -> torch.optim.Optimizer:
+def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
+    """Weights with weight decay, biases and norms without, at ``lr``."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: "Config") -> torch.optim.Optimizer:
+    """Every parameter, frozen ones too (they take no gradient, so no step, until released). With
+    ``train.backbone_lr_scale`` != 1 the backbone's two groups follow the head's, at the scaled rate."""
+    named, lr, wd = list(model.named_parameters()), cfg.train.lr, cfg.train.weight_decay
+    scale = cfg.train.backbone_lr_scale
+    if scale == 1.0:
+        groups = _decay_groups(named, wd, lr)
+    else:
+        head = [(n, p) for n, p in named if not n.startswith("backbone.")]
+        backbone = [(n, p) for n, p in named if n.startswith("backbone.")]
+        groups = _decay_groups(head, wd, lr) + _decay_groups(backbone, wd, lr * scale)
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
@@ -110,7 +127,10 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: "Config", steps_per_epoch: i
     kind = cfg.train.scheduler
     if kind == "onecycle" and cfg.train.epochs * steps_per_epoch >= 8:  # too few steps for warm-up + decay
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.train.lr, total_steps=cfg.train.epochs * steps_per_epoch, pct_start=0.25
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=cfg.train.epochs * steps_per_epoch,
+            pct_start=0.25,
         ), "step"
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs), "epoch"
