@@ -132,7 +132,6 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
             f"invalid model spec: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
             f"expected keys {', '.join(SPEC_KEYS)}"
         )
-    arch_spec(spec["arch"])
     return CXRNet(
         spec["arch"],
         int(spec["n_outputs"]),

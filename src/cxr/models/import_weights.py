@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from pydantic import ValidationError
 from safetensors.torch import save
 from torch import Tensor
 
-from cxr.fsutil import sha256_file
-from cxr.models.networks import ARCHS, PRETRAINED_MEAN, PRETRAINED_STD, CXRNet, ModelError
+from cxr.fsutil import atomic_write_bytes, sha256_file
+from cxr.models.networks import PRETRAINED_MEAN, PRETRAINED_STD, CXRNet, ModelError, check_arch
 from cxr.models.safe_unpickle import StandIn, load_checkpoint
 from cxr.models.weights import _as_tensor_dict, read_state_dict
 from cxr.models.weights_info import Source, WeightsInfo, write_info
@@ -89,8 +88,7 @@ def _first_conv_channels(state: Mapping[str, Tensor]) -> int:
 
 def _check_fits(state: dict[str, Tensor], arch: str, source: str) -> None:
     """The backbone loads into a cxr ``arch`` network (ModelError naming the mismatching keys if not)."""
-    if arch not in ARCHS:
-        raise ModelError(f"unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
+    check_arch(arch)
     with torch.device("meta"), warnings.catch_warnings():  # keys and shapes only: no memory, no random init
         warnings.filterwarnings("ignore", message=".*meta parameter")
         CXRNet(arch, 1).load_backbone_state_dict(state, source=source)
@@ -135,7 +133,7 @@ def import_weights(
     except ValidationError as exc:
         raise ModelError(f"cannot describe {src}: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}") from None
     weights = Path(out) / f"{src.stem}.safetensors"
-    _write_bytes(weights, blob)
+    atomic_write_bytes(weights, blob)
     log.info("converted %s (%s) into %s; the pickle was opened here only, by an allow-list", src, ckpt.kind, weights)
     return Imported(weights, write_info(weights, info), info)
 
@@ -144,10 +142,3 @@ def _check_labels(state: Mapping[str, Tensor], labels: list[str] | None, src: Pa
     head = next((state[k] for k in ("classifier.weight", "fc.weight") if k in state), None)
     if labels and head is not None and len(labels) != head.shape[0]:
         raise ModelError(f"{src} has {head.shape[0]} outputs but {len(labels)} labels were given")
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

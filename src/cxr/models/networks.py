@@ -34,8 +34,6 @@ from torch import Tensor, nn
 from cxr.errors import UserError
 from cxr.models.archs import (
     ARCHS,
-    GOOGLENET_PRETRAINED_MEAN,
-    GOOGLENET_PRETRAINED_STD,
     PRETRAINED_MEAN,
     PRETRAINED_STD,
     RANDOM_MEAN,
@@ -50,7 +48,7 @@ from cxr.models.small import SimpleCNN
 logger = logging.getLogger(__name__)
 
 __all__ = [  # the names other modules have always imported from here
-    "ARCHS", "GOOGLENET_PRETRAINED_MEAN", "GOOGLENET_PRETRAINED_STD", "PRETRAINED_MEAN", "PRETRAINED_STD",
+    "ARCHS", "PRETRAINED_MEAN", "PRETRAINED_STD",
     "RANDOM_MEAN", "RANDOM_STD", "SPEC_KEYS", "TORCHVISION_ARCHS", "WEIGHT_SUFFIXES", "CXRNet", "ModelError",
     "SimpleCNN", "arch_spec", "check_arch", "check_input_size", "check_params",
 ]  # fmt: skip

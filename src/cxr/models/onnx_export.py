@@ -22,7 +22,7 @@ from cxr.errors import UserError
 from cxr.fsutil import atomic_write_text, sha256_file
 from cxr.models.onnx_runtime import ONNX_FILE, WEIGHTS_KEY, OnnxPredictor, session
 from cxr.models.ood import channel_moments, stage_sums
-from cxr.models.predictor import CARD_FILE, Predictor
+from cxr.models.predictor import CARD_FILE, Predictor, stacked_logits
 
 OPSET = 17
 TOLERANCE = 1e-4  # the most a probability may differ between the graph and torch on the check films
@@ -53,8 +53,7 @@ class Graph(nn.Module):
             for s in self.stages
         ]
         try:
-            stacked = getattr(self.model, "stacked", None)
-            logits = stacked(x, tabular) if stacked else self.model(x, tabular)[None]
+            logits = stacked_logits(self.model, x, tabular)
         finally:
             for hook in hooks:
                 hook.remove()

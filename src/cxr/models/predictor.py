@@ -7,18 +7,19 @@ lineage). Loading never executes code from the model files.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 from cxr.data.loader import tabular_features
 from cxr.errors import UserError
-from cxr.fsutil import atomic_dir, sha256_file
+from cxr.fsutil import atomic_dir
 from cxr.imaging import Image, read_image
 from cxr.models.build import build_from_spec
 from cxr.models.card import ModelCard
@@ -123,10 +124,11 @@ class Predictor:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             if self.ood is not None:
                 state.update({OOD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.ood.state_dict().items()})
-            save_file(state, str(tmp / WEIGHTS_FILE))
+            data = safetensors.torch.save(state)
+            (tmp / WEIGHTS_FILE).write_bytes(data)
             # no model.onnx is written here: `cxr export` makes one for these weights and records its hash
             self.card = self.card.model_copy(
-                update={"weights_sha256": sha256_file(tmp / WEIGHTS_FILE), "onnx_sha256": None}
+                update={"weights_sha256": hashlib.sha256(data).hexdigest(), "onnx_sha256": None}
             )
             (tmp / CARD_FILE).write_text(self.card.to_json())
         return path
@@ -175,9 +177,8 @@ class Predictor:
         """One batch through the network: the members' / views' logits ``(S, B, K)`` (S = 1 for one network) and
         the OOD stages' summaries (FeatureTap's; [] without an OOD check)."""
         with FeatureTap(self.model, self.card.ood.stages if self.ood is not None else []) as tap:
-            stacked = getattr(self.model, "stacked", None)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                logits = (stacked(x, t) if stacked else self.model(x, t)[None]).float()
+                logits = stacked_logits(self.model, x, t).float()
             tap.end_batch()  # `stacked` is not a call of the model, whose hook would close the batch
         return logits, tap.take()
 
@@ -268,6 +269,12 @@ class Predictor:
         }
 
 
+def stacked_logits(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """The members' / views' logits ``(S, B, K)`` of an ensemble or TTA model (``stacked``), else ``(1, B, K)``."""
+    stacked = getattr(model, "stacked", None)
+    return stacked(x, t) if stacked else model(x, t)[None]
+
+
 def _finite(values: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(values, dtype=np.float64))))
 
@@ -277,11 +284,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def check_weights_digest(card: ModelCard, weights_path: Path) -> None:
-    """The weights must be the ones the card was written with (a card from before hashes is trusted as it is)."""
+def check_weights_digest(card: ModelCard, weights_path: Path, data: bytes) -> None:
+    """The weights (``data``, read from ``weights_path``) must be the ones the card was written with (a card from
+    before hashes is trusted as it is)."""
     if card.weights_sha256 is None:
         return
-    found = sha256_file(weights_path)
+    found = hashlib.sha256(data).hexdigest()
     if found != card.weights_sha256:
         raise BrokenModel(
             f"{weights_path} is not the file this model was saved with (sha256 {found[:12]}…, its card says "
@@ -299,17 +307,18 @@ def load_checked(path: str | Path) -> tuple[ModelCard, torch.nn.Module, OodDetec
             f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
         )
     card = ModelCard.from_json(card_path.read_text(), str(card_path))
-    check_weights_digest(card, weights_path)
+    data = weights_path.read_bytes()  # read once: hashed, then loaded
+    check_weights_digest(card, weights_path, data)
     try:
-        model, ood = _load_weights(card, weights_path)
+        model, ood = _load_weights(card, data)
     except Exception as exc:  # truncated or foreign safetensors, another architecture's tensors
         raise BrokenModel(f"cannot load the weights {weights_path}: {_first_line(exc)}") from None
     return card, model, ood
 
 
-def _load_weights(card: ModelCard, weights_path: Path) -> tuple[torch.nn.Module, OodDetector | None]:
+def _load_weights(card: ModelCard, data: bytes) -> tuple[torch.nn.Module, OodDetector | None]:
     model = build_from_spec(card.architecture)
-    state = load_file(str(weights_path))  # safetensors: tensors only, nothing executed
+    state = safetensors.torch.load(data)  # safetensors: tensors only, nothing executed
     ood_state = {k[len(OOD_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(OOD_PREFIX)]}
     model.load_state_dict(state)
     if card.ood is None:

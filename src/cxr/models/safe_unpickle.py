@@ -12,6 +12,7 @@ knows the same allow-list and nothing else.
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import warnings
 from pathlib import Path
@@ -48,6 +49,7 @@ def module_names() -> list[str]:
     return xrv + tv + nn_
 
 
+@functools.cache  # built once: find_class asks for every global in the file
 def _allowed() -> dict[str, Any]:
     """Full name -> what it unpickles as. Beyond the stand-ins: what torch.save writes for tensors and modules."""
     return {

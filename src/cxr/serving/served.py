@@ -30,6 +30,8 @@ from cxr.tracking.registry import WEIGHTS_TAG, operating_points
 from cxr.tracking.uris import ModelRef, is_mlflow_uri, load_predictor, registry_version, resolve
 
 if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
     from cxr.config import Config
 
 log = logging.getLogger(__name__)
@@ -85,18 +87,6 @@ def _metrics(load_uri: str, card: ModelCard) -> dict[str, float]:
         log.warning("metrics of run %s unavailable: %s", run_id, type(exc).__name__)
         return fallback
     return {k: v for k, v in sorted(metrics.items()) if k.startswith(METRIC_PREFIXES)} or fallback
-
-
-def _operating_points(ref: ModelRef) -> dict[str, dict[str, Any]]:
-    """The named site operating points on the registered version being served (read once, at load)."""
-    if ref.version is None:
-        return {}
-    try:
-        entry = registry_version(f"models:/{ref.name}/{ref.version}")
-    except Exception as exc:  # a registry that cannot list tags still serves, at the model's threshold
-        log.warning("operating points of %s version %s unavailable: %s", ref.name, ref.version, type(exc).__name__)
-        return {}
-    return operating_points(entry) if entry is not None else {}
 
 
 def refusal(message: str, status: int = REFUSED) -> dict[str, Any]:
@@ -156,12 +146,14 @@ class ServedModel:
         try:
             ref, load_uri = resolve(cfg, str(uri or model_uri(cfg)))
             predictor = load_predictor(load_uri, device=device, precision=precision, runtime=runtime)
-            check_registered_weights(ref, predictor.card, runtime)
+            entry = check_registered_weights(ref, predictor.card, runtime)
         except BrokenModel as exc:  # changed, unloadable or NaN weights: serving another model is not the fix
             raise NoModelToServe(str(exc)) from None
         except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
             raise NoModelToServe(f"{exc}. {WHAT_TO_DO}.") from None
-        served = cls(predictor, ref, _metrics(load_uri, predictor.card), _operating_points(ref))
+        # the site operating points come from the version entry read once for the check
+        sites = operating_points(entry) if entry is not None else {}
+        served = cls(predictor, ref, _metrics(load_uri, predictor.card), sites)
         log.info(
             "serving %s version %s (%s): %s, labels %s, %s, %s runtime",
             ref.name,
@@ -333,12 +325,12 @@ class ServedModel:
         }
 
 
-def check_registered_weights(ref: ModelRef, card: ModelCard, runtime: str = "torch") -> None:
+def check_registered_weights(ref: ModelRef, card: ModelCard, runtime: str = "torch") -> "ModelVersion | None":
     """A registered version must serve the weights it was registered with: its ``weights_sha256`` tag (and under
     the ONNX runtime its ``onnx_sha256``) and the card (which the loader checked against the files) must agree; a
-    version registered before the tag passes."""
+    version registered before the tag passes. Returns the registry's entry of the version (None: not registered)."""
     if ref.version is None:
-        return
+        return None
     entry = registry_version(f"models:/{ref.name}/{ref.version}")
     tags = entry.tags if entry is not None else {}
     checked = [(WEIGHTS_TAG, "weights", card.weights_sha256)]
@@ -350,6 +342,7 @@ def check_registered_weights(ref: ModelRef, card: ModelCard, runtime: str = "tor
                 f"{ref.name} version {ref.version} was registered with {what} sha256 {registered[:12]}…, but its "
                 f"artifacts hold {(held or 'unhashed')[:12]}…: the stored model was changed after registration"
             )
+    return entry
 
 
 class WeightsElsewhere(torch.nn.Module):

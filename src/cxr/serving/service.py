@@ -328,19 +328,16 @@ class CxrService:
                 {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}", "status": 413}, ctx
             )
         prepared = await self._prepare(files)
-        refused = [(i, r) for i, r in enumerate(prepared) if is_refusal(r)]
-        if refused:
-            for _, r in refused:
-                monitor().refused(r["error"])
-            message = "; ".join(f"file {i + 1} of {len(prepared)}: {r['error']}" for i, r in refused)
-            return _refused({"error": message, "status": max(r["status"] for _, r in refused)}, ctx)
+        refused = _batch_refusal(prepared)
+        if refused is not None:
+            for r in prepared:
+                if is_refusal(r):
+                    monitor().refused(r["error"])
+            return _refused(refused, ctx)
         scored = await self._infer(prepared)
         answers = [self._answer(p, one, site, abstain) for p, one in zip(prepared, scored)]
-        failed = [(i, a) for i, a in enumerate(answers) if is_refusal(a)]
-        if failed:
-            message = "; ".join(f"file {i + 1} of {len(answers)}: {a['error']}" for i, a in failed)
-            return _refused({"error": message, "status": failed[0][1]["status"]}, ctx)
-        return answers
+        failed = _batch_refusal(answers)
+        return answers if failed is None else _refused(failed, ctx)
 
     async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
         """The requested site, or a refusal (unknown site: the known ones are listed)."""
@@ -415,6 +412,15 @@ class CxrService:
             return None
         busy = time.monotonic() - max(self._decoding_since.values())
         return busy if busy > SATURATED_AFTER_S else None
+
+
+def _batch_refusal(results: list[Any]) -> dict[str, Any] | None:
+    """One refusal naming each refused file by its position (the highest status), or None when none was."""
+    refused = [(i, r) for i, r in enumerate(results) if is_refusal(r)]
+    if not refused:
+        return None
+    message = "; ".join(f"file {i + 1} of {len(results)}: {r['error']}" for i, r in refused)
+    return {"error": message, "status": max(r["status"] for _, r in refused)}
 
 
 def _not_ready(error: str, retry_after: int = 5) -> JSONResponse:
