@@ -152,6 +152,34 @@ def train(params: ParamsFile = Path("params.yaml"), overrides: Overrides = None)
 
 @app.command()
 @_user_errors
+def ensemble(
+    models: Annotated[
+        list[str], typer.Argument(help="Two or more trained models: directories or MLflow URIs (models:/cxr/3).")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Where the ensemble is saved (default: paths.model).")] = None,
+    params: ParamsFile = Path("params.yaml"),
+    overrides: Overrides = None,
+) -> None:
+    """Combine models of any architectures and prepared sizes into one, weighted on validation; writes an MLflow run.
+
+    Example: cxr ensemble models/cnn models/mlp models:/cxr/3 --out models/ensemble
+    """
+    from cxr.models.predictor import read_card  # lazy: pulls in torch, `cxr --help` must not
+    from cxr.training.combine import combine  # lazy: a stage pulls in torch/mlflow, `cxr --help` must not
+
+    cfg = _config(params, overrides)
+    result = combine(cfg, models, out)
+    members = read_card(result.model_dir).training.members or []
+    weights = ", ".join(f"{m.arch} {m.image_size}px {m.weight:.2f}" for m in members)
+    console.print(
+        f"ensemble of {weights} (weights chosen on validation): val AUROC {result.best_val_auroc:.4f}; "
+        f"model in {result.model_dir}" + (f"; MLflow run {result.run_id}" if result.run_id else ""),
+        highlight=False,
+    )
+
+
+@app.command()
+@_user_errors
 def evaluate(
     params: ParamsFile = Path("params.yaml"),
     overrides: Overrides = None,

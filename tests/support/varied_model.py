@@ -36,8 +36,9 @@ def as_input(films: np.ndarray) -> torch.Tensor:
 def varied(model: torch.nn.Module, films: np.ndarray, tabular: torch.Tensor | None = None) -> torch.nn.Module:
     """``model`` (a network or an ensemble, eval mode) with every head rescaled: logits spread ~N(0, 2) on ``films``."""
     model.eval()
-    for net in getattr(model, "members", [model]):
-        z = net(as_input(films), tabular) - net.head.bias  # the head's weights times its inputs
+    for i, net in enumerate(getattr(model, "members", [model])):
+        x = model.member_input(i, as_input(films)) if hasattr(model, "member_input") else as_input(films)
+        z = net(x, tabular) - net.head.bias  # the head's weights times its inputs
         scale = 2.0 / z.std(dim=0).clamp(min=1e-12)
         net.head.weight.mul_(scale[:, None])
         net.head.bias.copy_(-scale * z.mean(dim=0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cxr.models import (
     ARCHS,
@@ -25,6 +25,8 @@ from cxr.models import (
 )
 from cxr.models.archs import SPECS
 from cxr.models.networks import PRETRAINED_MEAN, PRETRAINED_STD
+from cxr.models.predictor import Predictor
+from support.varied_model import predictor_with_ood, simple_cnn, synthetic_films
 
 X64 = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -310,6 +312,15 @@ def test_full_cxrnet_file_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFi
         build_model("simple_cnn", 3, width=16, n_tabular=4, weights=str(path))
 
 
+def test_a_trained_models_file_with_its_ood_statistics_starts_another_training(tmp_path: Path) -> None:
+    films = synthetic_films(16, 32)
+    saved = predictor_with_ood(simple_cnn(), 32, films).save(tmp_path / "model")
+    assert any(k.startswith("ood.") for k in load_file(str(saved / "model.safetensors")))
+    again = build_model("simple_cnn", 1, width=8, weights=str(saved / "model.safetensors")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(X64), Predictor.from_dir(saved).model(X64))  # its layout: 1e-9 apart
+
+
 # -- spec -------------------------------------------------------------------------------------
 
 
@@ -371,11 +382,34 @@ def test_ensemble_averages_member_logits_and_rebuilds_from_its_spec() -> None:
         torch.testing.assert_close(rebuilt.eval()(X64, tab), ensemble(X64, tab), rtol=0, atol=0)
 
 
+def test_a_cross_architecture_ensemble_feeds_each_member_its_size_and_weights_their_logits() -> None:
+    torch.manual_seed(0)
+    cnn, mlp = build_model("simple_cnn", 1, width=8).eval(), build_model("mlp", 1, width=16, image_size=28).eval()
+    ensemble = Ensemble([cnn, mlp], weights=[3, 1], input_sizes=[64, 28]).eval()
+    with torch.no_grad():
+        # the mlp sees the film as preprocessing would have downscaled it (PIL's filter is torch's antialiased one)
+        small = torch.nn.functional.interpolate(X64, size=(28, 28), mode="bilinear", antialias=True)
+        torch.testing.assert_close(ensemble.stacked(X64), torch.stack([cnn(X64), mlp(small)]))
+        torch.testing.assert_close(ensemble(X64), 0.75 * cnn(X64) + 0.25 * mlp(small))
+    spec = json.loads(json.dumps(ensemble.spec))
+    assert (spec["weights"], spec["input_sizes"], spec["image_size"]) == ([0.75, 0.25], [64, 28], 64)
+    rebuilt = build_from_spec(spec)
+    rebuilt.load_state_dict(ensemble.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(X64), ensemble(X64), rtol=0, atol=0)
+
+
 def test_ensemble_refuses_members_that_do_not_fit_together() -> None:
     with pytest.raises(ModelError, match="at least 2"):
         Ensemble([build_model("simple_cnn", 1, width=8)])
     with pytest.raises(ModelError, match="disagree"):
         Ensemble([build_model("simple_cnn", 1, width=8), build_model("simple_cnn", 2, width=8)])
+    pair = [build_model("simple_cnn", 1, width=8), build_model("simple_cnn", 1, width=8)]
+    for weights in ([1.0], [1.0, -0.5], [0.0, 0.0]):
+        with pytest.raises(ModelError, match="non-negative"):
+            Ensemble(pair, weights=weights)
+    with pytest.raises(ModelError, match="do not fit"):
+        Ensemble(pair, input_sizes=[64, 96], image_size=64)
 
 
 def test_test_time_augmentation_averages_fixed_views_and_rebuilds_from_its_spec() -> None:

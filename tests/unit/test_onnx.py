@@ -20,6 +20,7 @@ from cxr.config import AugmentConfig, Config
 from cxr.data.augment import draw_augment
 from cxr.errors import UserError
 from cxr.fsutil import sha256_file
+from cxr.models import build_model
 from cxr.models.linear import LinearBaseline
 from cxr.models.onnx_export import TOLERANCE, export
 from cxr.models.onnx_runtime import ONNX_FILE, OnnxPredictor, predictor_class
@@ -49,6 +50,15 @@ def an_ensemble(path: Path) -> Path:
     return predictor_with_ood(model, SIZE, films).save(path)
 
 
+def a_cross_size_ensemble(path: Path) -> Path:
+    """simple_cnn on the whole film and an mlp on it resized to 16 px inside the graph, weighted 0.7 / 0.3."""
+    films = synthetic_films(32, SIZE)
+    torch.manual_seed(3)
+    members = [simple_cnn(seed=1), build_model("mlp", 1, width=16, image_size=16)]
+    model = varied(Ensemble(members, weights=[0.7, 0.3], input_sizes=[SIZE, 16]), films)
+    return predictor_with_ood(model, SIZE, films).save(path)
+
+
 def multiclass_fusion(path: Path) -> Path:
     films, tabular = synthetic_films(16, SIZE), torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
     model = varied(simple_cnn(3, n_tabular=3), films, tabular)
@@ -68,7 +78,7 @@ def copy_of(path: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(path, tmp_path / "copy"))
 
 
-@pytest.mark.parametrize("make", [one_network, an_ensemble, multiclass_fusion])
+@pytest.mark.parametrize("make", [one_network, an_ensemble, a_cross_size_ensemble, multiclass_fusion])
 def test_the_graph_answers_as_torch_does(make, tmp_path):
     path = make(tmp_path / "model")
     export(path)
@@ -140,6 +150,15 @@ def test_the_onnx_runtime_runs_on_the_cpu_in_fp32_only(exported):
         OnnxPredictor.from_dir(exported, precision="bf16")
     with pytest.raises(UserError, match="unknown runtime 'tensorrt'"):
         predictor_class("tensorrt")
+
+
+def test_auto_serves_the_graph_where_it_can_and_torch_elsewhere(exported, tmp_path):
+    without_graph = one_network(tmp_path / "no_graph")
+    assert predictor_class("auto", exported) is OnnxPredictor
+    assert predictor_class("auto", without_graph) is Predictor  # never exported: torch, not a refusal
+    assert predictor_class("auto", exported, precision="bf16") is Predictor
+    assert predictor_class("auto", exported, device="cuda") is Predictor
+    assert ServedModel.load(Config(), exported, runtime="auto").metadata()["runtime"] == "onnx"
 
 
 def _tta(path: Path) -> Path:

@@ -120,7 +120,9 @@ def build_from_spec(spec: Mapping[str, Any]) -> CXRNet:
     if spec.get("arch") == "tta":
         return TestTimeAugmentation(build_from_spec(spec["network"]), torch.tensor(spec["views"]))  # type: ignore[return-value]
     if spec.get("arch") == "ensemble":
-        return Ensemble([build_from_spec(member) for member in spec.get("members", [])])  # type: ignore[return-value]
+        members = [build_from_spec(member) for member in spec.get("members", [])]
+        sizes = {k: spec.get(k) for k in ("weights", "input_sizes", "image_size")}
+        return Ensemble(members, **sizes)  # type: ignore[return-value]
     if spec.get("arch") == "logistic_regression":  # the classical baseline, stored as its linear twin
         return LinearBaseline.from_spec(dict(spec))  # type: ignore[return-value]
     if spec.get("arch") == FOREST_ARCH:  # the random-forest baseline, stored as its trees' tensors

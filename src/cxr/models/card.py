@@ -55,9 +55,18 @@ class Limits(_Record):
 
 
 class Member(_Record):
-    seed: int
-    best_epoch: int
+    """One network of an ensemble: a seed of ``train.ensemble``, or a model combined by ``cxr ensemble`` (then its
+    architecture, input size, origin and weight, and its validation AUROC as the ensemble feeds it)."""
+
     val_auroc: float
+    seed: int | None = None
+    best_epoch: int | list[int] | None = None
+    arch: str | None = None
+    image_size: int | None = None
+    source: str | None = None
+    run_id: str | None = None
+    weights_sha256: str | None = None
+    weight: float | None = None
 
 
 class Environment(_Record):

@@ -96,8 +96,9 @@ def refuse_unexportable(spec: dict, size: int) -> None:
             f"cannot export the {arch} baseline at {size} px to ONNX: it pools to {pool} x {pool}, and the ONNX "
             "exporter pools only to a divisor of the input size; serve it with CXR_RUNTIME=torch"
         )
-    for member in spec.get("members", []):
-        refuse_unexportable(member, size)
+    members = spec.get("members", [])
+    for member, side in zip(members, spec.get("input_sizes") or [size] * len(members)):  # each at the size it sees
+        refuse_unexportable(member, side)
 
 
 def write_graph(predictor: Predictor, out: Path) -> None:

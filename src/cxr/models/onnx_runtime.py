@@ -18,18 +18,28 @@ from cxr.errors import UserError
 from cxr.fsutil import sha256_file
 from cxr.models.card import ModelCard
 from cxr.models.ood import OodDetector
-from cxr.models.predictor import BrokenModel, ModelLoadError, Predictor, load_checked
+from cxr.models.predictor import BrokenModel, ModelLoadError, Predictor, load_checked, read_card
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_KEY = "cxr.weights_sha256"  # the graph's metadata: the weights it was exported from
 
 
-def predictor_class(runtime: str) -> type[Predictor]:
-    """The Predictor that runs a model in ``runtime``: "torch" (the default) or "onnx"."""
-    runtimes = {"torch": Predictor, "onnx": OnnxPredictor}
-    if runtime not in runtimes:
-        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(runtimes)}")
-    return runtimes[runtime]
+RUNTIMES = ("torch", "onnx", "auto")
+
+
+def predictor_class(
+    runtime: str, path: str | Path | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> type[Predictor]:
+    """The Predictor that runs the model in ``path`` in ``runtime``: "torch", "onnx", or "auto": onnx where it can
+    run (CPU, fp32) and the model has a graph recorded in its card (benchmarks/README.md: on 2 idle Xeon cores
+    1.02-1.42x torch's served requests/s), else torch."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        runs_here = torch.device(device).type == "cpu" and precision == "fp32"
+        has_graph = path is not None and (Path(path) / ONNX_FILE).exists() and read_card(path).onnx_sha256
+        runtime = "onnx" if runs_here and has_graph else "torch"
+    return OnnxPredictor if runtime == "onnx" else Predictor
 
 
 class OnnxPredictor(Predictor):

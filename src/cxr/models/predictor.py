@@ -25,6 +25,7 @@ from cxr.models.build import build_from_spec
 from cxr.models.card import ModelCard
 from cxr.models.ood import PREFIX as OOD_PREFIX
 from cxr.models.ood import FeatureTap, OodDetector
+from cxr.models.wrappers import combine_logits
 from cxr.preprocess import preprocess
 
 WEIGHTS_FILE = "model.safetensors"
@@ -183,8 +184,9 @@ class Predictor:
         return logits, tap.take()
 
     def _combine(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """The probabilities of the mean logits, and the spread of the members' / views' (None: one network)."""
-        probs = self.activate(logits.mean(dim=0)).cpu().numpy()
+        """The probabilities of the (weighted) mean logits, and the spread of the members' / views' (None: one
+        network)."""
+        probs = self.activate(combine_logits(self.model, logits)).cpu().numpy()
         if not hasattr(self.model, "stacked"):
             return probs, None
         per_member = torch.stack([self.activate(member) for member in logits])  # (members, B, K)
@@ -297,6 +299,12 @@ def check_weights_digest(card: ModelCard, weights_path: Path, data: bytes) -> No
         )
 
 
+def read_card(path: str | Path) -> ModelCard:
+    """The card of the model directory ``path`` (weights not read)."""
+    card_path = Path(path) / CARD_FILE
+    return ModelCard.from_json(card_path.read_text(), str(card_path))
+
+
 def load_checked(path: str | Path) -> tuple[ModelCard, torch.nn.Module, OodDetector | None]:
     """The card, network and OOD detector in ``path``, the weights checked against the card's hash; anything
     wrong is one ModelLoadError line."""
@@ -306,7 +314,7 @@ def load_checked(path: str | Path) -> tuple[ModelCard, torch.nn.Module, OodDetec
         raise ModelLoadError(
             f"no cxr model at {path} (expected {CARD_FILE} and {WEIGHTS_FILE}); train one with `cxr train`"
         )
-    card = ModelCard.from_json(card_path.read_text(), str(card_path))
+    card = read_card(path)
     data = weights_path.read_bytes()  # read once: hashed, then loaded
     check_weights_digest(card, weights_path, data)
     try:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cxr.models.networks import TORCHVISION_ARCHS, WEIGHT_SUFFIXES, CXRNet, ModelError, check_arch
+from cxr.models.ood import PREFIX as OOD_PREFIX
 from cxr.models.weights_info import read_info
 
 
@@ -125,7 +126,8 @@ def load_weights(model: CXRNet, weights: str | Path) -> CXRNet:
     ``.safetensors`` written by ``cxr import-weights`` has a JSON beside it whose normalisation is applied.
     """
     path = Path(weights).expanduser()
-    sd = read_state_dict(path)
+    # a trained cxr model's model.safetensors also holds its OOD check's statistics: not the network's weights
+    sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith(OOD_PREFIX)}
     info = read_info(path, model.arch)  # `cxr import-weights`' JSON beside the file: the input it was trained on
     if _is_cxrnet_state(sd):
         model.load_full_state_dict(sd, source=str(path))

@@ -140,13 +140,13 @@ class ServedModel:
         runtime: str = "torch",
     ) -> "ServedModel":
         """The model at ``uri`` (a directory or MLflow URI; default: ``model_uri(cfg)``), tracking store from cfg,
-        run by ``runtime`` ("torch", or "onnx": its model.onnx in onnxruntime)."""
+        run by ``runtime`` ("torch"; "onnx": its model.onnx in onnxruntime; "auto": onnx where it can)."""
 
         cfg = cfg or service_config()
         try:
             ref, load_uri = resolve(cfg, str(uri or model_uri(cfg)))
             predictor = load_predictor(load_uri, device=device, precision=precision, runtime=runtime)
-            entry = check_registered_weights(ref, predictor.card, runtime)
+            entry = check_registered_weights(ref, predictor.card, predictor.runtime)
         except BrokenModel as exc:  # changed, unloadable or NaN weights: serving another model is not the fix
             raise NoModelToServe(str(exc)) from None
         except ModelLoadError as exc:  # a bad URI, no such registered model, no store, not a cxr model
@@ -162,7 +162,7 @@ class ServedModel:
             predictor.card.arch,
             predictor.labels,
             precision,
-            runtime,
+            predictor.runtime,
         )
         return served
 

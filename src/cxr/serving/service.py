@@ -46,9 +46,10 @@ Environment (read when the module is imported, i.e. at `bentoml serve` start):
   On a CPU without native bf16 it is slower: leave it off;
 * ``CXR_RUNTIME`` (torch): ``onnx`` runs the model's model.onnx (``cxr export``; ``cxr register`` logs one with
   each version) in onnxruntime, on the CPU in fp32, with CXR_TORCH_THREADS threads: the same answers (probabilities
-  within 1e-4, the same OOD scores, checked at export); Grad-CAM still runs in torch. The default stays torch:
-  measured on 2 loaded Xeon cores (benchmarks/serving.py --runtime), onnx served 1.7x the req/s of resnet18 224 px
-  with 1 thread but 0.96x with 2, where torch served both models fastest; a model without a graph still serves;
+  within 1e-4, OOD scores within 1e-3 relative, checked at export); Grad-CAM still runs in torch. ``auto`` serves
+  onnx where it can (CPU, fp32, a recorded graph), else torch. On 2 idle Xeon cores (benchmarks/serving.py
+  --runtime) onnx served 1.02-1.42x torch's requests/s. The default stays torch so that answers equal, to the last
+  float, what `cxr evaluate` and `cxr evaluate-external --model` compute in process;
 * ``CXR_MODEL_URI``, ``CXR_PARAMS``, ``MLFLOW_TRACKING_URI``: what to serve (see cxr.serving.served).
 """
 

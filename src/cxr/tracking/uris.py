@@ -142,5 +142,6 @@ def load_predictor(
     uri: str | Path, device: str | torch.device = "cpu", precision: str = "fp32", runtime: str = "torch"
 ) -> Predictor:
     """The Predictor of a local model directory or an MLflow URI (``models:/cxr@champion``, ``runs:/<id>/model``),
-    running in ``runtime`` ("torch", or "onnx": the model's model.onnx in onnxruntime)."""
-    return predictor_class(runtime).from_dir(local_model_dir(uri), device, precision)
+    running in ``runtime`` ("torch"; "onnx": the model's model.onnx in onnxruntime; "auto": onnx where it can)."""
+    path = local_model_dir(uri)
+    return predictor_class(runtime, path, device, precision).from_dir(path, device, precision)
