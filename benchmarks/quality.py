@@ -106,7 +106,7 @@ def epoch_trace(cfg, base_cfg) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from cxr.training.scoring import predict_split
-    from cxr.tuning.study import make_yardstick
+    from cxr.tuning.storage import make_yardstick
 
     data = PreparedData(cfg.paths.prepared, cfg.model.image_size)
     test = data.split("test")

@@ -27,7 +27,8 @@ import optuna
 
 from common import write_result
 from cxr.config import load_config
-from cxr.tuning.study import load_study, make_storage, suggest
+from cxr.tuning.space import suggest
+from cxr.tuning.storage import load_study, make_storage
 from support.postgres import throwaway_postgres
 
 

@@ -485,6 +485,11 @@ def evaluate_external(
         target_sensitivity=target_sensitivity,
         save_site=save_site,
     )
+    say_external_report(report, out)
+
+
+def say_external_report(report: dict[str, Any], out: Path) -> None:
+    """The external report on the terminal: requests, the out-of-distribution verdict, metrics, a site threshold."""
     req = report["requests"]
     console.print(
         f"{req['ok']} of {report['data']['n_images']} images scored ({req['sent']} sent, "

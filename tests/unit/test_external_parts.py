@@ -19,11 +19,11 @@ from cxr.evaluation.external import (
     MLFLOW_NAMES_NOTE,
     EvaluatedModel,
     FileIds,
-    _check_model,
     compare,
     external_run_name,
     without_file_names,
 )
+from cxr.evaluation.external.scoring import check_same_model
 from cxr.evaluation.external_data import folder_table, load_external_set, map_labels, targets
 from cxr.evaluation.response_cache import ResponseCache, cache_key
 from cxr.serving.client import Answer, ServiceClient, ServiceUnavailable
@@ -160,10 +160,10 @@ def test_an_answer_from_another_model_version_is_not_a_result():
         }
     )
     answer = Answer("ok", response={"probabilities": {}, "model": {"name": "cxr", "version": "4"}})
-    checked = _check_model(answer, model)
+    checked = check_same_model(answer, model)
     assert checked.status == "failed" and "version 4, not 3" in checked.error
     same = Answer("ok", response={"probabilities": {}, "model": {"name": "cxr", "version": "3"}})
-    assert _check_model(same, model) is same
+    assert check_same_model(same, model) is same
     assert model.identity == "cxr/3"  # the cache key part: a new version never reuses old answers
 
 

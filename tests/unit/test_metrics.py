@@ -25,6 +25,9 @@ from sklearn.metrics import (
 )
 
 from cxr.evaluation import metrics as M
+from cxr.evaluation.metrics.binary import weighted_binary_stats
+from cxr.evaluation.metrics.bootstrap import rank_prep, resample_weights
+from cxr.evaluation.metrics.multiclass import weighted_multiclass_stats
 
 CI_METRICS = M.BINARY_METRICS
 
@@ -94,7 +97,7 @@ def test_weighted_kernel_equals_sklearn_on_full_sample_and_resamples(ties):
     rng = np.random.default_rng(7)
     idx_sets = [np.arange(len(y))] + [rng.integers(0, len(y), len(y)) for _ in range(4)]
     W = np.stack([np.bincount(idx, minlength=len(y)) for idx in idx_sets]).astype(float)
-    got = M._weighted_binary_stats(y.astype(bool), s, thr, W, calibration_bins=10)
+    got = weighted_binary_stats(y.astype(bool), s, thr, W, calibration_bins=10)
     for row, idx in enumerate(idx_sets):
         ref = _kernel_reference(y[idx], s[idx], thr)
         for key, value in ref.items():
@@ -104,7 +107,7 @@ def test_weighted_kernel_equals_sklearn_on_full_sample_and_resamples(ties):
 def test_weighted_kernel_marks_single_class_resamples_undefined():
     y, s = _data(100, seed=4)
     W = np.vstack([np.where(y == 0, 1.0, 0.0), np.where(y == 1, 2.0, 0.0)])  # negatives / positives only
-    got = M._weighted_binary_stats(y.astype(bool), s, 0.5, W)
+    got = weighted_binary_stats(y.astype(bool), s, 0.5, W)
     for key in ("auroc", "auprc", "sens_at_spec_0.90", "sens_at_spec_0.95"):
         assert np.all(np.isnan(got[key])), key
     assert np.isnan(got["sensitivity"][0]) and np.isnan(got["specificity"][1])
@@ -117,8 +120,8 @@ def test_weighted_multiclass_kernel_equals_sklearn_on_resamples():
     rng = np.random.default_rng(11)
     idx_sets = [np.arange(len(y))] + [rng.integers(0, len(y), len(y)) for _ in range(3)]
     W = np.stack([np.bincount(idx, minlength=len(y)) for idx in idx_sets]).astype(float)
-    preps = {k: M._rank_prep(y == k, P[:, k]) for k in range(4)}
-    got = M._weighted_multiclass_stats(y, pred, 4, W, preps)
+    preps = {k: rank_prep(y == k, P[:, k]) for k in range(4)}
+    got = weighted_multiclass_stats(y, pred, 4, W, preps)
     for row, idx in enumerate(idx_sets):
         yi, pi = y[idx], pred[idx]
         assert got["accuracy"][row] == pytest.approx(accuracy_score(yi, pi), abs=1e-12)
@@ -129,7 +132,7 @@ def test_weighted_multiclass_kernel_equals_sklearn_on_resamples():
 
 
 def test_resample_weights_are_resamples_with_replacement():
-    chunks = list(M._resample_weights(50, 1000, seed=1))
+    chunks = list(resample_weights(50, 1000, seed=1))
     W = np.vstack(chunks)
     assert W.shape == (1000, 50)
     assert np.all(W.sum(axis=1) == 50)
@@ -137,12 +140,12 @@ def test_resample_weights_are_resamples_with_replacement():
     # Each case appears Binomial(50, 1/50) times: mean 1, variance 49/50.
     assert W.mean() == pytest.approx(1.0)
     assert W.var() == pytest.approx(49 / 50, rel=0.05)
-    again = np.vstack(list(M._resample_weights(50, 1000, seed=1)))
+    again = np.vstack(list(resample_weights(50, 1000, seed=1)))
     assert np.array_equal(W, again)
-    fewer = np.vstack(list(M._resample_weights(50, 120, seed=1)))
+    fewer = np.vstack(list(resample_weights(50, 120, seed=1)))
     assert np.array_equal(W[:120], fewer)  # shared prefix, whatever the chunking
-    big = np.vstack(list(M._resample_weights(30_001, 70, seed=1)))  # several chunks
-    assert np.array_equal(big[:3], np.vstack(list(M._resample_weights(30_001, 3, seed=1))))
+    big = np.vstack(list(resample_weights(30_001, 70, seed=1)))  # several chunks
+    assert np.array_equal(big[:3], np.vstack(list(resample_weights(30_001, 3, seed=1))))
 
 
 # ---------------------------------------------------------------------------------------------

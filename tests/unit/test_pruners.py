@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from cxr.config import Config
-from cxr.tuning.study import make_pruner
+from cxr.tuning.storage import make_pruner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -70,7 +70,7 @@ def test_trials_are_judged_on_the_yardstick_their_epochs_were_picked_on():
     study is judged on clean validation would mix two objectives, so that combination is refused."""
     from cxr.errors import UserError
     from cxr.training.scoring import Yardstick
-    from cxr.tuning.study import make_yardstick
+    from cxr.tuning.storage import make_yardstick
 
     cfg = Config().override({"tune.objective_copies": 3})
     assert make_yardstick(cfg) == Yardstick(cfg.train.augment, 3, cfg.project.seed)
@@ -87,7 +87,7 @@ def test_a_swallowed_ctrl_c_is_remembered_and_the_old_handler_restored():
     import os
     import signal
 
-    from cxr.tuning.study import remembered_interrupt
+    from cxr.tuning.interrupt import remembered_interrupt
 
     before = signal.getsignal(signal.SIGINT)
     with remembered_interrupt() as interrupted:
@@ -111,7 +111,7 @@ def test_a_ctrl_c_inside_a_finaliser_is_remembered_without_a_traceback_and_other
     import sys
     import weakref
 
-    from cxr.tuning.study import remembered_interrupt
+    from cxr.tuning.interrupt import remembered_interrupt
 
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))

@@ -11,7 +11,6 @@ from cxr.data.sources.base import MANIFEST_COLUMNS
 from cxr.data.sources.synthetic import (
     BLOCK,
     Encoding,
-    _rng,
     build,
     encode,
     make_dataset,
@@ -20,6 +19,7 @@ from cxr.data.sources.synthetic import (
     render,
     render_layers,
 )
+from cxr.data.sources.synthetic.source import _rng
 from cxr.imaging import patient_key, read_image
 
 SIZE = 64
