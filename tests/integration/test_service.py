@@ -519,7 +519,7 @@ def test_without_batching_and_with_two_http_workers_answers_the_same(project: Pa
 def test_no_champion_stops_the_service_with_one_clear_message_and_a_failing_status(project: Path, tmp_path: Path):
     """Supervisors (systemd, Docker restart policies, Kubernetes) and scripts read the exit status: without
     a model `bentoml serve` must not report success."""
-    from cxr.serving.service import EXIT_CANNOT_START
+    from cxr.serving.lifecycle import EXIT_CANNOT_START
 
     srv = Server(project, tmp_path / "fail.log", home=tmp_path / "home", CXR_MODEL_URI="models:/cxr@nobody")
     try:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cxr.fsutil import sha256_file
 from cxr.models.predictor import CARD_FILE, WEIGHTS_FILE
-from cxr.serving.service import EXIT_CANNOT_START
+from cxr.serving.lifecycle import EXIT_CANNOT_START
 from support.films import chest_dicom
 from support.processes import stop_group
 from support.serve_process import ServiceProcess, free_port

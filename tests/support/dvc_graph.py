@@ -1,6 +1,6 @@
 """What each DVC stage runs and reads, derived from the code, against what dvc.yaml says it depends on.
 
-A stage's command is ``cxr <command>``; src/cxr/cli.py's function for that command imports the one library function
+A stage's command is ``cxr <command>``; the cli package's function for that command imports the one library function
 it calls (``from cxr.training.fit import fit``). The code the stage runs is that module's import closure inside the
 ``cxr`` package (grimp), with the packages above each module (their ``__init__`` runs on import) and the modules a
 package loads by name (``importlib.import_module(f"cxr.data.sources.{name}")``: every module under that package).
@@ -32,21 +32,23 @@ def load_dvc_yaml(path: Path = REPO / "dvc.yaml") -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-def stage_entry(cmd: str, cli: Path = SRC / PACKAGE / "cli.py") -> tuple[str, str]:
-    """``cxr train`` -> ("cxr.training.fit", "fit"): the library module and function cli.py's command calls."""
+def stage_entry(cmd: str, cli: Path = SRC / PACKAGE / "cli") -> tuple[str, str]:
+    """``cxr train`` -> ("cxr.training.fit", "fit"): the library module and function the cli package's command
+    calls."""
     words = cmd.split()
     if len(words) < 2 or words[0] != "cxr":
         raise ValueError(f"stage command {cmd!r} is not `cxr <command>`: this check cannot see what it runs")
     command = words[1].replace("-", "_")
-    for node in ast.walk(ast.parse(cli.read_text())):
-        if isinstance(node, ast.FunctionDef) and node.name == command:
-            imports = [
-                n for n in ast.walk(node) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(PACKAGE)
-            ]
-            if len(imports) != 1 or len(imports[0].names) != 1:
-                raise ValueError(f"cli.py's {command}() should import exactly one library function")
-            return imports[0].module, imports[0].names[0].name  # type: ignore[return-value]
-    raise ValueError(f"cli.py has no command {command!r} (stage command {cmd!r})")
+    for module in sorted(Path(cli).glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == command:
+                imports = [
+                    n for n in ast.walk(node) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(PACKAGE)
+                ]
+                if len(imports) != 1 or len(imports[0].names) != 1:
+                    raise ValueError(f"{module.name}'s {command}() should import exactly one library function")
+                return imports[0].module, imports[0].names[0].name  # type: ignore[return-value]
+    raise ValueError(f"the cli package has no command {command!r} (stage command {cmd!r})")
 
 
 def module_file(module: str) -> Path:

@@ -139,7 +139,7 @@ def test_an_unknown_site_is_refused_naming_the_known_ones(served, tiny_predictor
 
 def test_the_service_reads_the_site_from_the_query_or_a_header():
     pytest.importorskip("bentoml")
-    from cxr.serving.service import requested_site
+    from cxr.serving.http_answers import requested_site
 
     def ctx(query: str = "", headers: dict[str, str] | None = None):
         scope = {

@@ -56,13 +56,9 @@ Environment (read when the module is imported, i.e. at `bentoml serve` start):
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
 import os
-import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,15 +66,24 @@ from typing import Annotated, Any
 import aiohttp
 import anyio
 import bentoml
-import psutil
 import torch
 from bentoml.validators import ContentType
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from cxr.errors import UserError
 from cxr.serving import bentoml_forms, quiet_logs
+from cxr.serving.http_answers import (
+    batch_refusal,
+    not_ready,
+    refused_response,
+    refused_upload,
+    requested_site,
+    unknown_query,
+)
+from cxr.serving.lifecycle import stop_server, watch_for_cannot_start
 from cxr.serving.monitoring import monitor
-from cxr.serving.served import ServedModel, is_refusal, service_config
+from cxr.serving.served import ServedModel, is_refusal
+from cxr.serving.upload_limit import UploadLimit
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +119,10 @@ class CxrModel:
         try:
             self.served = ServedModel.load(device=DEVICE, precision=PRECISION, runtime=RUNTIME)
         except UserError as exc:  # NoModelToServe (missing, corrupted, broken weights), a bad CXR_PRECISION or _RUNTIME
-            _stop_server(str(exc))
+            stop_server(str(exc))
             raise
         except Exception as exc:  # anything else at load is as fatal: one line, not a restart loop
-            _stop_server(f"the model could not be loaded ({type(exc).__name__}: {str(exc).strip()[:200]})")
+            stop_server(f"the model could not be loaded ({type(exc).__name__}: {str(exc).strip()[:200]})")
             raise
 
     @(
@@ -139,86 +144,6 @@ class CxrModel:
         return self.served.card()
 
 
-EXIT_CANNOT_START = 3  # the exit status of `bentoml serve` when the model cannot be loaded
-
-
-def _stop_server(message: str) -> None:
-    """Without its model the service is useless, and BentoML's process manager would restart this
-    worker forever, each time with a traceback: say why once, then stop `bentoml serve` (our parent),
-    leaving it a mark so that it exits with EXIT_CANNOT_START rather than 0 (supervisors, Docker restart
-    policies and scripts read the status; CxrService.exit_status_hook reads the mark)."""
-    log.critical("the cxr service cannot start: %s", message)
-    parent = psutil.Process().parent()
-    if parent is not None and any("bentoml" in part for part in parent.cmdline()):
-        try:
-            _cannot_start_mark(parent).write_text(message)
-        except OSError:  # no writable temp dir: stop anyway, with status 0
-            pass
-        parent.send_signal(signal.SIGTERM)
-        os._exit(EXIT_CANNOT_START)
-
-
-def _cannot_start_mark(process: Any) -> Path:
-    """Named by pid and start time, so that a later process given the same pid never reads it."""
-    return Path(tempfile.gettempdir()) / f"cxr-serve-cannot-start-{process.pid}-{int(process.create_time())}"
-
-
-def _exit_cannot_start_if_marked() -> None:
-    """Runs at exit in `bentoml serve` itself: after the graceful stop a worker's SIGTERM began
-    (status 0), it turns the worker's mark into EXIT_CANNOT_START."""
-    mark = _cannot_start_mark(psutil.Process())
-    if mark.exists():
-        mark.unlink(missing_ok=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_CANNOT_START)  # sys.exit is ignored inside an atexit handler
-
-
-def watch_for_cannot_start() -> None:
-    """Make this process exit with EXIT_CANNOT_START when a worker marked it (idempotent)."""
-    atexit.unregister(_exit_cannot_start_if_marked)
-    atexit.register(_exit_cannot_start_if_marked)
-
-
-def _refused(result: dict[str, Any], ctx: bentoml.Context | None = None) -> JSONResponse:
-    """The refusal as an HTTP error. An API taking ``ctx`` gets BentoML's ``ctx.response`` status on whatever
-    it returns, so the status is set there too."""
-    status = result.get("status", 422)
-    if ctx is not None:
-        ctx.response.status_code = status
-    return JSONResponse({"error": result["error"]}, status_code=status)
-
-
-SITE_PARAM, SITE_HEADER = "site", "x-cxr-site"
-
-
-def requested_site(ctx: bentoml.Context) -> str | dict[str, Any] | None:
-    """The operating point asked for: ``?site=NAME`` or the ``X-CXR-Site: NAME`` header (None: the model's
-    own threshold); a refusal when the two name different sites, or for a query parameter the API does not take."""
-    unknown = unknown_query(ctx, {SITE_PARAM})
-    if unknown is not None:
-        return unknown
-    query, header = ctx.request.query_params.get(SITE_PARAM), ctx.request.headers.get(SITE_HEADER)
-    if query and header and query != header:
-        return {"error": f"?site={query} and X-CXR-Site: {header} disagree; give one", "status": 400}
-    return query or header or None
-
-
-def unknown_query(ctx: bentoml.Context, known: set[str]) -> dict[str, Any] | None:
-    """A refusal naming query parameters the API does not read (a typo must not be silently ignored), else None."""
-    unknown = sorted(set(ctx.request.query_params) - known)
-    if not unknown:
-        return None
-    takes = ", ".join(f"?{k}=" for k in sorted(known)) or "none"
-    return {"error": f"unknown query parameter {', '.join(unknown)}; this API takes {takes}", "status": 400}
-
-
-def _refused_upload(result: dict[str, Any], ctx: bentoml.Context | None = None) -> JSONResponse:
-    """An upload refused: counted by reason on /metrics, then answered as ``_refused`` does."""
-    monitor().refused(result["error"])
-    return _refused(result, ctx)
-
-
 @bentoml.service(name="cxr", workers=HTTP_WORKERS, traffic={"timeout": TIMEOUT_S})
 class CxrService:
     """Chest X-ray classification. Upload a DICOM, PNG or JPEG chest film as multipart field `file`."""
@@ -228,7 +153,7 @@ class CxrService:
     @bentoml.on_deployment
     def exit_status_hook() -> None:
         """Runs once in `bentoml serve` itself, before any worker starts: the process whose exit status
-        supervisors read, and the one a worker that cannot load the model stops (see _stop_server)."""
+        supervisors read, and the one a worker that cannot load the model stops (see stop_server)."""
         watch_for_cannot_start()
 
     def __init__(self) -> None:
@@ -297,13 +222,13 @@ class CxrService:
 
         site = await self._site(ctx)
         if is_refusal(site):
-            return _refused(site, ctx)
+            return refused_response(site, ctx)
         (prepared,) = await self._prepare([file])
         if is_refusal(prepared):
-            return _refused_upload(prepared, ctx)
+            return refused_upload(prepared, ctx)
         (scored,) = await self._infer([prepared])
         answer = self._answer(prepared, scored, site, abstain)
-        return _refused(answer, ctx) if is_refusal(answer) else answer
+        return refused_response(answer, ctx) if is_refusal(answer) else answer
 
     def _answer(self, prepared: Any, scored: Any, site: str | None, abstain: bool) -> dict[str, Any]:
         answer = self._served.answer(prepared, scored, site, abstain)
@@ -321,24 +246,26 @@ class CxrService:
 
         site = await self._site(ctx)
         if is_refusal(site):
-            return _refused(site, ctx)
+            return refused_response(site, ctx)
         if not files:
-            return _refused({"error": "no files: send one or more multipart fields named `files`", "status": 400}, ctx)
+            return refused_response(
+                {"error": "no files: send one or more multipart fields named `files`", "status": 400}, ctx
+            )
         if len(files) > MAX_FILES:
-            return _refused_upload(
+            return refused_upload(
                 {"error": f"{len(files)} files in one request; the limit is {MAX_FILES}", "status": 413}, ctx
             )
         prepared = await self._prepare(files)
-        refused = _batch_refusal(prepared)
+        refused = batch_refusal(prepared)
         if refused is not None:
             for r in prepared:
                 if is_refusal(r):
                     monitor().refused(r["error"])
-            return _refused(refused, ctx)
+            return refused_response(refused, ctx)
         scored = await self._infer(prepared)
         answers = [self._answer(p, one, site, abstain) for p, one in zip(prepared, scored)]
-        failed = _batch_refusal(answers)
-        return answers if failed is None else _refused(failed, ctx)
+        failed = batch_refusal(answers)
+        return answers if failed is None else refused_response(failed, ctx)
 
     async def _site(self, ctx: bentoml.Context) -> str | dict[str, Any] | None:
         """The requested site, or a refusal (unknown site: the known ones are listed)."""
@@ -363,11 +290,11 @@ class CxrService:
         PNG/JPEG and a DICOM of the same film get the same answer. The label may also come as ``?label=``."""
         unknown = unknown_query(ctx, {"label"})
         if unknown is not None:
-            return _refused(unknown, ctx)
+            return refused_response(unknown, ctx)
         label = label or ctx.request.query_params.get("label")
         result = await self._remote("explain_upload", await anyio.Path(file).read_bytes(), label)
         if "error" in result:
-            return _refused_upload(result, ctx)
+            return refused_upload(result, ctx)
 
         def number(v: float | None) -> str:
             return "none" if v is None else f"{v:.4f}"
@@ -401,10 +328,10 @@ class CxrService:
             served = await asyncio.wait_for(self._model(), READY_WITHIN_S)
         except Exception as exc:  # the model service is still starting, has gone, or does not answer in time
             name = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
-            return _not_ready(f"model not available ({name})")
+            return not_ready(f"model not available ({name})")
         busy = self._saturated_for()
         if busy is not None:
-            return _not_ready(f"every upload decoder has been busy for {busy:.0f} s", retry_after=int(busy))
+            return not_ready(f"every upload decoder has been busy for {busy:.0f} s", retry_after=int(busy))
         return {"ready": True, "model": served.ref.to_dict()}
 
     def _saturated_for(self) -> float | None:
@@ -413,68 +340,6 @@ class CxrService:
             return None
         busy = time.monotonic() - max(self._decoding_since.values())
         return busy if busy > SATURATED_AFTER_S else None
-
-
-def _batch_refusal(results: list[Any]) -> dict[str, Any] | None:
-    """One refusal naming each refused file by its position (the highest status), or None when none was."""
-    refused = [(i, r) for i, r in enumerate(results) if is_refusal(r)]
-    if not refused:
-        return None
-    message = "; ".join(f"file {i + 1} of {len(results)}: {r['error']}" for i, r in refused)
-    return {"error": message, "status": max(r["status"] for _, r in refused)}
-
-
-def _not_ready(error: str, retry_after: int = 5) -> JSONResponse:
-    return JSONResponse({"ready": False, "error": error}, status_code=503, headers={"Retry-After": str(retry_after)})
-
-
-class UploadLimit:
-    """ASGI middleware: refuse a POST body larger than imaging.max_bytes (413) before it is parsed,
-    and a body of unknown length (411), so an upload can never fill the disk or memory."""
-
-    OVERHEAD = 1 << 20  # room for the multipart framing and small form fields
-    DRAIN = 64 << 20  # read (and drop) at most this much of a refused body so the client sees the answer
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._limit: int | None = None
-
-    def limit(self) -> int:
-        if self._limit is None:
-            self._limit = service_config().imaging.max_bytes + self.OVERHEAD
-        return self._limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            return await JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411)(
-                scope, receive, send
-            )
-        try:
-            size = int(length or 0)
-        except ValueError:
-            return await JSONResponse({"error": "invalid Content-Length header"}, status_code=400)(scope, receive, send)
-        if size > self.limit():
-            await self._drain(receive, size)
-            return await _refused_upload(
-                {
-                    "error": f"request body of {size} bytes exceeds the upload limit of {self.limit()} bytes "
-                    "(imaging.max_bytes plus form overhead)",
-                    "status": 413,
-                }
-            )(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-    async def _drain(self, receive: Any, size: int) -> None:
-        if size > self.DRAIN:
-            return
-        while True:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
 
 
 CxrService.add_asgi_middleware(UploadLimit)
