@@ -66,10 +66,6 @@ def load_card(prepared: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def spec_for(cfg: "Config", size: int) -> PreprocessSpec:
-    return PreprocessSpec(size=size, resize=cfg.prepare.resize, clip_percentiles=tuple(cfg.prepare.clip_percentiles))
-
-
 def _decode(args: tuple[int, str, _Job]) -> tuple[int, dict[str, Any]]:
     """Worker: read bytes once, hash them, decode, preprocess at every size."""
     index, path, job = args

@@ -31,9 +31,16 @@ def ood_flags(answers: list["Answer"]) -> tuple[bool, np.ndarray]:
 
 
 def ood_section(
-    model: ModelTask, table: pd.DataFrame, scored: np.ndarray, rows: np.ndarray, outside: np.ndarray, y: np.ndarray,
-    probs: np.ndarray, cfg: "Config", checked: bool,
-) -> dict[str, Any]:  # fmt: skip
+    model: ModelTask,
+    table: pd.DataFrame,
+    scored: np.ndarray,
+    rows: np.ndarray,
+    outside: np.ndarray,
+    y: np.ndarray,
+    probs: np.ndarray,
+    cfg: "Config",
+    checked: bool,
+) -> dict[str, Any]:
     """Share flagged overall and per subgroup (of every ``scored`` film: a property of the set), the metrics on the
     in-distribution films among ``rows`` (the films the report's metrics are on), the verdict."""
     if not checked:

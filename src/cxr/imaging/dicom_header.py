@@ -24,9 +24,22 @@ PIXEL_DATA_TAGS = 0x7FE00008  # (7FE0,0008) float, (7FE0,0009) double float, (7F
 
 # PS3.3 C.7.6.3.1.2: the values a message may repeat; any other value is described, not quoted.
 KNOWN_PHOTOMETRIC = frozenset(
-    {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-     "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK"}
-)  # fmt: skip
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "HSV",
+        "ARGB",
+        "CMYK",
+    }
+)
 
 
 def dicom_header_meta(path: str | Path) -> dict[str, Any]:

@@ -138,19 +138,56 @@ def vgg19(width: int, image_size: int | None) -> nn.Module:
 
 _RESNET = in_order("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 _GOOGLENET = in_order(
-    "conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
-    "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b",
-)  # fmt: skip
+    "conv1",
+    "maxpool1",
+    "conv2",
+    "conv3",
+    "maxpool2",
+    "inception3a",
+    "inception3b",
+    "maxpool3",
+    "inception4a",
+    "inception4b",
+    "inception4c",
+    "inception4d",
+    "inception4e",
+    "maxpool4",
+    "inception5a",
+    "inception5b",
+)
 _INCEPTION_V3 = in_order(
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-    "Mixed_7a", "Mixed_7b", "Mixed_7c",
-)  # fmt: skip
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "maxpool1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "maxpool2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+)
 
 
 def _resnet(name: str) -> ArchSpec:
-    return ArchSpec(name, trunk=_RESNET, gradcam="layer4", ood_stages=("layer1", "layer2", "layer3", "layer4"),
-                    torchvision=name, first_conv="conv1", classifier="fc", native_size=224)  # fmt: skip
+    return ArchSpec(
+        name,
+        trunk=_RESNET,
+        gradcam="layer4",
+        ood_stages=("layer1", "layer2", "layer3", "layer4"),
+        torchvision=name,
+        first_conv="conv1",
+        classifier="fc",
+        native_size=224,
+    )
 
 
 _TF_STYLE = {"aux_logits": False, "transform_input": False}  # no auxiliary head; the input transform in the buffers
@@ -159,47 +196,106 @@ _TF_STYLE = {"aux_logits": False, "transform_input": False}  # no auxiliary head
 SPECS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
-        ArchSpec("simple_cnn", trunk=whole, gradcam="blocks",
-                 ood_stages=("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"),
-                 make=simple_cnn, first_conv="stem.0", pretrained_norm=None),
+        ArchSpec(
+            "simple_cnn",
+            trunk=whole,
+            gradcam="blocks",
+            ood_stages=("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"),
+            make=simple_cnn,
+            first_conv="stem.0",
+            pretrained_norm=None,
+        ),
         _resnet("resnet18"),
         _resnet("resnet34"),
         _resnet("resnet50"),
-        ArchSpec("densenet121", trunk=densenet_features, gradcam="features",
-                 ood_stages=tuple(f"features.denseblock{i}" for i in range(1, 5)),
-                 torchvision="densenet121", first_conv="features.conv0", classifier="classifier",
-                 rename=densenet_key, native_size=224),
-        ArchSpec("efficientnet_b0", trunk=features, gradcam="features",
-                 ood_stages=("features.2", "features.3", "features.4", "features.6", "features.8"),
-                 torchvision="efficientnet_b0", first_conv="features.0.0", classifier="classifier", native_size=224),
-        ArchSpec("mobilenet_v3_small", trunk=features, gradcam="features",
-                 ood_stages=("features.1", "features.3", "features.8", "features.12"),
-                 torchvision="mobilenet_v3_small", first_conv="features.0.0", classifier="classifier",
-                 native_size=224),
-        ArchSpec("googlenet", trunk=_GOOGLENET, gradcam="inception5b",
-                 ood_stages=("conv3", "inception3b", "inception4e", "inception5b"),
-                 torchvision="googlenet", options={**_TF_STYLE, "init_weights": True},
-                 first_conv="conv1.conv", classifier="fc", drop_prefixes=("aux1.", "aux2."),
-                 pretrained_norm=TF_PORTED_NORM, native_size=224),
+        ArchSpec(
+            "densenet121",
+            trunk=densenet_features,
+            gradcam="features",
+            ood_stages=tuple(f"features.denseblock{i}" for i in range(1, 5)),
+            torchvision="densenet121",
+            first_conv="features.conv0",
+            classifier="classifier",
+            rename=densenet_key,
+            native_size=224,
+        ),
+        ArchSpec(
+            "efficientnet_b0",
+            trunk=features,
+            gradcam="features",
+            ood_stages=("features.2", "features.3", "features.4", "features.6", "features.8"),
+            torchvision="efficientnet_b0",
+            first_conv="features.0.0",
+            classifier="classifier",
+            native_size=224,
+        ),
+        ArchSpec(
+            "mobilenet_v3_small",
+            trunk=features,
+            gradcam="features",
+            ood_stages=("features.1", "features.3", "features.8", "features.12"),
+            torchvision="mobilenet_v3_small",
+            first_conv="features.0.0",
+            classifier="classifier",
+            native_size=224,
+        ),
+        ArchSpec(
+            "googlenet",
+            trunk=_GOOGLENET,
+            gradcam="inception5b",
+            ood_stages=("conv3", "inception3b", "inception4e", "inception5b"),
+            torchvision="googlenet",
+            options={**_TF_STYLE, "init_weights": True},
+            first_conv="conv1.conv",
+            classifier="fc",
+            drop_prefixes=("aux1.", "aux2."),
+            pretrained_norm=TF_PORTED_NORM,
+            native_size=224,
+        ),
         # The COVID-19 Radiography project's transfer model: plain VGG19 (no BatchNorm, as Keras' VGG19); the
         # stages are its five max-pool outputs. Five stride-2 pools: 32 px is the smallest input with a map left.
-        ArchSpec("vgg19", trunk=features, gradcam="features",
-                 ood_stages=("features.4", "features.9", "features.18", "features.27", "features.36"),
-                 torchvision="vgg19", make=vgg19, first_conv="features.0", drop_prefixes=("classifier.",),
-                 native_size=224, min_size=32),
+        ArchSpec(
+            "vgg19",
+            trunk=features,
+            gradcam="features",
+            ood_stages=("features.4", "features.9", "features.18", "features.27", "features.36"),
+            torchvision="vgg19",
+            make=vgg19,
+            first_conv="features.0",
+            drop_prefixes=("classifier.",),
+            native_size=224,
+            min_size=32,
+        ),
         # The RSNA project's. Its valid convolutions and pools need 75 px. PyTorch's default init: torchvision's
         # truncated-normal one took seconds at every build, and every load.
-        ArchSpec("inception_v3", trunk=_INCEPTION_V3, gradcam="Mixed_7c",
-                 ood_stages=("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"),
-                 torchvision="inception_v3", options={**_TF_STYLE, "init_weights": False},
-                 first_conv="Conv2d_1a_3x3.conv", classifier="fc", drop_prefixes=("AuxLogits.",),
-                 pretrained_norm=TF_PORTED_NORM, native_size=299, min_size=75),
+        ArchSpec(
+            "inception_v3",
+            trunk=_INCEPTION_V3,
+            gradcam="Mixed_7c",
+            ood_stages=("Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"),
+            torchvision="inception_v3",
+            options={**_TF_STYLE, "init_weights": False},
+            first_conv="Conv2d_1a_3x3.conv",
+            classifier="fc",
+            drop_prefixes=("AuxLogits.",),
+            pretrained_norm=TF_PORTED_NORM,
+            native_size=299,
+            min_size=75,
+        ),
         # The Kermany PyTorch project's baseline. No Grad-CAM and no OOD check: its hidden units have no spatial
         # extent, and the check summarises each channel's spread over the image.
-        ArchSpec("mlp", trunk=whole, gradcam=None, ood_stages=(), make=pixel_mlp, blocks=("hidden.0", "hidden.1"),
-                 pretrained_norm=None, fixed_size=True),
+        ArchSpec(
+            "mlp",
+            trunk=whole,
+            gradcam=None,
+            ood_stages=(),
+            make=pixel_mlp,
+            blocks=("hidden.0", "hidden.1"),
+            pretrained_norm=None,
+            fixed_size=True,
+        ),
     )
-}  # fmt: skip
+}
 ARCHS: tuple[str, ...] = tuple(SPECS)
 TORCHVISION_ARCHS: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.torchvision)
 

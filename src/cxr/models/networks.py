@@ -48,10 +48,22 @@ from cxr.models.small import SimpleCNN
 logger = logging.getLogger(__name__)
 
 __all__ = [  # the names other modules have always imported from here
-    "ARCHS", "PRETRAINED_MEAN", "PRETRAINED_STD",
-    "RANDOM_MEAN", "RANDOM_STD", "SPEC_KEYS", "TORCHVISION_ARCHS", "WEIGHT_SUFFIXES", "CXRNet", "ModelError",
-    "SimpleCNN", "arch_spec", "check_arch", "check_input_size", "check_params",
-]  # fmt: skip
+    "ARCHS",
+    "PRETRAINED_MEAN",
+    "PRETRAINED_STD",
+    "RANDOM_MEAN",
+    "RANDOM_STD",
+    "SPEC_KEYS",
+    "TORCHVISION_ARCHS",
+    "WEIGHT_SUFFIXES",
+    "CXRNet",
+    "ModelError",
+    "SimpleCNN",
+    "arch_spec",
+    "check_arch",
+    "check_input_size",
+    "check_params",
+]
 
 TABULAR_EMBED_DIM = 32
 SPEC_KEYS: tuple[str, ...] = ("arch", "n_outputs", "dropout", "width", "n_tabular", "norm_mean", "norm_std")

@@ -16,10 +16,25 @@ from cxr.models.networks import ModelError
 RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
 # The 18 outputs of every TorchXRayVision DenseNet, in order (xrv.datasets.default_pathologies).
 LABELS = (
-    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis", "Effusion",
-    "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia", "Lung Lesion", "Fracture",
-    "Lung Opacity", "Enlarged Cardiomediastinum",
-)  # fmt: skip
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
+)
 _TAIL = "densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
 _CHEX_UNTRAINED = {"Infiltration", "Emphysema", "Fibrosis", "Pleural_Thickening", "Nodule", "Mass", "Hernia"}
 # name -> (release file, outputs the set was not trained on: "" in the label order, as TorchXRayVision lists them)

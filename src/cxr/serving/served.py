@@ -46,8 +46,15 @@ WHAT_TO_DO = (
 METRIC_PREFIXES = ("val_", "test_", "best_", "eval_")
 # The lineage fields /metadata shows (None when the card has none).
 METADATA_LINEAGE = (
-    "dataset_hash", "source", "synthetic", "run_id", "best_epoch", "epochs_trained", "git_commit", "environment",
-)  # fmt: skip
+    "dataset_hash",
+    "source",
+    "synthetic",
+    "run_id",
+    "best_epoch",
+    "epochs_trained",
+    "git_commit",
+    "environment",
+)
 # What an answered input tells the service's metrics about itself (cxr.serving.monitoring): nothing identifying.
 INPUT_META = ("format", "view", "photometric")
 REFUSED = 422  # the request was well formed but the image is unusable: the reader says why

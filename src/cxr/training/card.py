@@ -45,9 +45,13 @@ def check_prepared(cfg: "Config", data: PreparedData) -> None:
 
 
 def model_card(
-    cfg: "Config", data: PreparedData, architecture: dict[str, Any], threshold: Any, ood: OodCheck | None,
+    cfg: "Config",
+    data: PreparedData,
+    architecture: dict[str, Any],
+    threshold: Any,
+    ood: OodCheck | None,
     **lineage: Any,
-) -> ModelCard:  # fmt: skip
+) -> ModelCard:
     """model.json: everything needed to use the weights on a raw image, plus lineage."""
     made = data.card["preprocess"]
     return ModelCard(

@@ -32,8 +32,9 @@ def environment(device: torch.device, lock: Path = LOCK) -> Environment:
         if drift:
             log.warning(
                 "installed packages differ from %s (%s): results may not match the lock's; `make venv` reinstalls it",
-                lock.name, ", ".join(drift[:5]) + (f" and {len(drift) - 5} more" if len(drift) > 5 else ""),
-            )  # fmt: skip
+                lock.name,
+                ", ".join(drift[:5]) + (f" and {len(drift) - 5} more" if len(drift) > 5 else ""),
+            )
     return Environment(
         python=platform.python_version(),
         torch=torch.__version__,

@@ -78,7 +78,6 @@ def fit(
     callbacks: Sequence[Callback] = (),
     *,
     model_dir: Path | None = None,
-    nested: bool = False,
     log_model: bool = True,
     extra_tags: dict[str, str] | None = None,
     run_id: str | None = None,
@@ -97,14 +96,23 @@ def fit(
             return follow_rank0(cfg, data, device, ranks, model_dir)
         env = environment(device)
         tags = {**tracking.lineage_tags(data.card), **environment_tags(env), **(extra_tags or {})}
-        with tracking.run(cfg, name=training_run_name(cfg), nested=nested, tags=tags, run_id=run_id) as active:
+        with tracking.run(cfg, name=training_run_name(cfg), tags=tags, run_id=run_id) as active:
             run_id = active.info.run_id if active else None
             if active:
                 tracking.log_training_inputs(cfg, data)
             if cfg.model.arch in BASELINE_ARCHS:
                 linear = fit_baseline(cfg, data)
-                trained = Trained(linear.model, device, linear.val_probs, linear.val_auroc, linear.val_auroc, 1,
-                                  [{"val_auroc": linear.val_auroc}], linear.images_per_second, linear.metrics)  # fmt: skip
+                trained = Trained(
+                    model=linear.model,
+                    device=device,
+                    val_probs=linear.val_probs,
+                    val_auroc=linear.val_auroc,
+                    objective=linear.val_auroc,
+                    best_epoch=1,
+                    history=[{"val_auroc": linear.val_auroc}],
+                    images_per_second=linear.images_per_second,
+                    metrics=linear.metrics,
+                )
             else:
                 trained = fit_networks(cfg, data, list(callbacks), yardstick, active is not None, device, ranks)
             trained.lineage = {**trained.lineage, "git_commit": tags.get("git_commit"), "environment": env}
@@ -146,13 +154,26 @@ def follow_rank0(cfg: "Config", data: PreparedData, device: torch.device, ranks:
         for i in range(n if cfg.model.arch not in BASELINE_ARCHS else 0):
             train_network(cfg, data, cfg.project.seed + i, device, [], member=(i + 1, n), ranks=ranks)
     distributed.wait_for_rank0(ranks)
-    return FitResult(model_dir, None, 0, float("nan"), 0, 0.0, main_process=False)
+    return FitResult(
+        model_dir=model_dir,
+        run_id=None,
+        best_epoch=0,
+        best_val_auroc=float("nan"),
+        epochs_trained=0,
+        images_per_second=0.0,
+        main_process=False,
+    )
 
 
 def fit_networks(
-    cfg: "Config", data: PreparedData, callbacks: list[Callback], yardstick: Yardstick | None, tracked: bool,
-    device: torch.device, ranks: Ranks = distributed.SINGLE,
-) -> Trained:  # fmt: skip
+    cfg: "Config",
+    data: PreparedData,
+    callbacks: list[Callback],
+    yardstick: Yardstick | None,
+    tracked: bool,
+    device: torch.device,
+    ranks: Ranks = distributed.SINGLE,
+) -> Trained:
     """``train.ensemble`` networks (seeds seed, seed+1, ...), saved as one model (see :func:`saved_model`)."""
     if yardstick is None and cfg.train.early_stopping.monitor == "augmented_val_auroc":
         yardstick = Yardstick.from_config(cfg)  # a tuning trial's comes from the study's config instead
@@ -177,14 +198,26 @@ def fit_networks(
         objective = yardstick.auroc(model, data, val_idx, device, cfg.train.precision) if yardstick else val_auroc
     history = [row for m in members for row in m.history]
     best_epoch = members[0].best_epoch if n == 1 else [m.best_epoch for m in members]
-    return Trained(model, device, val_probs, val_auroc, objective, best_epoch, history, timer.images_per_second,
-                   _summary(val_auroc, objective if yardstick else None, history, timer, members),
-                   {"members": _members(members)} if n > 1 else {})  # fmt: skip
+    return Trained(
+        model=model,
+        device=device,
+        val_probs=val_probs,
+        val_auroc=val_auroc,
+        objective=objective,
+        best_epoch=best_epoch,
+        history=history,
+        images_per_second=timer.images_per_second,
+        metrics=_summary(val_auroc, objective if yardstick else None, history, timer, members),
+        lineage={"members": _members(members)} if n > 1 else {},
+    )
 
 
 def _summary(val_auroc: float, augmented: float | None, history: list, timer: Timer, members: list[Member]) -> dict:
-    out = {"best_val_auroc": val_auroc, "epochs_trained": len(history),
-           "train_images_per_second_mean": timer.images_per_second}  # fmt: skip
+    out = {
+        "best_val_auroc": val_auroc,
+        "epochs_trained": len(history),
+        "train_images_per_second_mean": timer.images_per_second,
+    }
     if augmented is not None:
         out["best_val_auroc_augmented"] = augmented
     if len(members) == 1:
@@ -217,13 +250,32 @@ def finish(
     scores = threshold_scores(trained.model, data, val_idx, trained.val_probs, cfg, trained.device)
     threshold = choose_thresholds(data.task, *scores, cfg)
     detector, check = fit_ood(trained.model, data, cfg, trained.device) or (None, None)
-    card = model_card(cfg, data, trained.model.spec, threshold, check, run_id=run_id, best_epoch=trained.best_epoch,
-                      val_auroc=trained.val_auroc, epochs_trained=len(trained.history), **trained.lineage)  # fmt: skip
+    card = model_card(
+        cfg,
+        data,
+        trained.model.spec,
+        threshold,
+        check,
+        run_id=run_id,
+        best_epoch=trained.best_epoch,
+        val_auroc=trained.val_auroc,
+        epochs_trained=len(trained.history),
+        **trained.lineage,
+    )
     Predictor(trained.model.cpu().float(), card, ood=detector).save(model_dir)
     if run_id is not None:
         ood_metrics = {"ood_threshold": check.threshold, "ood_val_pass_rate": check.val_pass_rate} if check else {}
         mlflow.log_metrics({**trained.metrics, **ood_metrics})
         if log_model:
             tracking.log_cxr_model(model_dir, tracking.example_batch(cfg.model.image_size))
-    return FitResult(model_dir, run_id, trained.best_epoch, trained.val_auroc, len(trained.history),
-                     trained.images_per_second, trained.history, threshold, trained.objective)  # fmt: skip
+    return FitResult(
+        model_dir=model_dir,
+        run_id=run_id,
+        best_epoch=trained.best_epoch,
+        best_val_auroc=trained.val_auroc,
+        epochs_trained=len(trained.history),
+        images_per_second=trained.images_per_second,
+        history=trained.history,
+        threshold=threshold,
+        objective=trained.objective,
+    )

@@ -62,8 +62,15 @@ class _Network:
         self.train_idx = data.split("train")
         self.n_tab = N_TABULAR if cfg.model.tabular else 0
         m = cfg.model
-        model = build_model(m.arch, data.n_outputs, weights=m.weights, dropout=m.dropout, width=m.width,
-                            n_tabular=self.n_tab, image_size=m.image_size)  # fmt: skip
+        model = build_model(
+            m.arch,
+            data.n_outputs,
+            weights=m.weights,
+            dropout=m.dropout,
+            width=m.width,
+            n_tabular=self.n_tab,
+            image_size=m.image_size,
+        )
         self.model = model.to(device).to(memory_format=torch.channels_last)
         self.frozen, self.unfreeze_epoch = Frozen(self.model, m.freeze), m.unfreeze_epoch
         if self.frozen.names and m.weights.strip().lower() in ("", "none"):
@@ -167,7 +174,7 @@ def train_network(
     kept = _Kept()
     with progress_bar(f"{label}training {cfg.model.arch}", total=cfg.train.epochs) as epochs:
         for epoch in range(1, cfg.train.epochs + 1):
-            state = EpochState(epoch, step0 + epoch, member, net.scored)
+            state = EpochState(epoch=epoch, step=step0 + epoch, member=member, model=net.scored)
             run_hook(callbacks, "on_epoch_start", state)
             net.start_epoch(epoch)
             total, n_batches, images = _train_epoch(
@@ -188,11 +195,28 @@ def train_network(
     if ranks.is_main:
         net.model.load_state_dict(kept.best.state)
     best = kept.best
-    return Member(net.model, seed, best.epoch, best.auroc, best.objective, best.val_probs, kept.history)
+    return Member(
+        model=net.model,
+        seed=seed,
+        best_epoch=best.epoch,
+        best_val_auroc=best.auroc,
+        best_objective=best.objective,
+        val_probs=best.val_probs,
+        history=kept.history,
+    )
 
 
-def _validate(net: _Network, cfg: "Config", data: PreparedData, device: torch.device, callbacks: list[Callback],
-              state: EpochState, kept: _Kept, train_loss: float, steps: int) -> None:  # fmt: skip
+def _validate(
+    net: _Network,
+    cfg: "Config",
+    data: PreparedData,
+    device: torch.device,
+    callbacks: list[Callback],
+    state: EpochState,
+    kept: _Kept,
+    train_loss: float,
+    steps: int,
+) -> None:
     """The end of an epoch (rank 0's alone when data-parallel): validation AUROC, the schedule's step, the
     callbacks and the best epoch kept."""
     val_idx, watch = data.split("val"), cfg.train.early_stopping
@@ -201,8 +225,13 @@ def _validate(net: _Network, cfg: "Config", data: PreparedData, device: torch.de
     )
     val_auroc = task_auroc(data.targets[val_idx], val_probs, data.task)
     net.end_epoch(val_auroc)
-    state.row = {"train_loss": train_loss, "val_auroc": val_auroc, "lr": net.opt.param_groups[0]["lr"],
-                 "train_steps": steps, **state.row}  # fmt: skip
+    state.row = {
+        "train_loss": train_loss,
+        "val_auroc": val_auroc,
+        "lr": net.opt.param_groups[0]["lr"],
+        "train_steps": steps,
+        **state.row,
+    }
     state.objective = val_auroc
     run_hook(callbacks, "on_validated", state)
     kept.history.append(state.row if state.member[1] == 1 else {"member": state.member[0], **state.row})

@@ -28,8 +28,15 @@ def fit_ood(
     detector = OodDetector.fitted(summaries(model, data, train, stages, cfg, device), class_index(data, train))
     val = detector.score(summaries(model, data, data.split("val"), stages, cfg, device))
     threshold = float(np.quantile(val, cfg.ood.val_pass_rate))
-    check = OodCheck(method=METHOD, stages=stages, dims=detector.dims, classes=detector.classes, threshold=threshold,
-                     val_pass_rate=float(np.mean(val <= threshold)), fit_images=len(train))  # fmt: skip
+    check = OodCheck(
+        method=METHOD,
+        stages=stages,
+        dims=detector.dims,
+        classes=detector.classes,
+        threshold=threshold,
+        val_pass_rate=float(np.mean(val <= threshold)),
+        fit_images=len(train),
+    )
     return detector, check
 
 
@@ -47,8 +54,14 @@ def class_index(data: PreparedData, index: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def summaries(model: torch.nn.Module, data: PreparedData, index: np.ndarray, stages: list[str], cfg: "Config",
-              device: torch.device) -> list[np.ndarray]:  # fmt: skip
+def summaries(
+    model: torch.nn.Module,
+    data: PreparedData,
+    index: np.ndarray,
+    stages: list[str],
+    cfg: "Config",
+    device: torch.device,
+) -> list[np.ndarray]:
     """Each stage's channel means and standard deviations of ``index``'s films, as the served model sees them."""
     with FeatureTap(model, stages) as tap:
         predict_split(model, data, index, cfg.train.batch_size * 2, device, data.task, "fp32")

@@ -32,9 +32,13 @@ PARENT_SETTLE_S = 1.0  # a shared study's workers look again this long after mak
 
 
 def parent_run(
-    cfg: "Config", client: "MlflowClient", experiment_id: str, study: "optuna.Study", storage_url: str,
+    cfg: "Config",
+    client: "MlflowClient",
+    experiment_id: str,
+    study: "optuna.Study",
+    storage_url: str,
     shared: bool = False,
-) -> str:  # fmt: skip
+) -> str:
     """The study's one parent run, shared by resumed runs and by every worker of a distributed study.
 
     Workers starting together may each make one; all keep the oldest, and the others delete their own. A worker
