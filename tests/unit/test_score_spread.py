@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from cxr.evaluation.evaluate import score_spread
+from cxr.task import Task
 
 
 def task(name: str, threshold=0.5):
-    return SimpleNamespace(task=name, labels=["a", "b", "c"], threshold=threshold)
+    return SimpleNamespace(task=Task(name), labels=["a", "b", "c"], threshold=threshold)
 
 
 def test_binary_near_constant_scores_at_their_threshold():

@@ -19,6 +19,7 @@ import torch
 
 from cxr.data.prepare import array_path, load_card
 from cxr.errors import UserError
+from cxr.task import Task
 
 VIEWS = ("PA", "AP")
 SEXES = ("M", "F")
@@ -54,10 +55,11 @@ class Shard:
         return np.resize(np.arange(n), padded)[self.rank :: self.world]
 
 
-def encode_targets(labels: pd.Series, task: str, classes: list[str]) -> np.ndarray:
+def encode_targets(labels: pd.Series, task: Task | str, classes: list[str]) -> np.ndarray:
     """binary: (N,) float 0/1 for classes[1]; multiclass: (N,) int64; multilabel: (N, K) float."""
     labels = labels.fillna("").astype(str)
-    if task == "multilabel":
+    task = Task(task)
+    if task.multilabel:
         sets = labels.str.split("|")
         return np.stack([sets.apply(lambda f, c=c: c in f).to_numpy(np.float32) for c in classes], axis=1)
     index = {c: i for i, c in enumerate(classes)}
@@ -65,7 +67,7 @@ def encode_targets(labels: pd.Series, task: str, classes: list[str]) -> np.ndarr
     if unknown:
         raise UserError(f"labels {unknown[:5]} are not among the classes {classes}")
     codes = labels.map(index).to_numpy(np.int64)
-    return codes.astype(np.float32) if task == "binary" else codes
+    return codes.astype(np.float32) if task.binary else codes
 
 
 @dataclass
@@ -89,14 +91,14 @@ class PreparedData:
         self.images = np.load(array_path(self.root, self.size), mmap_mode="r")
         if len(self.images) != len(self.manifest):
             raise UserError(f"{self.root} is inconsistent: {len(self.images)} images, {len(self.manifest)} rows")
-        self.task: str = self.card["task"]
+        self.task = Task(self.card["task"])
         self.classes: list[str] = list(self.card["classes"])
         self.targets = encode_targets(self.manifest["label"], self.task, self.classes)
         self.tabular = tabular_features(self.manifest)
 
     @property
     def n_outputs(self) -> int:
-        return 1 if self.task == "binary" else len(self.classes)
+        return self.task.n_outputs(len(self.classes))
 
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.manifest["split"].to_numpy() == name)

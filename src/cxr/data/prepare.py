@@ -30,6 +30,7 @@ from cxr.fsutil import atomic_dir
 from cxr.imaging import ImageReadError, ReadLimits, read_image
 from cxr.preprocess import PreprocessSpec, preprocess
 from cxr.progress import progress_bar
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -251,10 +252,10 @@ def _prepared_manifest(manifest: pd.DataFrame, records: Records, ok: np.ndarray)
     return rows
 
 
-def _counts(prepared: pd.DataFrame, task: str, classes: list[str]) -> dict[str, dict[str, int]]:
+def _counts(prepared: pd.DataFrame, task: Task | str, classes: list[str]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for split, part in prepared.groupby("split"):
-        if task == "multilabel":
+        if Task(task).multilabel:
             findings = part["label"].fillna("").str.split("|")
             counts[split] = {c: int(findings.apply(lambda f, c=c: c in f).sum()) for c in classes}
             counts[split]["(none)"] = int((part["label"].fillna("") == "").sum())

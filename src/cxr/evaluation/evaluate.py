@@ -17,6 +17,7 @@ from cxr.data.loader import PreparedData
 from cxr.errors import UserError
 from cxr.evaluation import metrics, plots
 from cxr.models.predictor import Predictor
+from cxr.task import Task
 from cxr.tracking import runs as tracking
 from cxr.tracking.uris import load_predictor
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 class ModelTask(Protocol):
     """What scoring needs to know about a model: a Predictor, or a served model's /metadata."""
 
-    task: str
+    task: Task
     labels: list[str]
     threshold: Any
 
@@ -45,9 +46,9 @@ def score_split(predictor: Predictor, data: PreparedData, split: str) -> tuple[n
 def task_metrics(predictor: ModelTask, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> dict[str, Any]:
     ev = cfg.evaluate
     kw = {"n_bootstrap": ev.bootstrap, "ci": ev.ci, "seed": cfg.project.seed}
-    if predictor.task == "binary":
+    if predictor.task.binary:
         return metrics.binary_metrics(y, probs, predictor.threshold, calibration_bins=ev.calibration_bins, **kw)
-    if predictor.task == "multiclass":
+    if predictor.task.exclusive:
         return metrics.multiclass_metrics(y, probs, predictor.labels, **kw)
     return metrics.multilabel_metrics(
         y, probs, predictor.labels, predictor.threshold, per_class_bootstrap=min(ev.bootstrap, 200), **kw
@@ -62,7 +63,7 @@ def score_spread(predictor: ModelTask, probs: np.ndarray) -> dict[str, Any]:
     ``distinct_predictions`` the number of different predicted outcomes (classes, or label sets).
     """
     scores = probs.reshape(len(probs), -1).astype(np.float64)
-    if predictor.task == "multiclass":
+    if predictor.task.exclusive:
         predicted = np.argmax(scores, axis=1)[:, None]
     else:
         threshold = 0.5 if predictor.threshold is None else predictor.threshold
@@ -71,7 +72,7 @@ def score_spread(predictor: ModelTask, probs: np.ndarray) -> dict[str, Any]:
         "std": float(scores.std(axis=0).max()) if len(scores) else None,
         "distinct_predictions": len(np.unique(predicted, axis=0)),
     }
-    if predictor.task == "binary":
+    if predictor.task.binary:
         out["predicted_positive_share"] = float(predicted.mean()) if len(scores) else None
     return out
 
@@ -80,7 +81,7 @@ def subgroups(
     predictor: ModelTask, rows: "pd.DataFrame", y: np.ndarray, probs: np.ndarray, cfg: "Config"
 ) -> dict[str, Any]:
     """Binary metrics per view, sex and age band (manifest columns of the scored rows, in order)."""
-    if predictor.task != "binary":
+    if not predictor.task.binary:
         return {}
     groups = subgroup_values(rows)
     if not groups:
@@ -103,7 +104,7 @@ def plots_for(
     predictor: ModelTask, y: np.ndarray, probs: np.ndarray, result: dict[str, Any], out: Path, bins: int
 ) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    if predictor.task == "binary":
+    if predictor.task.binary:
         cm = result["confusion"]
         figures = [
             plots.plot_confusion([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], predictor.labels, out / "confusion.png"),
@@ -117,7 +118,7 @@ def plots_for(
         else:
             log.warning("the evaluated split has one class only: no ROC/PR curves")
         return figures
-    if predictor.task == "multiclass":
+    if predictor.task.exclusive:
         return [
             plots.plot_roc_per_class(y, probs, predictor.labels, out / "roc.png"),
             plots.plot_confusion(result["confusion_matrix"], predictor.labels, out / "confusion.png"),
@@ -164,7 +165,7 @@ def evaluate(cfg: "Config", model_dir: str | Path | None = None) -> dict[str, An
         result["subgroups"] = subgroups(predictor, data.manifest.iloc[idx], y, probs, cfg)
         result["scores"] = score_spread(predictor, probs)
         report["splits"][split] = result
-        if split == "test" and predictor.task == "binary":
+        if split == "test" and predictor.task.binary:
             # labels and scores (no image ids): an external evaluation compares its score shift with them
             report["test_scores"] = {"label": y.tolist(), "score": [round(float(p), 6) for p in probs]}
         if split == "test" or "test" not in set(data.manifest["split"]):

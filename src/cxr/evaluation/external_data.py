@@ -22,6 +22,7 @@ from cxr.data.sources.base import SPLITS, SourceError, standardise
 from cxr.data.sources.manifest import NEGATIVE_NAMES, POSITIVE_NAMES, SPLIT_ALIASES, find_files
 from cxr.fsutil import sha256_file
 from cxr.imaging import dicom_header_meta
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -46,12 +47,12 @@ class ExternalSet:
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir: Path) -> ExternalSet:
+def load_external_set(cfg: "Config", data: str | Path | None, task: Task | str, workdir: Path) -> ExternalSet:
     """The external set as a table; ``workdir`` receives the files of generated sources (synthetic)."""
     root: Path | None = None
     notes: list[str] = []
     if data is None:
-        source_cfg = cfg.override({"data.manifest_task": task}) if cfg.data.source == "manifest" else cfg
+        source_cfg = cfg.override({"data.manifest_task": str(task)}) if cfg.data.source == "manifest" else cfg
         built = build_source(source_cfg, workdir)
         table, notes = built.manifest, built.notes
         if built.files_in_raw:
@@ -66,7 +67,9 @@ def load_external_set(cfg: "Config", data: str | Path | None, task: str, workdir
         if path.is_dir():
             table, root, description, name = folder_table(path), path, f"folder {path}", _folder_name(path)
         elif path.is_file():
-            source_cfg = cfg.override({"data.source": "manifest", "data.path": str(path), "data.manifest_task": task})
+            source_cfg = cfg.override(
+                {"data.source": "manifest", "data.path": str(path), "data.manifest_task": str(task)}
+            )
             built = build_source(source_cfg, workdir)
             table, notes, root, description = built.manifest, built.notes, path.parent, f"manifest {path}"
             name = path.stem
@@ -134,15 +137,15 @@ def _shown(path: Path, root: Path | None) -> str:
 # --- labels ---------------------------------------------------------------------------------------
 
 
-def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> dict[str, str]:
+def map_labels(data_labels: list[str], model_labels: list[str], task: Task | str) -> dict[str, str]:
     """Each label name of the data -> one of the model's labels (multilabel: each finding name).
 
     Names match case-insensitively; for a binary model, normal/negative-like and pneumonia/positive-like
     names (the manifest source's lists) map onto the model's negative and positive label.
     """
-    by_lower = {m.lower(): m for m in model_labels}
+    task, by_lower = Task(task), {m.lower(): m for m in model_labels}
     names = sorted(
-        {p.strip() for lab in data_labels for p in (lab.split("|") if task == "multilabel" else [lab]) if p.strip()}
+        {p.strip() for lab in data_labels for p in (lab.split("|") if task.multilabel else [lab]) if p.strip()}
     )
     mapping: dict[str, str] = {}
     unknown = []
@@ -150,9 +153,9 @@ def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> di
         low = name.lower()
         if low in by_lower:
             mapping[name] = by_lower[low]
-        elif task == "binary" and low in NEGATIVE_NAMES:
+        elif task.binary and low in NEGATIVE_NAMES:
             mapping[name] = model_labels[0]
-        elif task == "binary" and low in POSITIVE_NAMES:
+        elif task.binary and low in POSITIVE_NAMES:
             mapping[name] = model_labels[1]
         else:
             unknown.append(name)
@@ -161,7 +164,7 @@ def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> di
             f"labels {unknown} of the external set match none of the model's labels {model_labels}; "
             "rename the folders or the CSV labels to the model's label names"
         )
-    if task == "binary" and len(set(mapping.values())) < len(mapping):
+    if task.binary and len(set(mapping.values())) < len(mapping):
         raise SourceError(
             f"labels {names} map onto the model's labels {model_labels} ambiguously ({mapping}); "
             "use exactly one negative and one positive label name"
@@ -169,11 +172,11 @@ def map_labels(data_labels: list[str], model_labels: list[str], task: str) -> di
     return mapping
 
 
-def targets(labels: pd.Series, model_labels: list[str], task: str) -> np.ndarray:
+def targets(labels: pd.Series, model_labels: list[str], task: Task | str) -> np.ndarray:
     """Ground truth in the model's layout: 0/1 (binary), class index (multiclass), 0/1 matrix (multilabel)."""
     mapping = map_labels(labels.tolist(), model_labels, task)
     index = {m: i for i, m in enumerate(model_labels)}
-    if task == "multilabel":
+    if Task(task).multilabel:
         y = np.zeros((len(labels), len(model_labels)), np.int64)
         for row, lab in enumerate(labels):
             for part in filter(None, (p.strip() for p in lab.split("|"))):

@@ -47,7 +47,7 @@ def ood_section(
         return {"checked": False, "level": "unchecked", "verdict": "the model has no check: every film was decided"}
     n, flagged = int(scored.sum()), int((scored & outside).sum())
     inside = rows & ~outside
-    both_classes = model.task != "binary" or 0 < y[inside].sum() < inside.sum()
+    both_classes = not model.task.binary or 0 < y[inside].sum() < inside.sum()
     return {
         "checked": True,
         "images": n,

@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cxr.errors import UserError
 from cxr.imaging import ReadLimits
 from cxr.preprocess import PreprocessSpec
+from cxr.task import Task
 
 SCHEMA = "cxr-model/2"
 # cxr-model/1 cards hold the same fields (written before the card was typed); they load as they are.
 READABLE = (SCHEMA, "cxr-model/1")
-Task = Literal["binary", "multiclass", "multilabel"]
 Threshold = float | list[float] | None
 
 

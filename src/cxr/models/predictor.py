@@ -27,6 +27,7 @@ from cxr.models.ood import PREFIX as OOD_PREFIX
 from cxr.models.ood import FeatureTap, OodDetector
 from cxr.models.wrappers import combine_logits
 from cxr.preprocess import preprocess
+from cxr.task import Task
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -89,7 +90,7 @@ class Predictor:
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.card = card
         self.spec = card.preprocess_spec
-        self.task: str = card.task
+        self.task: Task = card.task
         self.labels: list[str] = list(card.labels)
         self.threshold = card.threshold
         self.uses_tabular = card.n_tabular > 0
@@ -172,7 +173,7 @@ class Predictor:
         ood = self.ood.score([np.concatenate(s) for s in zip(*summaries)]) if self.ood is not None and probs else None
         out = np.concatenate(probs) if probs else np.zeros((0, len(self.labels)), np.float32)
         spread = np.concatenate(spreads) if probs and spreads[0] is not None else None
-        return Scores(out[:, 0] if self.task == "binary" else out, ood, spread)
+        return Scores(self.task.squeeze(out), ood, spread)
 
     def run_network(self, x: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, list[np.ndarray]]:
         """One batch through the network: the members' / views' logits ``(S, B, K)`` (S = 1 for one network) and
@@ -193,7 +194,7 @@ class Predictor:
         return probs, per_member.std(dim=0).mean(dim=1).cpu().numpy()
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)
+        return self.task.activate(logits)
 
     def predict_images(self, images: Sequence[Image]) -> list[dict[str, Any]]:
         """Decoded images -> one result per image (probabilities per label, decision, threshold)."""
@@ -253,7 +254,7 @@ class Predictor:
         )
 
     def _decision(self, prob: np.ndarray | float, threshold: float | None) -> dict[str, Any]:
-        if self.task == "binary":
+        if self.task.binary:
             p, t = float(prob), self.threshold if threshold is None else threshold
             return {
                 "probabilities": {self.labels[0]: 1 - p, self.labels[1]: p},
@@ -262,7 +263,7 @@ class Predictor:
                 "threshold": t,
             }
         probs = {label: float(v) for label, v in zip(self.labels, np.asarray(prob))}
-        if self.task == "multiclass":
+        if self.task.exclusive:
             return {"probabilities": probs, "prediction": max(probs, key=probs.get), "threshold": None}
         return {
             "probabilities": probs,

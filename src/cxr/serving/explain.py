@@ -216,7 +216,7 @@ def explain(predictor: "Predictor", image: "Image", label: str | None = None) ->
     tab = predictor.tabular_for([image])
     tabular = torch.from_numpy(tab).to(predictor.device) if tab is not None else None
     probs = np.atleast_1d(predictor.predict_proba(x_u8[None], tab)[0])
-    if predictor.task == "binary":
+    if predictor.task.binary:
         names = [predictor.labels[1]]  # one logit: the positive class
     else:
         names = list(predictor.labels)

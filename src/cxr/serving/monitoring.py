@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from cxr.models.card import IntensityStats
 from cxr.serving.input_checks import FRONTAL_VIEWS
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.serving.served import Prepared, ServedModel
@@ -121,9 +122,9 @@ def predicted_labels(prediction: Any) -> list[str]:
     return [str(prediction)]
 
 
-def watched_scores(task: str, labels: list[str], probabilities: dict[str, float]) -> dict[str, float]:
+def watched_scores(task: Task | str, labels: list[str], probabilities: dict[str, float]) -> dict[str, float]:
     """Binary: the positive class's probability only (the other is its complement); else every label's."""
-    return {labels[1]: probabilities[labels[1]]} if task == "binary" else dict(probabilities)
+    return {labels[1]: probabilities[labels[1]]} if Task(task).binary else dict(probabilities)
 
 
 def _never_fails(record: Callable[..., None]) -> Callable[..., None]:

@@ -264,7 +264,7 @@ class ServedModel:
         """A refusal naming the known sites when ``site`` is not an operating point of this version, else None."""
         if site is None or site in self.sites:
             return None
-        if self.predictor.task != "binary":
+        if not self.predictor.task.binary:
             return refusal(f"site {site!r}: site operating points exist for binary models only", UNKNOWN_SITE)
         known = ", ".join(sorted(self.sites)) or "none (store one with `cxr evaluate-external --calibrate --save-site`)"
         return refusal(

@@ -66,7 +66,7 @@ def _threshold(card: ModelCard) -> str:
 
 
 def _findings_of(card: ModelCard) -> str:
-    if card.task == "binary" and len(card.labels) == 2:
+    if card.task.binary and len(card.labels) == 2:
         return f"{card.labels[1]} (against {card.labels[0]})"
     return ", ".join(card.labels)
 

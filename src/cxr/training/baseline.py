@@ -58,9 +58,9 @@ def _classifier(cfg: "Config", data: PreparedData, x: np.ndarray) -> tuple[np.nd
     """(coefficients, intercepts, scaler) of a class-weighted logistic regression on standardised features."""
     scaler = StandardScaler().fit(x)
     lr = LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight(cfg))
-    clf = OneVsRestClassifier(lr) if data.task == "multilabel" else lr
+    clf = OneVsRestClassifier(lr) if data.task.multilabel else lr
     clf.fit(scaler.transform(x), data.targets[data.split("train")].astype(np.int64))
-    if data.task == "multilabel":
+    if data.task.multilabel:
         return (
             np.vstack([e.coef_ for e in clf.estimators_]),
             np.concatenate([e.intercept_ for e in clf.estimators_]),
@@ -96,7 +96,7 @@ def random_forest(cfg: "Config", data: PreparedData, x: np.ndarray) -> RandomFor
 
 
 def _forest(cfg: "Config", data: PreparedData, x: np.ndarray) -> ForestBaseline:
-    return ForestBaseline.from_sklearn(random_forest(cfg, data, x), data.n_outputs, softmax=data.task == "multiclass")
+    return ForestBaseline.from_sklearn(random_forest(cfg, data, x), data.n_outputs, softmax=data.task.exclusive)
 
 
 _FITTERS: dict[str, Callable[["Config", PreparedData, np.ndarray], torch.nn.Module]] = {

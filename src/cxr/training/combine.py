@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from scipy.special import expit, log_expit, log_softmax, softmax
+from scipy.special import log_expit, log_softmax, softmax
 
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
 from cxr.models.predictor import Predictor
 from cxr.models.wrappers import Ensemble
+from cxr.task import Task
 from cxr.tracking import runs as tracking
 from cxr.tracking.uris import load_predictor, resolve
 from cxr.training.card import check_prepared
@@ -86,7 +87,7 @@ def check_members(members: list[Predictor], sources: list[str], data: PreparedDa
     for member, source in zip(members[1:], sources[1:]):
         card = member.card
         for what, a, b in [
-            ("task", first.task, card.task),
+            ("task", str(first.task), str(card.task)),
             ("labels", first.labels, card.labels),
             ("tabular inputs", first.n_tabular, card.n_tabular),
             ("resize", first.preprocess.resize, card.preprocess.resize),
@@ -114,15 +115,15 @@ def member_logits(ensemble: Ensemble, data: PreparedData, index: np.ndarray, bat
     return torch.cat(out, dim=1).numpy().astype(np.float64)
 
 
-def log_loss(logits: np.ndarray, y: np.ndarray, task: str) -> float:
+def log_loss(logits: np.ndarray, y: np.ndarray, task: Task | str) -> float:
     """Mean negative log-likelihood of targets ``y`` under ``logits`` (films, outputs)."""
-    if task == "multiclass":
+    if Task(task).exclusive:
         return float(-log_softmax(logits, axis=1)[np.arange(len(y)), y].mean())
     y = y.reshape(logits.shape)
     return float(-(y * log_expit(logits) + (1 - y) * log_expit(-logits)).mean())
 
 
-def choose_weights(logits: np.ndarray, y: np.ndarray, task: str) -> np.ndarray:
+def choose_weights(logits: np.ndarray, y: np.ndarray, task: Task | str) -> np.ndarray:
     """Weights on the simplex (non-negative, summing to one) that minimise the validation log loss of the
     weighted mean of the members' logits ``(members, films, outputs)``: a proper scoring rule, smooth in the
     weights, so a member that adds nothing is weighted down rather than the choice jumping between ties."""
@@ -137,13 +138,17 @@ def choose_weights(logits: np.ndarray, y: np.ndarray, task: str) -> np.ndarray:
     return softmax(found.x)
 
 
-def activate(logits: np.ndarray, task: str) -> np.ndarray:
-    probs = softmax(logits, axis=1) if task == "multiclass" else expit(logits)
-    return probs[:, 0] if task == "binary" else probs
+def activate(logits: np.ndarray, task: Task | str) -> np.ndarray:
+    return Task(task).squeeze(Task(task).activate_array(logits))
 
 
 def member_lineage(
-    members: list[Predictor], sources: Sequence[str], weights: np.ndarray, logits: np.ndarray, y: np.ndarray, task: str
+    members: list[Predictor],
+    sources: Sequence[str],
+    weights: np.ndarray,
+    logits: np.ndarray,
+    y: np.ndarray,
+    task: Task | str,
 ) -> list[dict[str, Any]]:
     """What the card says of each member: where it came from, its weight, its validation AUROC as fed here."""
     return [

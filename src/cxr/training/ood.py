@@ -48,7 +48,7 @@ def fit_sample(index: np.ndarray, most: int, seed: int) -> np.ndarray:
 
 def class_index(data: PreparedData, index: np.ndarray) -> np.ndarray:
     """Each film's class for class-conditional statistics; one class for multilabel films (unconditional)."""
-    if data.task == "multilabel":
+    if data.task.multilabel:
         return np.zeros(len(index), np.int64)
     return data.targets[index].astype(np.int64)
 

@@ -15,16 +15,18 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.data.augment import augment
 from cxr.data.loader import PreparedData
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import AugmentConfig, Config
 
 
-def task_auroc(y: np.ndarray, probs: np.ndarray, task: str) -> float:
+def task_auroc(y: np.ndarray, probs: np.ndarray, task: Task | str) -> float:
     """Validation AUROC for early stopping and pruning: macro over classes that have both labels."""
-    if task == "binary":
+    task = Task(task)
+    if task.binary:
         return float(roc_auc_score(y, probs)) if 0 < y.sum() < len(y) else 0.5
-    y2 = np.eye(probs.shape[1])[y] if task == "multiclass" else y
+    y2 = task.indicators(y, probs.shape[1])
     scores = [roc_auc_score(y2[:, k], probs[:, k]) for k in range(probs.shape[1]) if 0 < y2[:, k].sum() < len(y2)]
     return float(np.mean(scores)) if scores else 0.5
 
@@ -36,20 +38,21 @@ def predict_split(
     index: np.ndarray,
     batch_size: int,
     device: torch.device,
-    task: str,
+    task: Task | str,
     precision: str,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     model.eval()
+    task = Task(task)
     outs = []
     for x, _, t, _ in data.batches(index, batch_size, device=device):
         if transform is not None:
             x = transform(x)
         with autocast(device, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last), t if model.n_tabular else None).float()
-        outs.append((torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
+        outs.append(task.activate(logits).cpu().numpy())
     probs = np.concatenate(outs)
-    return probs[:, 0] if task == "binary" else probs
+    return task.squeeze(probs)
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:

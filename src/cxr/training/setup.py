@@ -44,7 +44,7 @@ def make_loss(data: PreparedData, train_idx: np.ndarray, cfg: "Config", device: 
     """Loss matching the task; with imbalance=weight, rarer classes weigh more."""
     y = data.targets[train_idx]
     weighted = cfg.train.imbalance == "weight"
-    if data.task == "multiclass":
+    if data.task.exclusive:
         counts = np.bincount(y, minlength=len(data.classes)).astype(np.float64)
         w = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
         return lambda logits, t: F.cross_entropy(
@@ -66,7 +66,7 @@ def make_loss(data: PreparedData, train_idx: np.ndarray, cfg: "Config", device: 
 
 def sample_weights(data: PreparedData, cfg: "Config") -> np.ndarray | None:
     """Balanced sampling: each class drawn equally often (multilabel falls back to loss weights)."""
-    if cfg.train.imbalance != "sample" or data.task == "multilabel":
+    if cfg.train.imbalance != "sample" or data.task.multilabel:
         return None
     y = data.targets.astype(np.int64)
     counts = np.bincount(y[data.split("train")], minlength=max(2, len(data.classes)))

@@ -10,6 +10,7 @@ import torch
 from cxr.data.loader import PreparedData
 from cxr.errors import UserError
 from cxr.evaluation.metrics import choose_threshold
+from cxr.task import Task
 from cxr.training.scoring import augmented_scores, predict_split
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def threshold_scores(
     caller has their fp32 scores at hand, otherwise scored here.
     """
     k = cfg.evaluate.threshold_augmented_copies
-    if k == 0 or data.task == "multiclass" or cfg.train.augment.strength <= 0:
+    if k == 0 or data.task.exclusive or cfg.train.augment.strength <= 0:
         if val_probs is None:
             val_probs = predict_split(model, data, val_idx, cfg.train.batch_size * 2, device, data.task, "fp32")
         return data.targets[val_idx], val_probs
@@ -44,13 +45,13 @@ def threshold_scores(
     )
 
 
-def choose_thresholds(task: str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
-    ev = cfg.evaluate
-    if task == "binary":
+def choose_thresholds(task: Task | str, y: np.ndarray, probs: np.ndarray, cfg: "Config") -> Any:
+    task, ev = Task(task), cfg.evaluate
+    if task.binary:
         if not 0 < y.sum() < len(y):
             raise UserError("the validation split has one class only, so no threshold can be chosen; use more data")
         return float(choose_threshold(y, probs, method=ev.threshold, target_sensitivity=ev.target_sensitivity))
-    if task == "multilabel":
+    if task.multilabel:
         out = []
         for k in range(y.shape[1]):
             if 0 < y[:, k].sum() < len(y):

@@ -12,14 +12,13 @@ Columns (one row per image):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import pandas as pd
 
 from cxr.errors import UserError
+from cxr.task import Task
 
 MANIFEST_COLUMNS = ["image", "label", "patient_key", "view", "age", "sex", "follow_up", "source", "split"]
-Task = Literal["binary", "multiclass", "multilabel"]
 SPLITS = ("train", "val", "test")
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 from cxr.data.sources.base import SourceData, SourceError
 from cxr.data.sources.manifest import find_files, source_path
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -53,7 +54,7 @@ def build(cfg: "Config", raw_dir: Path) -> SourceData:
         df = balance(df, cfg.project.seed)
         notes.append(f"covid_balance: each class downsampled to {counts.min()} images (from {counts.to_dict()})")
     log.info("covid_radiography: %s", df["label"].value_counts().to_dict())
-    return SourceData(df, task="multiclass", classes=list(CLASSES), files_in_raw=False, notes=notes)
+    return SourceData(df, task=Task.MULTICLASS, classes=list(CLASSES), files_in_raw=False, notes=notes)
 
 
 def class_folders(path: Path) -> dict[str, Path]:

@@ -18,6 +18,7 @@ import pandas as pd
 from cxr.data.sources.base import SPLITS, SourceData, SourceError
 from cxr.data.sources.manifest import find_files, source_path
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -66,7 +67,7 @@ def build(cfg: "Config", raw_dir: Path) -> SourceData:
             f"{int((~fallback).sum())} file names have no Kermany patient id; each is treated as its own patient"
         )
     log.info("kermany: %d images, %s", len(df), df.groupby(["split", "label"], dropna=False).size().to_dict())
-    return SourceData(df, task="binary", classes=list(PNEUMONIA_CLASSES), files_in_raw=False, notes=notes)
+    return SourceData(df, task=Task.BINARY, classes=list(PNEUMONIA_CLASSES), files_in_raw=False, notes=notes)
 
 
 def dataset_root(path: Path) -> Path:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from cxr.data.sources.base import SourceData, SourceError
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -126,8 +127,9 @@ def _pick_column(table: pd.DataFrame, names: tuple[str, ...], csv_path: Path) ->
     raise SourceError(f"{csv_path} needs a column named {' or '.join(names)}; found {', '.join(table.columns)}")
 
 
-def _labels(raw: pd.Series, task: str, positive: str | None, csv_path: Path) -> tuple[list[str], list[str]]:
-    if task == "multilabel":
+def _labels(raw: pd.Series, task: Task | str, positive: str | None, csv_path: Path) -> tuple[list[str], list[str]]:
+    task = Task(task)
+    if task.multilabel:
         return _multilabel(raw)
     empty = int((raw == "").sum())
     if empty:
@@ -135,7 +137,7 @@ def _labels(raw: pd.Series, task: str, positive: str | None, csv_path: Path) -> 
     if raw.str.contains("|", regex=False).any():
         raise SourceError(f"{csv_path}: labels contain '|' but data.manifest_task is {task}; use multilabel")
     names = sorted(raw.unique())
-    if task == "binary":
+    if task.binary:
         names = binary_classes(names, positive, str(csv_path))
     return raw.tolist(), names
 

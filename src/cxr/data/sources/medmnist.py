@@ -24,6 +24,7 @@ from cxr.data.sources.base import SPLITS, SourceData, SourceError
 from cxr.data.sources.kermany import PNEUMONIA_CLASSES
 from cxr.data.sources.nih import NIH_FINDINGS
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -38,8 +39,8 @@ MD5 = {
     ("chestmnist", 28): "02c8a6516a18b556561a56cbdd36c4a8",
 }
 FLAVORS = {
-    "pneumoniamnist": ("binary", PNEUMONIA_CLASSES),
-    "chestmnist": ("multilabel", NIH_FINDINGS),
+    "pneumoniamnist": (Task.BINARY, PNEUMONIA_CLASSES),
+    "chestmnist": (Task.MULTILABEL, NIH_FINDINGS),
 }
 IMAGE_DIR = "images"
 DOWNLOAD_DIR = "_download"
@@ -149,8 +150,8 @@ def _split_labels(data, split: str, npz: Path) -> np.ndarray:
     return labels.reshape(len(labels), -1)
 
 
-def _label_names(labels: np.ndarray, task: str, classes: list[str], npz: Path) -> list[str]:
-    if task == "binary":
+def _label_names(labels: np.ndarray, task: Task, classes: list[str], npz: Path) -> list[str]:
+    if task.binary:
         if labels.shape[1] != 1 or not np.isin(labels, (0, 1)).all():
             raise SourceError(f"{npz}: expected one 0/1 label per image, got shape {labels.shape}")
         return [classes[int(v)] for v in labels[:, 0]]

@@ -16,6 +16,7 @@ import pandas as pd
 from cxr.data.sources.base import SourceData, SourceError
 from cxr.data.sources.manifest import find_files, index_files, source_path
 from cxr.imaging import age_years, patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -81,7 +82,7 @@ def build(cfg: "Config", raw_dir: Path) -> SourceData:
     df["image"] = found.map(lambda p: str(p) if isinstance(p, Path) else None)
     df = df[~missing].reset_index(drop=True)
     log.info("nih: %d images, %d patients", len(df), df["patient_key"].nunique())
-    task = "multilabel" if mode == "multilabel" else "multiclass"
+    task = Task.MULTILABEL if mode == "multilabel" else Task.MULTICLASS
     return SourceData(df, task=task, classes=classes_for(mode), files_in_raw=False, notes=notes)
 
 

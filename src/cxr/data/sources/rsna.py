@@ -18,6 +18,7 @@ from cxr.data.sources.base import SourceData, SourceError
 from cxr.data.sources.kermany import PNEUMONIA_CLASSES
 from cxr.data.sources.manifest import find_files, index_files, source_path
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -63,7 +64,7 @@ def build(cfg: "Config", raw_dir: Path) -> SourceData:
         }
     )
     log.info("rsna: %d images, %d pneumonia", len(df), int((df["label"] == "pneumonia").sum()))
-    return SourceData(df, task="binary", classes=list(PNEUMONIA_CLASSES), files_in_raw=False, notes=notes)
+    return SourceData(df, task=Task.BINARY, classes=list(PNEUMONIA_CLASSES), files_in_raw=False, notes=notes)
 
 
 def find_labels(path: Path) -> Path:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr.errors import UserError
 from cxr.serving.served import ServedModel
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -24,7 +25,7 @@ class EvaluatedModel:
     """What scoring needs (task, labels, threshold) and who the model is, from the service's /metadata
     (in-process: the same metadata, from cxr.serving.served without HTTP)."""
 
-    task: str
+    task: Task
     labels: list[str]
     threshold: Any
     name: str | None = None
@@ -55,7 +56,7 @@ class EvaluatedModel:
             )
         version = model.get("version")
         return cls(
-            task=meta["task"],
+            task=Task(meta["task"]),
             labels=list(meta["labels"]),
             threshold=meta.get("threshold"),
             name=model.get("name"),

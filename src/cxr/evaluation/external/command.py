@@ -138,7 +138,7 @@ def _check_site_options(
 
 
 def _check_model_for_site(model: EvaluatedModel, save_site: str | None, cfg: "Config") -> None:
-    if model.task != "binary":
+    if not model.task.binary:
         raise site.CalibrationError(f"--calibrate chooses one threshold: it needs a binary model, not {model.task}")
     if save_site is not None and (model.version is None or not cfg.mlflow.enabled):
         raise UserError(

@@ -67,7 +67,7 @@ def build_report(
         "metrics": result,
         "comparison": comparison,
     }
-    if model.task != "binary":
+    if not model.task.binary:
         return report
     thresholds = {"model": model.threshold}
     if calibration is not None:

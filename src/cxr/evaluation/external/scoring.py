@@ -105,7 +105,7 @@ def score_local(ext: ExternalSet, model: EvaluatedModel, served: "Served", cache
 
 def probabilities(responses: list[dict[str, Any]], model: EvaluatedModel) -> np.ndarray:
     """(N,) positive-class probability (binary) or (N, K) per label, in the model's label order."""
-    if model.task == "binary":
+    if model.task.binary:
         return np.array([r["probabilities"][model.labels[1]] for r in responses], dtype=float)
     return np.array([[r["probabilities"][lab] for lab in model.labels] for r in responses], dtype=float)
 

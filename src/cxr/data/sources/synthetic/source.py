@@ -19,6 +19,7 @@ from cxr.data.sources.synthetic.dicom import _EPOCH, Encoding, encode, make_data
 from cxr.data.sources.synthetic.render import render
 from cxr.data.sources.synthetic.sites import INTERNAL, Scanner, SiteProfile, scan
 from cxr.imaging import patient_key
+from cxr.task import Task
 
 if TYPE_CHECKING:
     from cxr.config import Config
@@ -249,4 +250,4 @@ def build(cfg: "Config", raw_dir: Path, workers: int | None = None) -> SourceDat
         f"prevalence={sc.prevalence}, jpeg2000_fraction={sc.jpeg2000_fraction}, "
         f"monochrome1_fraction={sc.monochrome1_fraction}",
     ]
-    return SourceData(manifest=manifest, task="binary", classes=list(CLASSES), files_in_raw=True, notes=notes)
+    return SourceData(manifest=manifest, task=Task.BINARY, classes=list(CLASSES), files_in_raw=True, notes=notes)
