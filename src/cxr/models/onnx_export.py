@@ -22,7 +22,7 @@ from cxr.errors import UserError
 from cxr.fsutil import atomic_write_text, sha256_file
 from cxr.models.onnx_runtime import ONNX_FILE, WEIGHTS_KEY, OnnxPredictor, session
 from cxr.models.ood import channel_moments, stage_sums
-from cxr.models.predictor import CARD_FILE, Predictor, stacked_logits
+from cxr.models.predictor import CARD_FILE, Predictor, probe_films, stacked_logits
 
 OPSET = 17
 TOLERANCE = 1e-4  # the most a probability may differ between the graph and torch on the check films
@@ -127,12 +127,10 @@ def write_graph(predictor: Predictor, out: Path) -> None:
 
 
 def check_films(size: int, n: int = 6) -> np.ndarray:
-    """Flat grey, a ramp, and noise: films unlike each other, to compare two runtimes on (no patient data)."""
+    """The probe films, then noise: films unlike each other, to compare two runtimes on (no patient data)."""
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    made = [np.full((size, size), 128), np.outer(ramp, ramp[::-1]) / 255]
-    made += [rng.integers(0, 256, (size, size)) for _ in range(n - len(made))]
-    return np.stack(made).astype(np.uint8)
+    noise = rng.integers(0, 256, (n - 2, size, size)).astype(np.uint8)
+    return np.concatenate([probe_films(size), noise])
 
 
 def parity(reference: Predictor, other: Predictor, films: np.ndarray) -> dict[str, float]:

@@ -111,10 +111,7 @@ class Predictor:
     def probe(self) -> None:
         """One forward pass on two made-up films: a network with NaN or inf in its weights answers NaN for every
         film, and a NaN decision reads as "negative", so such a model is refused at load."""
-        side = self.spec.size
-        ramp = np.linspace(0, 1, side, dtype=np.float32)
-        films = np.stack([np.full((side, side), 128, np.uint8), (255 * np.outer(ramp, ramp[::-1])).astype(np.uint8)])
-        scores = self.score(films)
+        scores = self.score(probe_films(self.spec.size))
         if not _finite(scores.probs) or (scores.ood is not None and not _finite(scores.ood)):
             raise BrokenModel(
                 "the model answers NaN or inf on a probe image: its weights are broken; retrain it or serve another version"
@@ -270,6 +267,12 @@ class Predictor:
             "prediction": [lab for lab, t in zip(self.labels, self.threshold) if probs[lab] >= t],
             "threshold": dict(zip(self.labels, self.threshold)),
         }
+
+
+def probe_films(side: int) -> np.ndarray:
+    """Two made-up films, flat grey and a diagonal ramp, uint8 ``(2, side, side)``: no patient data."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    return np.stack([np.full((side, side), 128), np.outer(ramp, ramp[::-1]) / 255]).astype(np.uint8)
 
 
 def stacked_logits(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:

@@ -139,7 +139,8 @@ def choose_weights(logits: np.ndarray, y: np.ndarray, task: Task | str) -> np.nd
 
 
 def activate(logits: np.ndarray, task: Task | str) -> np.ndarray:
-    return Task(task).squeeze(Task(task).activate_array(logits))
+    task = Task(task)
+    return task.squeeze(task.activate_array(logits))
 
 
 def member_lineage(

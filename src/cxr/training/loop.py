@@ -104,8 +104,13 @@ class _Network:
             self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-            self.frozen.keep_in(self.ema.module)
         return loss.detach()
+
+    def settle_frozen(self) -> None:
+        """Reset the weight EMA's frozen tensors to the network's (averaging a constant drifts by rounding): once
+        before the EMA is read, not after every step."""
+        if self.ema is not None:
+            self.frozen.keep_in(self.ema.module)
 
     def end_epoch(self, val_auroc: float) -> None:
         if self.sched_kind == "epoch":
@@ -220,6 +225,7 @@ def _validate(
     """The end of an epoch (rank 0's alone when data-parallel): validation AUROC, the schedule's step, the
     callbacks and the best epoch kept."""
     val_idx, watch = data.split("val"), cfg.train.early_stopping
+    net.settle_frozen()
     val_probs = predict_split(
         net.scored, data, val_idx, cfg.train.batch_size * 2, device, data.task, cfg.train.precision
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 from pathlib import Path
@@ -95,10 +96,16 @@ def process_key(pid: int) -> str | None:
     return None if state == "Z" else f"{boot}:{namespace}:{pid}:{start}"
 
 
+@functools.cache
+def _own_key(pid: int) -> str | None:
+    """This process's key, read from /proc once per process (the pid: a forked child is asked anew)."""
+    return process_key(pid)
+
+
 def process_gone(key: str) -> bool:
     """True only when ``key`` names a process of this machine's boot and this pid namespace that no longer runs;
     a process elsewhere (another host or container) is never judged here, its heartbeat is."""
-    mine = process_key(os.getpid())
+    mine = _own_key(os.getpid())
     try:
         boot, namespace, pid, _start = key.rsplit(":", 3)
         pid_number = int(pid)
